@@ -1,0 +1,665 @@
+//! Configuration: `config.toml` → raw structs (`deny_unknown_fields`) → a validated [`Config`].
+//!
+//! Loading has three steps, each with errors that name the dotted key:
+//! 1. the file is parsed as TOML into a tree;
+//! 2. `CTXGATE_…` environment overrides are applied to that tree (see [`apply_env`]); the
+//!    environment is passed in, so tests never touch the process environment;
+//! 3. the tree is deserialised into `Raw*` structs (unknown keys are errors, reported with
+//!    their path by `serde_path_to_error`) and validated into the typed [`Config`].
+//!
+//! Every error is a [`ConfigError`] whose message reads `key: problem, got value`; `main`
+//! prints it and exits with code 64.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::dialect::Dialect;
+
+/// A configuration problem: the dotted key, what is wrong, and what was given.
+#[derive(Debug, thiserror::Error)]
+#[error("{key}: {problem}")]
+pub struct ConfigError {
+    /// Dotted path of the offending key, e.g. `routes[1].dialect`.
+    pub key: String,
+    /// What is wrong and what is allowed, including the value that was given.
+    pub problem: String,
+}
+
+impl ConfigError {
+    fn new(key: impl Into<String>, problem: impl Into<String>) -> Self {
+        ConfigError {
+            key: key.into(),
+            problem: problem.into(),
+        }
+    }
+}
+
+/// A string that must never be printed: `Debug`, `Display` and `Serialize` show `*****`.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret value.
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+    /// The secret itself, for the one place that needs it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("*****")
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("*****")
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Typed, validated configuration.
+
+/// The validated configuration the proxy runs with.
+#[derive(Debug, Clone, Serialize)]
+pub struct Config {
+    /// Address the proxy listens on.
+    pub listen: SocketAddr,
+    /// Address of the admin listener (`/metrics`, `/healthz`, `/readyz`).
+    pub admin_listen: SocketAddr,
+    /// Largest request body accepted; larger ones get 413.
+    pub max_body_bytes: u64,
+    /// How long in-flight requests may run after SIGTERM/SIGINT before the process exits.
+    #[serde(serialize_with = "ser_duration")]
+    pub shutdown_grace: Duration,
+    /// Default timeouts; each route may override them.
+    pub timeouts: Timeouts,
+    /// Routes, in file order. Matching picks the longest prefix.
+    pub routes: Vec<Route>,
+}
+
+/// Per-phase timeouts of one upstream call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Timeouts {
+    /// TCP + TLS connect.
+    #[serde(serialize_with = "ser_duration")]
+    pub connect: Duration,
+    /// From sending the request to the response headers (time to first byte).
+    #[serde(serialize_with = "ser_duration")]
+    pub response_headers: Duration,
+    /// Longest gap between two body chunks of the response.
+    #[serde(serialize_with = "ser_duration")]
+    pub stream_idle: Duration,
+    /// The whole call, from the request's arrival to the response's last byte.
+    #[serde(serialize_with = "ser_duration")]
+    pub total: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            connect: Duration::from_secs(10),
+            response_headers: Duration::from_secs(120),
+            stream_idle: Duration::from_secs(60),
+            total: Duration::from_secs(300),
+        }
+    }
+}
+
+/// One `[[routes]]` entry: a path prefix served by one upstream.
+#[derive(Debug, Clone, Serialize)]
+pub struct Route {
+    /// Short label for metrics, logs and `--route`.
+    pub name: String,
+    /// Path prefix, starting and ending with `/`.
+    pub prefix: String,
+    /// The upstream base URL, as written.
+    pub upstream: String,
+    /// The upstream's parts, split once at load.
+    #[serde(skip)]
+    pub target: Upstream,
+    /// The wire format the upstream speaks.
+    pub dialect: Dialect,
+    /// Connections opened at start so the first call pays no handshake.
+    pub prewarm_connections: usize,
+    /// TLS settings for this upstream.
+    pub tls: Tls,
+    /// This route's timeouts (the global ones with the route's overrides applied).
+    pub timeouts: Timeouts,
+}
+
+/// An upstream base URL split into the parts the forwarder needs.
+#[derive(Debug, Clone, Default)]
+pub struct Upstream {
+    /// `http` or `https`.
+    pub scheme: String,
+    /// `host[:port]`, also sent as `Host`.
+    pub authority: String,
+    /// Base path, always ending in `/`.
+    pub base_path: String,
+}
+
+/// TLS settings of a route.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Tls {
+    /// A PEM file of extra CA certificates trusted for this upstream, beside the system roots.
+    pub extra_ca_file: Option<PathBuf>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Raw TOML shapes.
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    listen: Option<String>,
+    admin_listen: Option<String>,
+    max_body_bytes: Option<u64>,
+    shutdown_grace: Option<String>,
+    timeouts: Option<RawTimeouts>,
+    #[serde(default)]
+    routes: Vec<RawRoute>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTimeouts {
+    connect: Option<String>,
+    response_headers: Option<String>,
+    stream_idle: Option<String>,
+    total: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    name: String,
+    prefix: String,
+    upstream: String,
+    dialect: Dialect,
+    prewarm_connections: Option<usize>,
+    tls: Option<RawTls>,
+    timeouts: Option<RawTimeouts>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    extra_ca_file: Option<PathBuf>,
+}
+
+/// Default `max_body_bytes`: 32 MiB, well above any real prompt, far below a memory problem.
+pub const DEFAULT_MAX_BODY_BYTES: u64 = 32 * 1024 * 1024;
+
+impl Config {
+    /// Loads a config file, applies `env` overrides and validates it.
+    pub fn load(
+        path: &std::path::Path,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError::new("config", format!("cannot read {}: {e}", path.display()))
+        })?;
+        Config::from_toml(&text, env)
+    }
+
+    /// Parses TOML text, applies `env` overrides and validates.
+    pub fn from_toml(
+        text: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut tree: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| ConfigError::new("config", e.message().to_string()))?;
+        apply_env(&mut tree, env)?;
+        let raw: RawConfig =
+            serde_path_to_error::deserialize(toml::Value::Table(tree)).map_err(|e| {
+                let path = e.path().to_string();
+                let key = if path == "." {
+                    "config".to_string()
+                } else {
+                    path
+                };
+                ConfigError::new(key, e.into_inner().to_string())
+            })?;
+        raw.validate()
+    }
+
+    /// The effective config as TOML, secrets masked (`ctxgate check` prints this).
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+    }
+
+    /// The route with this name.
+    pub fn route(&self, name: &str) -> Option<&Route> {
+        self.routes.iter().find(|r| r.name == name)
+    }
+}
+
+impl RawConfig {
+    fn validate(self) -> Result<Config, ConfigError> {
+        let listen = parse_addr("listen", self.listen.as_deref().unwrap_or("127.0.0.1:8787"))?;
+        let admin_listen = parse_addr(
+            "admin_listen",
+            self.admin_listen.as_deref().unwrap_or("127.0.0.1:9464"),
+        )?;
+        let max_body_bytes = self.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY_BYTES);
+        if max_body_bytes == 0 {
+            return Err(ConfigError::new("max_body_bytes", "must be > 0, got 0"));
+        }
+        let shutdown_grace = match &self.shutdown_grace {
+            Some(s) => parse_duration("shutdown_grace", s)?,
+            None => Duration::from_secs(30),
+        };
+        let timeouts = resolve_timeouts(
+            "timeouts",
+            Timeouts::default(),
+            self.timeouts.unwrap_or_default(),
+        )?;
+
+        if self.routes.is_empty() {
+            return Err(ConfigError::new(
+                "routes",
+                "at least one [[routes]] entry is required",
+            ));
+        }
+        let mut routes = Vec::with_capacity(self.routes.len());
+        for (i, r) in self.routes.into_iter().enumerate() {
+            let key = |k: &str| format!("routes[{i}].{k}");
+            if r.name.is_empty()
+                || !r
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                return Err(ConfigError::new(
+                    key("name"),
+                    format!(
+                        "must be non-empty letters, digits, '-' or '_', got {:?}",
+                        r.name
+                    ),
+                ));
+            }
+            if routes.iter().any(|o: &Route| o.name == r.name) {
+                return Err(ConfigError::new(
+                    key("name"),
+                    format!("must be unique, got {:?} twice", r.name),
+                ));
+            }
+            if !r.prefix.starts_with('/') || !r.prefix.ends_with('/') || r.prefix.contains("//") {
+                return Err(ConfigError::new(
+                    key("prefix"),
+                    format!(
+                        "must start and end with '/' (e.g. \"/openai/\"), got {:?}",
+                        r.prefix
+                    ),
+                ));
+            }
+            if routes.iter().any(|o: &Route| o.prefix == r.prefix) {
+                return Err(ConfigError::new(
+                    key("prefix"),
+                    format!("must be unique, got {:?} twice", r.prefix),
+                ));
+            }
+            let target = parse_upstream(&key("upstream"), &r.upstream)?;
+            let tls = r.tls.unwrap_or_default();
+            if let Some(ca) = &tls.extra_ca_file {
+                if !ca.is_file() {
+                    return Err(ConfigError::new(
+                        key("tls.extra_ca_file"),
+                        format!(
+                            "must be a readable PEM file, got {:?}",
+                            ca.display().to_string()
+                        ),
+                    ));
+                }
+            }
+            let route_timeouts =
+                resolve_timeouts(&key("timeouts"), timeouts, r.timeouts.unwrap_or_default())?;
+            routes.push(Route {
+                name: r.name,
+                prefix: r.prefix,
+                upstream: r.upstream,
+                target,
+                dialect: r.dialect,
+                prewarm_connections: r.prewarm_connections.unwrap_or(1),
+                tls: Tls {
+                    extra_ca_file: tls.extra_ca_file,
+                },
+                timeouts: route_timeouts,
+            });
+        }
+        Ok(Config {
+            listen,
+            admin_listen,
+            max_body_bytes,
+            shutdown_grace,
+            timeouts,
+            routes,
+        })
+    }
+}
+
+fn resolve_timeouts(key: &str, base: Timeouts, raw: RawTimeouts) -> Result<Timeouts, ConfigError> {
+    let get = |name: &str, v: &Option<String>, d: Duration| match v {
+        Some(s) => parse_duration(&format!("{key}.{name}"), s),
+        None => Ok(d),
+    };
+    let t = Timeouts {
+        connect: get("connect", &raw.connect, base.connect)?,
+        response_headers: get(
+            "response_headers",
+            &raw.response_headers,
+            base.response_headers,
+        )?,
+        stream_idle: get("stream_idle", &raw.stream_idle, base.stream_idle)?,
+        total: get("total", &raw.total, base.total)?,
+    };
+    for (name, d) in [
+        ("response_headers", t.response_headers),
+        ("stream_idle", t.stream_idle),
+    ] {
+        if d > t.total {
+            return Err(ConfigError::new(
+                format!("{key}.{name}"),
+                format!(
+                    "must not exceed {key}.total ({}), got {}",
+                    fmt_duration(t.total),
+                    fmt_duration(d)
+                ),
+            ));
+        }
+    }
+    Ok(t)
+}
+
+fn parse_addr(key: &str, s: &str) -> Result<SocketAddr, ConfigError> {
+    s.parse().map_err(|_| {
+        ConfigError::new(
+            key,
+            format!("must be an address like \"127.0.0.1:8787\", got {s:?}"),
+        )
+    })
+}
+
+/// Parses a humantime duration (`"30s"`, `"2m"`, `"1500ms"`); zero is refused.
+pub fn parse_duration(key: &str, s: &str) -> Result<Duration, ConfigError> {
+    match humantime::parse_duration(s) {
+        Ok(d) if !d.is_zero() => Ok(d),
+        Ok(_) => Err(ConfigError::new(key, format!("must be > 0, got {s:?}"))),
+        Err(_) => Err(ConfigError::new(
+            key,
+            format!("must be a duration such as \"30s\", \"2m\" or \"500ms\", got {s:?}"),
+        )),
+    }
+}
+
+fn parse_upstream(key: &str, s: &str) -> Result<Upstream, ConfigError> {
+    let bad = |why: &str| {
+        ConfigError::new(
+            key,
+            format!("must be an http:// or https:// base URL ({why}), got {s:?}"),
+        )
+    };
+    let uri: http::Uri = s.parse().map_err(|_| bad("not a URL"))?;
+    let scheme = match uri.scheme_str() {
+        Some("http") => "http",
+        Some("https") => "https",
+        _ => return Err(bad("scheme must be http or https")),
+    };
+    let authority = uri
+        .authority()
+        .ok_or_else(|| bad("no host"))?
+        .as_str()
+        .to_string();
+    if authority.contains('@') {
+        return Err(bad("credentials in the URL are not allowed"));
+    }
+    if uri.query().is_some() {
+        return Err(bad("no query string allowed"));
+    }
+    let mut base_path = uri.path().to_string();
+    if !base_path.ends_with('/') {
+        base_path.push('/');
+    }
+    Ok(Upstream {
+        scheme: scheme.to_string(),
+        authority,
+        base_path,
+    })
+}
+
+fn ser_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&fmt_duration(*d))
+}
+
+/// Formats a duration the way config files write it: `"120s"`, or `"1500ms"` when it is not
+/// a whole number of seconds.
+pub fn fmt_duration(d: Duration) -> String {
+    if d.subsec_nanos() == 0 {
+        format!("{}s", d.as_secs())
+    } else if d.subsec_nanos() % 1_000_000 == 0 {
+        format!("{}ms", d.as_millis())
+    } else {
+        humantime::format_duration(d).to_string()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Environment overrides.
+
+/// Prefix of every environment override.
+pub const ENV_PREFIX: &str = "CTXGATE_";
+
+/// Applies `CTXGATE_…` overrides to the parsed TOML tree.
+///
+/// The variable name after `CTXGATE_` is a path whose segments are separated by `__` (double
+/// underscore) and matched case-insensitively against keys: `CTXGATE_LISTEN`,
+/// `CTXGATE_TIMEOUTS__TOTAL`. A segment after `ROUTES` names a route by its `name` (with `-`
+/// written as `_`) or by its index: `CTXGATE_ROUTES__OPENAI__UPSTREAM`,
+/// `CTXGATE_ROUTES__0__PREWARM_CONNECTIONS`. The value is read as a TOML value when it parses
+/// as one (`42`, `true`, `"text"`) and as a plain string otherwise. Variables outside this
+/// scheme that start with `CTXGATE_` and match no key are errors, like unknown keys in the file.
+pub fn apply_env(
+    tree: &mut toml::Table,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<(), ConfigError> {
+    // Sorted so that the order of application (and of errors) is stable.
+    let vars: BTreeMap<String, String> = env
+        .into_iter()
+        .filter(|(k, _)| k.starts_with(ENV_PREFIX))
+        .collect();
+    for (name, value) in vars {
+        // Variables the binary itself reads (the log filter) are not config keys.
+        if name == "CTXGATE_LOG" || name == "CTXGATE_LOG_FORMAT" {
+            continue;
+        }
+        let path: Vec<String> = name[ENV_PREFIX.len()..]
+            .split("__")
+            .map(|s| s.to_ascii_lowercase())
+            .collect();
+        if path.iter().any(|s| s.is_empty()) {
+            return Err(ConfigError::new(
+                name.clone(),
+                "malformed override: separate keys with '__', e.g. CTXGATE_TIMEOUTS__TOTAL",
+            ));
+        }
+        let parsed = parse_env_value(&value);
+        set_path(tree, &path, parsed).map_err(|problem| ConfigError::new(name.clone(), problem))?;
+    }
+    Ok(())
+}
+
+fn parse_env_value(v: &str) -> toml::Value {
+    let doc = format!("v = {v}");
+    match doc.parse::<toml::Table>() {
+        Ok(mut t) => t
+            .remove("v")
+            .unwrap_or_else(|| toml::Value::String(v.to_string())),
+        Err(_) => toml::Value::String(v.to_string()),
+    }
+}
+
+fn set_path(table: &mut toml::Table, path: &[String], value: toml::Value) -> Result<(), String> {
+    let Some((head, rest)) = path.split_first() else {
+        return Err("empty key".into());
+    };
+    if head == "routes" {
+        let Some((sel, rest)) = rest.split_first() else {
+            return Err("routes cannot be replaced whole; name a route and a key".into());
+        };
+        let Some(toml::Value::Array(routes)) = table.get_mut("routes") else {
+            return Err("no [[routes]] in the config to override".into());
+        };
+        let idx = match sel.parse::<usize>() {
+            Ok(i) if i < routes.len() => i,
+            Ok(i) => return Err(format!("no route at index {i}")),
+            Err(_) => routes
+                .iter()
+                .position(|r| {
+                    r.get("name")
+                        .and_then(|n| n.as_str())
+                        .map(|n| n.replace('-', "_").eq_ignore_ascii_case(sel))
+                        .unwrap_or(false)
+                })
+                .ok_or_else(|| format!("no route named {sel:?}"))?,
+        };
+        let Some(toml::Value::Table(route)) = routes.get_mut(idx) else {
+            return Err(format!("routes[{idx}] is not a table"));
+        };
+        return set_path(route, rest, value);
+    }
+    if rest.is_empty() {
+        table.insert(head.clone(), value);
+        return Ok(());
+    }
+    let entry = table
+        .entry(head.clone())
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    match entry {
+        toml::Value::Table(t) => set_path(t, rest, value),
+        _ => Err(format!("{head} is not a table")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: &str = r#"
+[[routes]]
+name = "openai"
+prefix = "/openai/"
+upstream = "https://api.openai.com/"
+dialect = "openai"
+"#;
+
+    fn load(text: &str) -> Result<Config, ConfigError> {
+        Config::from_toml(text, Vec::new())
+    }
+
+    #[test]
+    fn defaults() {
+        let c = load(MIN).unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8787");
+        assert_eq!(c.admin_listen.to_string(), "127.0.0.1:9464");
+        assert_eq!(c.shutdown_grace, Duration::from_secs(30));
+        assert_eq!(c.routes[0].prewarm_connections, 1);
+        assert_eq!(c.routes[0].target.authority, "api.openai.com");
+        assert_eq!(c.routes[0].target.base_path, "/");
+        assert_eq!(c.routes[0].timeouts, Timeouts::default());
+    }
+
+    #[test]
+    fn unknown_key_names_its_path() {
+        let e = load(&format!("{MIN}bogus = 1\n")).unwrap_err();
+        assert_eq!(e.key, "routes[0]");
+        assert!(e.problem.contains("unknown field `bogus`"), "{e}");
+        let e = load(&format!("lisen = \"x\"\n{MIN}")).unwrap_err();
+        assert!(e.to_string().contains("unknown field `lisen`"), "{e}");
+    }
+
+    #[test]
+    fn bad_dialect_names_key_value_and_allowed() {
+        let e = load(&MIN.replace("\"openai\"\n", "\"gemini\"\n")).unwrap_err();
+        assert_eq!(e.key, "routes[0].dialect");
+        assert!(
+            e.problem.contains("gemini") && e.problem.contains("openai"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn bad_values() {
+        let e = load(&MIN.replace("/openai/", "openai")).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "routes[0].prefix: must start and end with '/' (e.g. \"/openai/\"), got \"openai\""
+        );
+        let e = load(&MIN.replace("https://api.openai.com/", "ftp://x/")).unwrap_err();
+        assert_eq!(e.key, "routes[0].upstream");
+        let e = load(&format!("shutdown_grace = \"soon\"\n{MIN}")).unwrap_err();
+        assert_eq!(e.key, "shutdown_grace");
+        assert!(e.problem.contains("\"soon\""));
+        let e = load(&format!(
+            "[timeouts]\ntotal = \"10s\"\nstream_idle = \"20s\"\n{MIN}"
+        ))
+        .unwrap_err();
+        assert_eq!(e.key, "timeouts.stream_idle");
+        assert!(
+            e.problem
+                .contains("must not exceed timeouts.total (10s), got 20s"),
+            "{e}"
+        );
+        let e = load(&format!(
+            "{MIN}[routes.timeouts]\nresponse_headers = \"400s\"\n"
+        ))
+        .unwrap_err();
+        assert_eq!(e.key, "routes[0].timeouts.response_headers");
+    }
+
+    #[test]
+    fn env_overrides() {
+        let env = vec![
+            ("CTXGATE_LISTEN".to_string(), "127.0.0.1:1".to_string()),
+            ("CTXGATE_TIMEOUTS__TOTAL".to_string(), "500s".to_string()),
+            (
+                "CTXGATE_ROUTES__OPENAI__UPSTREAM".to_string(),
+                "http://127.0.0.1:9/".to_string(),
+            ),
+            (
+                "CTXGATE_ROUTES__0__PREWARM_CONNECTIONS".to_string(),
+                "3".to_string(),
+            ),
+            ("OTHER".to_string(), "x".to_string()),
+        ];
+        let c = Config::from_toml(MIN, env).unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:1");
+        assert_eq!(c.timeouts.total, Duration::from_secs(500));
+        assert_eq!(c.routes[0].timeouts.total, Duration::from_secs(500));
+        assert_eq!(c.routes[0].target.authority, "127.0.0.1:9");
+        assert_eq!(c.routes[0].prewarm_connections, 3);
+
+        let e = Config::from_toml(MIN, vec![("CTXGATE_ROUTES__NOPE__NAME".into(), "x".into())])
+            .unwrap_err();
+        assert_eq!(e.key, "CTXGATE_ROUTES__NOPE__NAME");
+        let e = Config::from_toml(MIN, vec![("CTXGATE_BOGUS".into(), "1".into())]).unwrap_err();
+        assert!(e.problem.contains("unknown field `bogus`"), "{e}");
+    }
+
+    #[test]
+    fn secret_is_masked() {
+        let s = Secret::new("postgres://u:pw@h/db");
+        assert_eq!(format!("{s:?}"), "*****");
+        assert_eq!(serde_json::to_string(&s).unwrap(), "\"*****\"");
+    }
+}

@@ -1,0 +1,195 @@
+//! The one error enum of the request path. Each variant the client can see gets its status
+//! from one exhaustive `match`, a body in the route's dialect, and a short `kind()` used as
+//! the metric label. Messages are lowercase and name the number crossed and the config key.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Response, StatusCode};
+
+use crate::dialect::Dialect;
+
+/// A timed phase of an upstream call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// TCP + TLS connect (`timeouts.connect`).
+    Connect,
+    /// Waiting for the response headers (`timeouts.response_headers`).
+    ResponseHeaders,
+    /// Gap between response body chunks (`timeouts.stream_idle`).
+    StreamIdle,
+    /// The whole call (`timeouts.total`).
+    Total,
+}
+
+impl Phase {
+    /// Metric label and the last part of the config key.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Connect => "connect",
+            Phase::ResponseHeaders => "response_headers",
+            Phase::StreamIdle => "stream_idle",
+            Phase::Total => "total",
+        }
+    }
+}
+
+/// Errors the client sees, in the dialect of the route that served the request.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// No route's prefix matches the path.
+    #[error("no route serves {method} {path}; configured prefixes: {prefixes}")]
+    NoRoute {
+        method: String,
+        path: String,
+        prefixes: String,
+    },
+    /// The request target is unusable (dot segments, CONNECT, …).
+    #[error("bad request target: {0}")]
+    BadTarget(String),
+    /// The request body is over `max_body_bytes`.
+    #[error("request body is larger than {limit} bytes (max_body_bytes)")]
+    BodyTooLarge { limit: u64 },
+    /// Reading the request body from the client failed.
+    #[error("could not read the request body: {0}")]
+    BodyRead(String),
+    /// The upstream could not be reached (refused, DNS, TLS).
+    #[error("upstream {upstream} could not be reached: {reason}")]
+    UpstreamConnect { upstream: String, reason: String },
+    /// The upstream closed or reset the connection before answering.
+    #[error("upstream {upstream} closed the connection before answering: {reason}")]
+    UpstreamReset { upstream: String, reason: String },
+    /// A phase ran past its timeout before the response started.
+    #[error("{}", timeout_message(*.phase, *.after))]
+    Timeout { phase: Phase, after: Duration },
+}
+
+fn timeout_message(phase: Phase, after: Duration) -> String {
+    let what = match phase {
+        Phase::Connect => "could not connect to the upstream",
+        Phase::ResponseHeaders => "upstream sent no response headers",
+        Phase::StreamIdle => "upstream sent nothing",
+        Phase::Total => "upstream call did not finish",
+    };
+    format!(
+        "{what} within {} (timeouts.{})",
+        crate::config::fmt_duration(after),
+        phase.as_str()
+    )
+}
+
+impl Error {
+    /// The HTTP status the client gets.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Error::NoRoute { .. } => StatusCode::NOT_FOUND,
+            Error::BadTarget(_) => StatusCode::BAD_REQUEST,
+            Error::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Error::BodyRead(_) => StatusCode::BAD_REQUEST,
+            Error::UpstreamConnect { .. } => StatusCode::BAD_GATEWAY,
+            Error::UpstreamReset { .. } => StatusCode::BAD_GATEWAY,
+            Error::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// Short label for metrics and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::NoRoute { .. } => "no_route",
+            Error::BadTarget(_) => "bad_target",
+            Error::BodyTooLarge { .. } => "body_too_large",
+            Error::BodyRead(_) => "body_read",
+            Error::UpstreamConnect { .. } => "upstream_connect",
+            Error::UpstreamReset { .. } => "upstream_reset",
+            Error::Timeout {
+                phase: Phase::Connect,
+                ..
+            } => "timeout_connect",
+            Error::Timeout {
+                phase: Phase::ResponseHeaders,
+                ..
+            } => "timeout_response_headers",
+            Error::Timeout {
+                phase: Phase::StreamIdle,
+                ..
+            } => "timeout_stream_idle",
+            Error::Timeout {
+                phase: Phase::Total,
+                ..
+            } => "timeout_total",
+        }
+    }
+
+    /// (OpenAI `type`, OpenAI `code`, Anthropic `error.type`) for this error.
+    fn wire_types(&self) -> (&'static str, &'static str, &'static str) {
+        match self {
+            Error::NoRoute { .. } => (
+                "invalid_request_error",
+                "route_not_found",
+                "not_found_error",
+            ),
+            Error::BadTarget(_) => (
+                "invalid_request_error",
+                "bad_target",
+                "invalid_request_error",
+            ),
+            Error::BodyTooLarge { .. } => (
+                "invalid_request_error",
+                "request_too_large",
+                "request_too_large",
+            ),
+            Error::BodyRead(_) => (
+                "invalid_request_error",
+                "body_read",
+                "invalid_request_error",
+            ),
+            Error::UpstreamConnect { .. } => ("server_error", "upstream_unreachable", "api_error"),
+            Error::UpstreamReset { .. } => ("server_error", "upstream_reset", "api_error"),
+            Error::Timeout { .. } => ("server_error", "upstream_timeout", "timeout_error"),
+        }
+    }
+
+    /// The JSON body in `dialect`'s error shape.
+    pub fn body(&self, dialect: Dialect) -> String {
+        let (oa_type, oa_code, an_type) = self.wire_types();
+        let message = self.to_string();
+        match dialect {
+            Dialect::OpenAi => dialect.error_body(oa_type, oa_code, &message),
+            Dialect::Anthropic => dialect.error_body(an_type, oa_code, &message),
+        }
+    }
+
+    /// The full response: status, JSON body, and `x-ctxgate-error` naming the kind.
+    pub fn into_response<B: From<Bytes>>(self, dialect: Dialect) -> Response<B> {
+        let body = Bytes::from(self.body(dialect));
+        let mut resp = Response::new(B::from(body));
+        *resp.status_mut() = self.status();
+        let h = resp.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        h.insert("x-ctxgate-error", HeaderValue::from_static(self.kind()));
+        resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timeout_message_names_key() {
+        let e = Error::Timeout {
+            phase: Phase::ResponseHeaders,
+            after: Duration::from_secs(120),
+        };
+        assert_eq!(
+            e.to_string(),
+            "upstream sent no response headers within 120s (timeouts.response_headers)"
+        );
+        assert_eq!(e.status(), StatusCode::GATEWAY_TIMEOUT);
+        let v: serde_json::Value = serde_json::from_str(&e.body(Dialect::Anthropic)).unwrap();
+        assert_eq!(v["error"]["type"], "timeout_error");
+    }
+}

@@ -1,0 +1,74 @@
+//! ctxgate: a sidecar HTTP proxy in front of LLM APIs that keeps chat prompts inside a token
+//! budget, gates concurrency per conversation, bounds every phase with a timeout, records
+//! each call and exports Prometheus metrics. See `proxy` for the life of a request.
+
+pub mod admin;
+pub mod config;
+pub mod dialect;
+pub mod error;
+pub mod metrics;
+pub mod proxy;
+pub mod server;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+
+pub use config::Config;
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A route's upstream client could not be built (bad CA file, TLS setup).
+    #[error(transparent)]
+    Upstream(#[from] proxy::upstream::BuildError),
+}
+
+/// Runs ctxgate on the given listeners until `shutdown` resolves, then shuts down gracefully:
+/// stop accepting, let in-flight requests finish within `shutdown_grace`, and return.
+///
+/// Tests call this in-process with listeners bound to `127.0.0.1:0`; `main` calls it with the
+/// configured addresses and a signal future.
+pub async fn serve(
+    config: Config,
+    listener: TcpListener,
+    admin_listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), StartError> {
+    let metrics = metrics::Metrics::new();
+    let proxy = Arc::new(proxy::Proxy::new(&config, metrics.clone())?);
+    let readiness = proxy::upstream::Readiness::new(&config.routes);
+
+    // Admin first, so /healthz and /readyz answer while warm-up runs.
+    let (admin_stop_tx, admin_stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let admin = Arc::new(admin::Admin {
+        metrics: metrics.clone(),
+        readiness: readiness.clone(),
+        before_scrape: None,
+    });
+    let admin_task = tokio::spawn(server::serve_admin(admin_listener, admin, async {
+        let _ = admin_stop_rx.await;
+    }));
+
+    for r in proxy.routes() {
+        tokio::spawn(proxy::upstream::warm_up(
+            r.config.clone(),
+            r.client.clone(),
+            readiness.clone(),
+            metrics.clone(),
+        ));
+    }
+
+    tracing::info!(listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+        routes = config.routes.len(), "ctxgate serving");
+    let p = proxy.clone();
+    let handler = move |req| p.clone().handle(req);
+    let clean =
+        server::serve_until(listener, handler, shutdown, config.shutdown_grace, "proxy").await;
+    tracing::info!(clean, "proxy stopped");
+
+    let _ = admin_stop_tx.send(());
+    let _ = admin_task.await;
+    Ok(())
+}

@@ -1,0 +1,550 @@
+//! The life of a request, one phase after another:
+//!
+//! ```text
+//! client ─► route ─► identify ─► gate ─► prune ─► forward ─► stream back ─► record
+//! ```
+//!
+//! 1. **route** ([`Proxy::route`]): the longest configured prefix that matches the path picks
+//!    the upstream. Only the path and query of the request target are used, so absolute-form
+//!    targets and `Host` headers cannot steer ctxgate to another host; dot segments are refused.
+//! 2. **identify**, 3. **gate**, 4. **prune**: chat requests (OpenAI `POST …/chat/completions`,
+//!    Anthropic `POST …/v1/messages`) are read whole (within `max_body_bytes`) so they can be
+//!    identified, gated and pruned; every other request streams through untouched.
+//! 5. **forward** ([`Proxy::forward`]): hop-by-hop headers removed, `Host` set by the client
+//!    from the upstream URL, everything else passed through as is, on the route's pooled client,
+//!    bounded by `timeouts.connect` and `timeouts.response_headers`.
+//! 6. **stream back** ([`body::StreamBack`]): the response body streams through frame by frame,
+//!    bounded by `timeouts.stream_idle` and `timeouts.total`.
+//! 7. **record**: the call's [`body::CallGuard`] runs once at the end of the body and records
+//!    the outcome.
+
+pub mod body;
+pub mod upstream;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body_util::{BodyExt, Either, Full, Limited};
+use hyper::body::Incoming;
+use prometheus::{Histogram, IntCounter};
+
+use crate::config::{Config, Route};
+use crate::dialect::Dialect;
+use crate::error::{Error, Phase};
+use crate::metrics::Metrics;
+use body::{CallEnd, CallGuard, End, ResponseBody, StreamBack, StreamTimers};
+use upstream::{RequestBody, UpstreamClient};
+
+/// A route with everything it needs at run time.
+pub struct RouteState {
+    /// The route's config.
+    pub config: Route,
+    /// Its pooled upstream client.
+    pub client: UpstreamClient,
+    metrics: RouteMetrics,
+}
+
+/// Per-route metric handles, resolved once so the hot path does no label lookups.
+#[derive(Clone)]
+struct RouteMetrics {
+    duration: Histogram,
+    ttfb: Histogram,
+    overhead: Histogram,
+    disconnects: IntCounter,
+}
+
+impl RouteMetrics {
+    fn new(m: &Metrics, route: &str) -> Self {
+        RouteMetrics {
+            duration: m.request_duration.with_label_values(&[route]),
+            ttfb: m.ttfb.with_label_values(&[route]),
+            overhead: m.overhead.with_label_values(&[route]),
+            disconnects: m.client_disconnects.with_label_values(&[route]),
+        }
+    }
+}
+
+/// The proxy: routes, clients and metrics, shared by every connection.
+pub struct Proxy {
+    /// Routes sorted by prefix length, longest first, so the first match is the longest.
+    routes: Vec<Arc<RouteState>>,
+    max_body_bytes: u64,
+    metrics: Metrics,
+}
+
+impl Proxy {
+    /// Builds the proxy and one pooled client per route.
+    pub fn new(config: &Config, metrics: Metrics) -> Result<Proxy, upstream::BuildError> {
+        let native = upstream::native_roots();
+        let mut routes = Vec::with_capacity(config.routes.len());
+        for r in &config.routes {
+            let client = upstream::build_client(r, &native)?;
+            routes.push(Arc::new(RouteState {
+                config: r.clone(),
+                client,
+                metrics: RouteMetrics::new(&metrics, &r.name),
+            }));
+        }
+        routes.sort_by_key(|r| std::cmp::Reverse(r.config.prefix.len()));
+        Ok(Proxy {
+            routes,
+            max_body_bytes: config.max_body_bytes,
+            metrics,
+        })
+    }
+
+    /// The routes, longest prefix first.
+    pub fn routes(&self) -> &[Arc<RouteState>] {
+        &self.routes
+    }
+
+    /// Serves one request. Never fails: every error becomes a response in the dialect's shape.
+    pub async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+    ) -> Result<Response<ResponseBody>, Infallible> {
+        let start = Instant::now();
+        let route = match self.route(req.method(), req.uri()) {
+            Ok(r) => r,
+            Err(e) => {
+                // No route: no dialect either; OpenAI's shape is the common one, and Anthropic
+                // clients are recognised by their path.
+                let dialect = if req.uri().path().ends_with("/v1/messages")
+                    || req.headers().contains_key("anthropic-version")
+                {
+                    Dialect::Anthropic
+                } else {
+                    Dialect::OpenAi
+                };
+                tracing::debug!(method = %req.method(), path = %req.uri().path(), "no route");
+                return Ok(self.error_response("none", dialect, e));
+            }
+        };
+        let dialect = route.config.dialect;
+        match self.forward(&route, req, start).await {
+            Ok(resp) => Ok(resp),
+            Err(e) => {
+                if let Error::Timeout { phase, .. } = &e {
+                    self.metrics
+                        .timeouts
+                        .with_label_values(&[&route.config.name, phase.as_str()])
+                        .inc();
+                }
+                if matches!(
+                    e,
+                    Error::UpstreamConnect { .. }
+                        | Error::UpstreamReset { .. }
+                        | Error::Timeout { .. }
+                ) {
+                    self.metrics
+                        .upstream_errors
+                        .with_label_values(&[&route.config.name, e.kind()])
+                        .inc();
+                }
+                tracing::warn!(route = %route.config.name, kind = e.kind(), error = %e, "request failed");
+                let resp = self.error_response(&route.config.name, dialect, e);
+                route
+                    .metrics
+                    .duration
+                    .observe(start.elapsed().as_secs_f64());
+                Ok(resp)
+            }
+        }
+    }
+
+    fn error_response(&self, route: &str, dialect: Dialect, e: Error) -> Response<ResponseBody> {
+        let status = e.status();
+        self.metrics
+            .requests
+            .with_label_values(&[route, status.as_str()])
+            .inc();
+        e.into_response(dialect)
+    }
+
+    /// Phase 1, route: the longest matching prefix. Only the path is looked at.
+    pub fn route(&self, method: &Method, uri: &Uri) -> Result<Arc<RouteState>, Error> {
+        let path = uri.path();
+        if method == Method::CONNECT {
+            return Err(Error::BadTarget(
+                "CONNECT is not supported: ctxgate is not an open proxy".into(),
+            ));
+        }
+        check_path(path)?;
+        for r in &self.routes {
+            let p = r.config.prefix.as_str();
+            // "/openai" (no trailing slash) also selects the "/openai/" route.
+            if path.starts_with(p) || path == &p[..p.len() - 1] {
+                return Ok(r.clone());
+            }
+        }
+        Err(Error::NoRoute {
+            method: method.to_string(),
+            path: path.to_string(),
+            prefixes: self
+                .routes
+                .iter()
+                .map(|r| r.config.prefix.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+        })
+    }
+
+    /// Phases 2 to 6 for a routed request.
+    async fn forward(
+        &self,
+        route: &Arc<RouteState>,
+        req: Request<Incoming>,
+        start: Instant,
+    ) -> Result<Response<ResponseBody>, Error> {
+        let cfg = &route.config;
+        let deadline = tokio::time::Instant::from_std(start) + cfg.timeouts.total;
+        let (mut parts, body) = req.into_parts();
+
+        if let Some(len) = content_length(&parts.headers) {
+            if len > self.max_body_bytes {
+                return Err(Error::BodyTooLarge {
+                    limit: self.max_body_bytes,
+                });
+            }
+        }
+        let uri = upstream_uri(cfg, parts.uri.path(), parts.uri.query())?;
+
+        let body: RequestBody = if is_chat(cfg.dialect, &parts.method, parts.uri.path()) {
+            // Chat bodies are read whole: identify, gate and prune need them.
+            let bytes = read_body(body, self.max_body_bytes).await?;
+            Either::Right(Full::new(bytes))
+        } else {
+            Either::Left(Limited::new(
+                body,
+                usize::try_from(self.max_body_bytes).unwrap_or(usize::MAX),
+            ))
+        };
+
+        strip_hop_by_hop(&mut parts.headers);
+        parts.headers.remove(header::HOST);
+        parts.uri = uri;
+        parts.version = Version::HTTP_11;
+        let up_req = Request::from_parts(parts, body);
+
+        route
+            .metrics
+            .overhead
+            .observe(start.elapsed().as_secs_f64());
+
+        // Forward, bounded by response_headers and by what is left of total.
+        let headers_deadline =
+            (tokio::time::Instant::now() + cfg.timeouts.response_headers).min(deadline);
+        let resp =
+            match tokio::time::timeout_at(headers_deadline, route.client.request(up_req)).await {
+                Ok(Ok(r)) => r,
+                Ok(Err(e)) => return Err(classify(&e, cfg, self.max_body_bytes)),
+                Err(_) => {
+                    let phase = if headers_deadline >= deadline {
+                        Phase::Total
+                    } else {
+                        Phase::ResponseHeaders
+                    };
+                    let after = if phase == Phase::Total {
+                        cfg.timeouts.total
+                    } else {
+                        cfg.timeouts.response_headers
+                    };
+                    return Err(Error::Timeout { phase, after });
+                }
+            };
+
+        // Stream back.
+        let (mut parts, body) = resp.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        route.metrics.ttfb.observe(start.elapsed().as_secs_f64());
+        self.metrics
+            .requests
+            .with_label_values(&[&cfg.name, parts.status.as_str()])
+            .inc();
+        let sse = parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/event-stream"));
+        let guard = CallGuard::new(Box::new(CallRecord {
+            start,
+            route: route.clone(),
+            metrics: self.metrics.clone(),
+        }));
+        let timers = StreamTimers {
+            stream_idle: cfg.timeouts.stream_idle,
+            deadline,
+            total: cfg.timeouts.total,
+        };
+        let body = StreamBack::new(body, timers, sse, cfg.dialect, guard);
+        Ok(Response::from_parts(parts, ResponseBody::Stream(body)))
+    }
+}
+
+/// Phase 7, record: what happens when a forwarded call's response ends.
+struct CallRecord {
+    start: Instant,
+    route: Arc<RouteState>,
+    metrics: Metrics,
+}
+
+impl CallEnd for CallRecord {
+    fn finish(&mut self, end: End) {
+        let m = &self.route.metrics;
+        m.duration.observe(self.start.elapsed().as_secs_f64());
+        let name = self.route.config.name.as_str();
+        match end {
+            End::Complete => {}
+            End::ClientGone => {
+                m.disconnects.inc();
+                tracing::info!(
+                    route = name,
+                    "client went away before the end of the response"
+                );
+            }
+            End::Timeout(phase) => {
+                self.metrics
+                    .timeouts
+                    .with_label_values(&[name, phase.as_str()])
+                    .inc();
+                tracing::warn!(
+                    route = name,
+                    phase = phase.as_str(),
+                    "timeout during the response body"
+                );
+            }
+            End::UpstreamError => {
+                self.metrics
+                    .upstream_errors
+                    .with_label_values(&[name, "upstream_body"])
+                    .inc();
+                tracing::warn!(route = name, "upstream failed during the response body");
+            }
+        }
+    }
+}
+
+/// Whether this request is a chat request of the route's dialect (read whole and pruned).
+pub fn is_chat(dialect: Dialect, method: &Method, path: &str) -> bool {
+    method == Method::POST
+        && match dialect {
+            Dialect::OpenAi => path.ends_with("/chat/completions"),
+            Dialect::Anthropic => path.ends_with("/v1/messages"),
+        }
+}
+
+/// Refuses dot segments (plain or percent-encoded) and backslashes, which some upstreams
+/// would resolve to a path outside the route's base.
+fn check_path(path: &str) -> Result<(), Error> {
+    if !path.starts_with('/') {
+        return Err(Error::BadTarget(format!(
+            "path must start with '/', got {path:?}"
+        )));
+    }
+    for seg in path.split('/') {
+        let lower = seg.to_ascii_lowercase();
+        let decoded = lower.replace("%2e", ".");
+        if decoded == "." || decoded == ".." {
+            return Err(Error::BadTarget(format!(
+                "dot segments are not allowed in {path:?}"
+            )));
+        }
+        if lower.contains('\\') || lower.contains("%5c") || lower.contains("%2f") {
+            return Err(Error::BadTarget(format!(
+                "encoded slashes and backslashes are not allowed in {path:?}"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The upstream URL: the route's scheme and host, its base path, then the request path after
+/// the prefix, then the query. Nothing from the client can change the scheme or host.
+fn upstream_uri(route: &Route, path: &str, query: Option<&str>) -> Result<Uri, Error> {
+    let rest = path.get(route.prefix.len()..).unwrap_or("");
+    let t = &route.target;
+    let mut s = String::with_capacity(
+        t.scheme.len() + t.authority.len() + t.base_path.len() + rest.len() + 8,
+    );
+    s.push_str(&t.scheme);
+    s.push_str("://");
+    s.push_str(&t.authority);
+    s.push_str(&t.base_path);
+    s.push_str(rest);
+    if let Some(q) = query {
+        s.push('?');
+        s.push_str(q);
+    }
+    let uri: Uri = s
+        .parse()
+        .map_err(|_| Error::BadTarget(format!("cannot form an upstream URL from {path:?}")))?;
+    // Belt and braces: the host must be the configured one.
+    if uri.authority().map(|a| a.as_str()) != Some(t.authority.as_str()) {
+        return Err(Error::BadTarget(format!(
+            "path {path:?} would change the upstream host"
+        )));
+    }
+    Ok(uri)
+}
+
+fn content_length(h: &HeaderMap) -> Option<u64> {
+    h.get(header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
+}
+
+/// Reads a whole request body, refusing more than `limit` bytes.
+pub async fn read_body(body: Incoming, limit: u64) -> Result<Bytes, Error> {
+    let limited = Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX));
+    match limited.collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            Err(Error::BodyTooLarge { limit })
+        }
+        Err(e) => Err(Error::BodyRead(e.to_string())),
+    }
+}
+
+/// Removes hop-by-hop headers: those `Connection` names, then the fixed list of RFC 9110.
+pub fn strip_hop_by_hop(h: &mut HeaderMap) {
+    let named: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        h.remove(n);
+    }
+    for n in [
+        header::CONNECTION,
+        HeaderName::from_static("keep-alive"),
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+        header::PROXY_AUTHORIZATION,
+        header::PROXY_AUTHENTICATE,
+        HeaderName::from_static("proxy-connection"),
+    ] {
+        h.remove(n);
+    }
+    // Any other Proxy-* header is meant for a proxy, i.e. for ctxgate, not the upstream.
+    let proxy_named: Vec<HeaderName> = h
+        .keys()
+        .filter(|k| k.as_str().starts_with("proxy-"))
+        .cloned()
+        .collect();
+    for n in proxy_named {
+        h.remove(n);
+    }
+}
+
+/// Maps a client error to what the caller sees.
+fn classify(e: &hyper_util::client::legacy::Error, route: &Route, max_body: u64) -> Error {
+    let mut src: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = src {
+        if let Some(t) = s.downcast_ref::<upstream::ConnectTimeout>() {
+            return Error::Timeout {
+                phase: Phase::Connect,
+                after: t.0,
+            };
+        }
+        if s.downcast_ref::<http_body_util::LengthLimitError>()
+            .is_some()
+        {
+            return Error::BodyTooLarge { limit: max_body };
+        }
+        src = s.source();
+    }
+    let reason = error_chain(e);
+    if e.is_connect() {
+        Error::UpstreamConnect {
+            upstream: route.target.authority.clone(),
+            reason,
+        }
+    } else {
+        Error::UpstreamReset {
+            upstream: route.target.authority.clone(),
+            reason,
+        }
+    }
+}
+
+/// An error and its sources, joined with `: ` (hyper's top-level messages alone say little).
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        let msg = s.to_string();
+        if !out.contains(&msg) {
+            out.push_str(": ");
+            out.push_str(&msg);
+        }
+        src = s.source();
+    }
+    out
+}
+
+/// A plain response ctxgate makes itself.
+pub fn simple_response(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<ResponseBody> {
+    let mut r = Response::new(ResponseBody::from(body.into()));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("close, x-secret-hop"),
+        );
+        h.insert("x-secret-hop", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert("proxy-foo", HeaderValue::from_static("1"));
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer sk-x"),
+        );
+        h.insert("x-api-key", HeaderValue::from_static("k"));
+        strip_hop_by_hop(&mut h);
+        let mut keys: Vec<_> = h.keys().map(|k| k.as_str().to_string()).collect();
+        keys.sort();
+        assert_eq!(keys, ["authorization", "x-api-key"]);
+    }
+
+    #[test]
+    fn dot_segments_refused() {
+        for p in [
+            "/v1/../admin",
+            "/v1/%2e%2e/x",
+            "/v1/./x",
+            "/v1/%2E/x",
+            "/v1/a%2fb",
+            "/v1/a\\b",
+        ] {
+            assert!(check_path(p).is_err(), "{p}");
+        }
+        for p in ["/v1/chat/completions", "/v1//x", "/v1/a..b"] {
+            assert!(check_path(p).is_ok(), "{p}");
+        }
+    }
+}

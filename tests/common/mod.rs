@@ -1,0 +1,330 @@
+//! Shared test harness: a mock upstream LLM on 127.0.0.1:0 that records exactly what it
+//! received and answers as each test tells it (JSON, SSE chunk by chunk, slowly, stalled, or by
+//! resetting the connection), ctxgate in-process on 127.0.0.1:0, and a small HTTP client.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
+use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+
+/// One request as the mock upstream received it.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub method: Method,
+    pub uri: String,
+    pub version: Version,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+/// What the mock answers.
+pub enum Reply {
+    /// A complete response.
+    Full {
+        status: u16,
+        headers: Vec<(String, String)>,
+        body: Bytes,
+    },
+    /// Response headers at once, then each chunk the test sends on the channel; the body ends
+    /// when the sender is dropped.
+    Stream {
+        content_type: String,
+        chunks: mpsc::Receiver<Bytes>,
+    },
+    /// Answer after a delay.
+    Delayed(Duration, Box<Reply>),
+    /// Close the connection without answering.
+    Reset,
+}
+
+impl Reply {
+    pub fn json(body: &str) -> Reply {
+        Reply::Full {
+            status: 200,
+            headers: vec![("content-type".into(), "application/json".into())],
+            body: Bytes::from(body.to_string()),
+        }
+    }
+}
+
+type Handler = Arc<dyn Fn(&Recorded) -> Reply + Send + Sync>;
+
+/// A mock upstream LLM.
+pub struct Mock {
+    pub addr: SocketAddr,
+    pub received: Arc<Mutex<Vec<Recorded>>>,
+    /// Connections the mock saw closed by the peer (ctxgate), counted when the serving task ends.
+    pub closed_connections: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Mock {
+    /// Requests received, warm-up HEADs left out.
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.received
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| r.method != Method::HEAD)
+            .cloned()
+            .collect()
+    }
+    pub fn url(&self) -> String {
+        format!("http://{}/", self.addr)
+    }
+}
+
+type MockBody = BoxBody<Bytes, Infallible>;
+
+fn full(status: u16, headers: Vec<(String, String)>, body: Bytes) -> Response<MockBody> {
+    let mut r = Response::new(Full::new(body).boxed());
+    *r.status_mut() = StatusCode::from_u16(status).unwrap();
+    for (k, v) in headers {
+        r.headers_mut().append(
+            http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+            http::HeaderValue::from_str(&v).unwrap(),
+        );
+    }
+    r
+}
+
+fn answer(
+    reply: Reply,
+) -> Pin<Box<dyn Future<Output = Result<Response<MockBody>, std::io::Error>> + Send>> {
+    Box::pin(async move {
+        match reply {
+            Reply::Full {
+                status,
+                headers,
+                body,
+            } => Ok(full(status, headers, body)),
+            Reply::Stream {
+                content_type,
+                chunks,
+            } => {
+                let stream = futures_stream(chunks);
+                let mut r = Response::new(BodyExt::boxed(StreamBody::new(stream)));
+                r.headers_mut()
+                    .insert("content-type", content_type.parse().unwrap());
+                r.headers_mut()
+                    .insert("cache-control", "no-cache".parse().unwrap());
+                Ok(r)
+            }
+            Reply::Delayed(d, inner) => {
+                tokio::time::sleep(d).await;
+                answer(*inner).await
+            }
+            Reply::Reset => Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionReset,
+                "mock reset",
+            )),
+        }
+    })
+}
+
+/// Adapts an mpsc receiver into a Stream of frames without pulling in a streams crate.
+fn futures_stream(rx: mpsc::Receiver<Bytes>) -> ChunkStream {
+    ChunkStream { rx }
+}
+
+pub struct ChunkStream {
+    rx: mpsc::Receiver<Bytes>,
+}
+
+impl futures_core::Stream for ChunkStream {
+    type Item = Result<Frame<Bytes>, Infallible>;
+    fn poll_next(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        self.rx.poll_recv(cx).map(|o| o.map(|b| Ok(Frame::data(b))))
+    }
+}
+
+/// Starts a plain-HTTP mock (HTTP/1.1 and h2c).
+pub async fn mock(handler: impl Fn(&Recorded) -> Reply + Send + Sync + 'static) -> Mock {
+    mock_with_tls(handler, None).await
+}
+
+/// Starts a mock, over TLS when an acceptor is given.
+pub async fn mock_with_tls(
+    handler: impl Fn(&Recorded) -> Reply + Send + Sync + 'static,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) -> Mock {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let received = Arc::new(Mutex::new(Vec::new()));
+    let closed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let handler: Handler = Arc::new(handler);
+    let rec = received.clone();
+    let closed2 = closed.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let handler = handler.clone();
+            let rec = rec.clone();
+            let closed = closed2.clone();
+            let tls = tls.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: Request<Incoming>| {
+                    let handler = handler.clone();
+                    let rec = rec.clone();
+                    async move {
+                        let (parts, body) = req.into_parts();
+                        let body = body
+                            .collect()
+                            .await
+                            .map(|c| c.to_bytes())
+                            .unwrap_or_default();
+                        let r = Recorded {
+                            method: parts.method,
+                            uri: parts.uri.to_string(),
+                            version: parts.version,
+                            headers: parts.headers,
+                            body,
+                        };
+                        let reply = handler(&r);
+                        rec.lock().unwrap().push(r);
+                        answer(reply).await
+                    }
+                });
+                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                match tls {
+                    Some(acc) => {
+                        if let Ok(s) = acc.accept(stream).await {
+                            let _ = builder.serve_connection(TokioIo::new(s), svc).await;
+                        }
+                    }
+                    None => {
+                        let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
+                    }
+                }
+                closed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            });
+        }
+    });
+    Mock {
+        addr,
+        received,
+        closed_connections: closed,
+    }
+}
+
+/// ctxgate running in-process.
+pub struct Gate {
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+impl Gate {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+    /// Sends the shutdown signal (as SIGTERM would).
+    pub fn shutdown(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+}
+
+/// Starts ctxgate with this TOML config on 127.0.0.1:0.
+pub async fn start(config_toml: &str) -> Gate {
+    let cfg = ctxgate::Config::from_toml(config_toml, Vec::new()).expect("test config");
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let admin_addr = admin.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        ctxgate::serve(cfg, listener, admin, async {
+            let _ = rx.await;
+        })
+        .await
+        .unwrap();
+    });
+    Gate {
+        addr,
+        admin: admin_addr,
+        stop: Some(tx),
+        task,
+    }
+}
+
+/// A config with one route of the given dialect in front of `upstream`.
+pub fn one_route(prefix: &str, upstream: &str, dialect: &str, extra: &str) -> String {
+    format!(
+        "{extra}\n[[routes]]\nname = \"test\"\nprefix = \"{prefix}\"\nupstream = \"{upstream}\"\ndialect = \"{dialect}\"\nprewarm_connections = 0\n"
+    )
+}
+
+pub type Client = hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    Full<Bytes>,
+>;
+
+pub fn client() -> Client {
+    hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build_http()
+}
+
+/// Sends a request and reads the whole response.
+pub async fn send(
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (StatusCode, HeaderMap, Bytes) {
+    let mut b = Request::builder().method(method).uri(url);
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    let resp = client()
+        .request(b.body(Full::new(Bytes::from(body.to_string()))).unwrap())
+        .await
+        .unwrap();
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.unwrap().to_bytes();
+    (parts.status, parts.headers, body)
+}
+
+/// Writes raw bytes on a new TCP connection and reads until the peer closes (or 5 s).
+pub async fn raw(addr: SocketAddr, request: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(request).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Scrapes the admin /metrics page.
+pub async fn metrics(gate: &Gate) -> String {
+    let (_, _, body) = send("GET", &format!("http://{}/metrics", gate.admin), &[], "").await;
+    String::from_utf8(body.to_vec()).unwrap()
+}
+
+/// The value of one sample line (`name{labels} value`) in a metrics page, 0 if absent.
+pub fn sample(page: &str, series: &str) -> f64 {
+    page.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)
+                .and_then(|rest| rest.strip_prefix(' '))
+        })
+        .map(|v| v.trim().parse().unwrap())
+        .unwrap_or(0.0)
+}

@@ -582,7 +582,7 @@ dialect = "openai"
     #[test]
     fn unknown_key_names_its_path() {
         let e = load(&format!("{MIN}bogus = 1\n")).unwrap_err();
-        assert_eq!(e.key, "routes[0]");
+        assert_eq!(e.key, "routes[0].bogus");
         assert!(e.problem.contains("unknown field `bogus`"), "{e}");
         let e = load(&format!("lisen = \"x\"\n{MIN}")).unwrap_err();
         assert!(e.to_string().contains("unknown field `lisen`"), "{e}");
@@ -611,7 +611,7 @@ dialect = "openai"
         assert_eq!(e.key, "shutdown_grace");
         assert!(e.problem.contains("\"soon\""));
         let e = load(&format!(
-            "[timeouts]\ntotal = \"10s\"\nstream_idle = \"20s\"\n{MIN}"
+            "[timeouts]\ntotal = \"10s\"\nresponse_headers = \"5s\"\nstream_idle = \"20s\"\n{MIN}"
         ))
         .unwrap_err();
         assert_eq!(e.key, "timeouts.stream_idle");

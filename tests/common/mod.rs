@@ -43,6 +43,8 @@ pub enum Reply {
         content_type: String,
         chunks: mpsc::Receiver<Bytes>,
     },
+    /// A scripted SSE stream: each chunk sent `gap` after the previous one.
+    Sse { chunks: Vec<Bytes>, gap: Duration },
     /// Answer after a delay.
     Delayed(Duration, Box<Reply>),
     /// Close the connection without answering.
@@ -120,6 +122,24 @@ fn answer(
                 r.headers_mut()
                     .insert("cache-control", "no-cache".parse().unwrap());
                 Ok(r)
+            }
+            Reply::Sse { chunks, gap } => {
+                let (tx, rx) = mpsc::channel(chunks.len().max(1));
+                tokio::spawn(async move {
+                    for c in chunks {
+                        if !gap.is_zero() {
+                            tokio::time::sleep(gap).await;
+                        }
+                        if tx.send(c).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+                answer(Reply::Stream {
+                    content_type: "text/event-stream".into(),
+                    chunks: rx,
+                })
+                .await
             }
             Reply::Delayed(d, inner) => {
                 tokio::time::sleep(d).await;
@@ -327,4 +347,64 @@ pub fn sample(page: &str, series: &str) -> f64 {
         })
         .map(|v| v.trim().parse().unwrap())
         .unwrap_or(0.0)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Real wire formats of the two APIs, as the mock upstream sends them.
+
+pub const OPENAI_JSON: &str = r#"{"id":"chatcmpl-mock1","object":"chat.completion","created":1764000000,"model":"gpt-4o-mini-2024-07-18","choices":[{"index":0,"message":{"role":"assistant","content":"Hello from the mock.","refusal":null},"logprobs":null,"finish_reason":"stop"}],"usage":{"prompt_tokens":21,"completion_tokens":5,"total_tokens":26,"prompt_tokens_details":{"cached_tokens":0,"audio_tokens":0},"completion_tokens_details":{"reasoning_tokens":0,"audio_tokens":0,"accepted_prediction_tokens":0,"rejected_prediction_tokens":0}},"service_tier":"default","system_fingerprint":"fp_mock"}"#;
+
+/// An OpenAI chat completion stream: role, two content deltas, finish, usage chunk, [DONE].
+pub fn openai_sse() -> Vec<Bytes> {
+    let head = r#""id":"chatcmpl-mock2","object":"chat.completion.chunk","created":1764000000,"model":"gpt-4o-mini-2024-07-18","system_fingerprint":"fp_mock""#;
+    vec![
+        format!("data: {{{head},\"choices\":[{{\"index\":0,\"delta\":{{\"role\":\"assistant\",\"content\":\"\"}},\"logprobs\":null,\"finish_reason\":null}}],\"usage\":null}}\n\n"),
+        format!("data: {{{head},\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"Hello\"}},\"logprobs\":null,\"finish_reason\":null}}],\"usage\":null}}\n\n"),
+        format!("data: {{{head},\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\" stream.\"}},\"logprobs\":null,\"finish_reason\":null}}],\"usage\":null}}\n\n"),
+        format!("data: {{{head},\"choices\":[{{\"index\":0,\"delta\":{{}},\"logprobs\":null,\"finish_reason\":\"stop\"}}],\"usage\":null}}\n\n"),
+        format!("data: {{{head},\"choices\":[],\"usage\":{{\"prompt_tokens\":21,\"completion_tokens\":3,\"total_tokens\":24,\"prompt_tokens_details\":{{\"cached_tokens\":0}}}}}}\n\n"),
+        "data: [DONE]\n\n".to_string(),
+    ]
+    .into_iter()
+    .map(Bytes::from)
+    .collect()
+}
+
+pub const ANTHROPIC_JSON: &str = r#"{"id":"msg_mock1","type":"message","role":"assistant","model":"claude-sonnet-4-5-20250929","content":[{"type":"text","text":"Hello from the mock."}],"stop_reason":"end_turn","stop_sequence":null,"usage":{"input_tokens":21,"cache_creation_input_tokens":0,"cache_read_input_tokens":0,"output_tokens":5}}"#;
+
+/// An Anthropic Messages stream, event by event.
+pub fn anthropic_sse() -> Vec<Bytes> {
+    [
+        "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_mock2\",\"type\":\"message\",\"role\":\"assistant\",\"model\":\"claude-sonnet-4-5-20250929\",\"content\":[],\"stop_reason\":null,\"stop_sequence\":null,\"usage\":{\"input_tokens\":21,\"cache_creation_input_tokens\":0,\"cache_read_input_tokens\":0,\"output_tokens\":1}}}\n\n",
+        "event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"text\",\"text\":\"\"}}\n\n",
+        "event: ping\ndata: {\"type\": \"ping\"}\n\n",
+        "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"Hello\"}}\n\n",
+        "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\" stream.\"}}\n\n",
+        "event: content_block_stop\ndata: {\"type\":\"content_block_stop\",\"index\":0}\n\n",
+        "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\",\"stop_sequence\":null},\"usage\":{\"output_tokens\":3}}\n\n",
+        "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n",
+    ]
+    .into_iter()
+    .map(|s: &'static str| Bytes::from_static(s.as_bytes()))
+    .collect()
+}
+
+/// A mock that answers both dialects as the real APIs would: JSON, or SSE when the request
+/// body asks for `"stream": true`.
+pub fn llm_reply(r: &Recorded) -> Reply {
+    let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap_or_default();
+    let stream = v["stream"].as_bool().unwrap_or(false);
+    let anthropic = r.uri.ends_with("/v1/messages");
+    match (anthropic, stream) {
+        (false, false) => Reply::json(OPENAI_JSON),
+        (false, true) => Reply::Sse {
+            chunks: openai_sse(),
+            gap: Duration::ZERO,
+        },
+        (true, false) => Reply::json(ANTHROPIC_JSON),
+        (true, true) => Reply::Sse {
+            chunks: anthropic_sse(),
+            gap: Duration::ZERO,
+        },
+    }
 }

@@ -6,7 +6,7 @@
 //! name is never a label.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts,
     Registry, TextEncoder,
 };
 
@@ -46,8 +46,6 @@ pub struct Metrics {
     pub upstream_ready: IntGaugeVec,
     /// `ctxgate_build_info{version}`: always 1.
     pub build_info: IntGaugeVec,
-    /// `ctxgate_http_inflight_requests`: requests being served now.
-    pub inflight: IntGauge,
 }
 
 impl Metrics {
@@ -84,9 +82,6 @@ impl Metrics {
         )
         .unwrap_or_else(|e| unreachable_metric("ctxgate_upstream_warmup_seconds", e));
         register(&registry, Box::new(warmup_seconds.clone()));
-        let inflight = IntGauge::new("ctxgate_http_inflight_requests", "Requests being served.")
-            .unwrap_or_else(|e| unreachable_metric("ctxgate_http_inflight_requests", e));
-        register(&registry, Box::new(inflight.clone()));
 
         let m = Metrics {
             requests: counter(
@@ -138,7 +133,6 @@ impl Metrics {
                 "Build information; always 1.",
                 &["version"],
             ),
-            inflight,
             registry,
         };
         m.build_info

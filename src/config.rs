@@ -83,8 +83,38 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// Default timeouts; each route may override them.
     pub timeouts: Timeouts,
+    /// Per-conversation gates and in-flight caps.
+    pub gates: Gates,
+    /// How a request's conversation is identified.
+    pub conversation: Conversation,
     /// Routes, in file order. Matching picks the longest prefix.
     pub routes: Vec<Route>,
+}
+
+/// The `[gates]` table.
+#[derive(Debug, Clone, Serialize)]
+pub struct Gates {
+    /// Calls of one conversation in flight at once.
+    pub max_concurrent_per_conversation: usize,
+    /// Calls of one conversation waiting behind those in flight; more get 429 at once.
+    pub max_queue_per_conversation: usize,
+    /// Longest wait for admission; past it, 429.
+    #[serde(serialize_with = "ser_duration")]
+    pub queue_timeout: Duration,
+    /// Calls in flight across all conversations and routes.
+    pub max_inflight: usize,
+    /// A conversation's gate is forgotten after this long unused (never while in use).
+    #[serde(serialize_with = "ser_duration")]
+    pub idle_ttl: Duration,
+}
+
+/// The `[conversation]` table: where the conversation id comes from, first match wins.
+#[derive(Debug, Clone, Serialize)]
+pub struct Conversation {
+    /// Request headers that carry a conversation id, in order of preference.
+    pub headers: Vec<String>,
+    /// A dotted path into the request body holding the id (e.g. `metadata.conversation_id`).
+    pub body_field: Option<String>,
 }
 
 /// Per-phase timeouts of one upstream call.
@@ -135,6 +165,8 @@ pub struct Route {
     pub tls: Tls,
     /// This route's timeouts (the global ones with the route's overrides applied).
     pub timeouts: Timeouts,
+    /// Cap on this route's calls in flight (none: only the global cap applies).
+    pub max_inflight: Option<usize>,
 }
 
 /// An upstream base URL split into the parts the forwarder needs.
@@ -166,8 +198,27 @@ struct RawConfig {
     max_body_bytes: Option<u64>,
     shutdown_grace: Option<String>,
     timeouts: Option<RawTimeouts>,
+    gates: Option<RawGates>,
+    conversation: Option<RawConversation>,
     #[serde(default)]
     routes: Vec<RawRoute>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGates {
+    max_concurrent_per_conversation: Option<usize>,
+    max_queue_per_conversation: Option<usize>,
+    queue_timeout: Option<String>,
+    max_inflight: Option<usize>,
+    idle_ttl: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConversation {
+    headers: Option<Vec<String>>,
+    body_field: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -189,6 +240,7 @@ struct RawRoute {
     prewarm_connections: Option<usize>,
     tls: Option<RawTls>,
     timeouts: Option<RawTimeouts>,
+    max_inflight: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -266,6 +318,9 @@ impl RawConfig {
             self.timeouts.unwrap_or_default(),
         )?;
 
+        let gates = validate_gates(self.gates.unwrap_or_default())?;
+        let conversation = validate_conversation(self.conversation.unwrap_or_default())?;
+
         if self.routes.is_empty() {
             return Err(ConfigError::new(
                 "routes",
@@ -325,6 +380,9 @@ impl RawConfig {
             }
             let route_timeouts =
                 resolve_timeouts(&key("timeouts"), timeouts, r.timeouts.unwrap_or_default())?;
+            if r.max_inflight == Some(0) {
+                return Err(ConfigError::new(key("max_inflight"), "must be > 0, got 0"));
+            }
             routes.push(Route {
                 name: r.name,
                 prefix: r.prefix,
@@ -336,6 +394,7 @@ impl RawConfig {
                     extra_ca_file: tls.extra_ca_file,
                 },
                 timeouts: route_timeouts,
+                max_inflight: r.max_inflight,
             });
         }
         Ok(Config {
@@ -344,17 +403,79 @@ impl RawConfig {
             max_body_bytes,
             shutdown_grace,
             timeouts,
+            gates,
+            conversation,
             routes,
         })
     }
 }
 
+fn validate_gates(raw: RawGates) -> Result<Gates, ConfigError> {
+    let positive = |name: &str, v: Option<usize>, default: usize| match v {
+        Some(0) => Err(ConfigError::new(
+            format!("gates.{name}"),
+            "must be > 0, got 0",
+        )),
+        Some(n) => Ok(n),
+        None => Ok(default),
+    };
+    let duration = |name: &str, v: &Option<String>, default: u64| match v {
+        Some(s) => parse_duration(&format!("gates.{name}"), s),
+        None => Ok(Duration::from_secs(default)),
+    };
+    Ok(Gates {
+        max_concurrent_per_conversation: positive(
+            "max_concurrent_per_conversation",
+            raw.max_concurrent_per_conversation,
+            1,
+        )?,
+        // 0 is allowed: no queue, a busy conversation answers 429 at once.
+        max_queue_per_conversation: raw.max_queue_per_conversation.unwrap_or(8),
+        queue_timeout: duration("queue_timeout", &raw.queue_timeout, 60)?,
+        max_inflight: positive("max_inflight", raw.max_inflight, 1024)?,
+        idle_ttl: duration("idle_ttl", &raw.idle_ttl, 300)?,
+    })
+}
+
+fn validate_conversation(raw: RawConversation) -> Result<Conversation, ConfigError> {
+    let headers = raw
+        .headers
+        .unwrap_or_else(|| vec!["x-conversation-id".to_string()]);
+    for (i, h) in headers.iter().enumerate() {
+        if http::HeaderName::from_bytes(h.as_bytes()).is_err() {
+            return Err(ConfigError::new(
+                format!("conversation.headers[{i}]"),
+                format!("must be a valid header name, got {h:?}"),
+            ));
+        }
+    }
+    if let Some(f) = &raw.body_field {
+        if f.is_empty() || f.split('.').any(str::is_empty) {
+            return Err(ConfigError::new(
+                "conversation.body_field",
+                format!("must be a dotted path such as \"metadata.conversation_id\", got {f:?}"),
+            ));
+        }
+    }
+    Ok(Conversation {
+        headers: headers
+            .into_iter()
+            .map(|h| h.to_ascii_lowercase())
+            .collect(),
+        body_field: raw.body_field,
+    })
+}
+
+/// Applies a `[timeouts]` table over `base`. A `response_headers` or `stream_idle` written in
+/// this table must not exceed the total; one inherited (a default, or the global value under a
+/// route that only lowers `total`) is lowered to the total instead.
 fn resolve_timeouts(key: &str, base: Timeouts, raw: RawTimeouts) -> Result<Timeouts, ConfigError> {
     let get = |name: &str, v: &Option<String>, d: Duration| match v {
         Some(s) => parse_duration(&format!("{key}.{name}"), s),
         None => Ok(d),
     };
-    let t = Timeouts {
+    let total = get("total", &raw.total, base.total)?;
+    let mut t = Timeouts {
         connect: get("connect", &raw.connect, base.connect)?,
         response_headers: get(
             "response_headers",
@@ -362,21 +483,28 @@ fn resolve_timeouts(key: &str, base: Timeouts, raw: RawTimeouts) -> Result<Timeo
             base.response_headers,
         )?,
         stream_idle: get("stream_idle", &raw.stream_idle, base.stream_idle)?,
-        total: get("total", &raw.total, base.total)?,
+        total,
     };
-    for (name, d) in [
-        ("response_headers", t.response_headers),
-        ("stream_idle", t.stream_idle),
+    for (name, explicit, d) in [
+        (
+            "response_headers",
+            raw.response_headers.is_some(),
+            &mut t.response_headers,
+        ),
+        ("stream_idle", raw.stream_idle.is_some(), &mut t.stream_idle),
     ] {
-        if d > t.total {
-            return Err(ConfigError::new(
-                format!("{key}.{name}"),
-                format!(
-                    "must not exceed {key}.total ({}), got {}",
-                    fmt_duration(t.total),
-                    fmt_duration(d)
-                ),
-            ));
+        if *d > total {
+            if explicit {
+                return Err(ConfigError::new(
+                    format!("{key}.{name}"),
+                    format!(
+                        "must not exceed {key}.total ({}), got {}",
+                        fmt_duration(total),
+                        fmt_duration(*d)
+                    ),
+                ));
+            }
+            *d = total;
         }
     }
     Ok(t)
@@ -625,6 +753,14 @@ dialect = "openai"
         ))
         .unwrap_err();
         assert_eq!(e.key, "routes[0].timeouts.response_headers");
+        // Inherited values are lowered to a smaller total rather than refused.
+        let c = load(&format!("[timeouts]\ntotal = \"30s\"\n{MIN}")).unwrap();
+        assert_eq!(c.timeouts.response_headers, Duration::from_secs(30));
+        assert_eq!(c.routes[0].timeouts.stream_idle, Duration::from_secs(30));
+        let e = load(&format!("{MIN}max_inflight = 0\n")).unwrap_err();
+        assert_eq!(e.to_string(), "routes[0].max_inflight: must be > 0, got 0");
+        let e = load(&format!("[gates]\nqueue_timeout = \"0s\"\n{MIN}")).unwrap_err();
+        assert_eq!(e.key, "gates.queue_timeout");
     }
 
     #[test]

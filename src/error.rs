@@ -59,6 +59,9 @@ pub enum Error {
     /// The upstream closed or reset the connection before answering.
     #[error("upstream {upstream} closed the connection before answering: {reason}")]
     UpstreamReset { upstream: String, reason: String },
+    /// The gate refused the request: its conversation's queue is full or the wait timed out.
+    #[error("{0}")]
+    Gate(crate::gate::Rejected),
     /// A phase ran past its timeout before the response started.
     #[error("{}", timeout_message(*.phase, *.after))]
     Timeout { phase: Phase, after: Duration },
@@ -88,6 +91,7 @@ impl Error {
             Error::BodyRead(_) => StatusCode::BAD_REQUEST,
             Error::UpstreamConnect { .. } => StatusCode::BAD_GATEWAY,
             Error::UpstreamReset { .. } => StatusCode::BAD_GATEWAY,
+            Error::Gate(_) => StatusCode::TOO_MANY_REQUESTS,
             Error::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
         }
     }
@@ -101,6 +105,8 @@ impl Error {
             Error::BodyRead(_) => "body_read",
             Error::UpstreamConnect { .. } => "upstream_connect",
             Error::UpstreamReset { .. } => "upstream_reset",
+            Error::Gate(crate::gate::Rejected::QueueFull { .. }) => "gate_queue_full",
+            Error::Gate(crate::gate::Rejected::QueueTimeout { .. }) => "gate_queue_timeout",
             Error::Timeout {
                 phase: Phase::Connect,
                 ..
@@ -145,6 +151,7 @@ impl Error {
             ),
             Error::UpstreamConnect { .. } => ("server_error", "upstream_unreachable", "api_error"),
             Error::UpstreamReset { .. } => ("server_error", "upstream_reset", "api_error"),
+            Error::Gate(r) => ("rate_limit_error", r.reason(), "rate_limit_error"),
             Error::Timeout { .. } => ("server_error", "upstream_timeout", "timeout_error"),
         }
     }
@@ -170,6 +177,12 @@ impl Error {
             HeaderValue::from_static("application/json"),
         );
         h.insert("x-ctxgate-error", HeaderValue::from_static(self.kind()));
+        if let Error::Gate(r) = &self {
+            h.insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(r.retry_after().as_secs().max(1)),
+            );
+        }
         resp
     }
 }

@@ -6,6 +6,7 @@ pub mod admin;
 pub mod config;
 pub mod dialect;
 pub mod error;
+pub mod gate;
 pub mod metrics;
 pub mod proxy;
 pub mod server;
@@ -42,10 +43,18 @@ pub async fn serve(
 
     // Admin first, so /healthz and /readyz answer while warm-up runs.
     let (admin_stop_tx, admin_stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let gates = proxy.gates().clone();
+    let sweeper = gates.spawn_sweeper();
+    let m = metrics.clone();
+    let before_scrape: Box<dyn Fn() + Send + Sync> = Box::new(move || {
+        m.gate_waiters.set(gates.waiters() as i64);
+        m.gate_active.set(gates.active_gates() as i64);
+        m.gate_known.set(gates.known_gates() as i64);
+    });
     let admin = Arc::new(admin::Admin {
         metrics: metrics.clone(),
         readiness: readiness.clone(),
-        before_scrape: None,
+        before_scrape: Some(before_scrape),
     });
     let admin_task = tokio::spawn(server::serve_admin(admin_listener, admin, async {
         let _ = admin_stop_rx.await;
@@ -70,5 +79,6 @@ pub async fn serve(
 
     let _ = admin_stop_tx.send(());
     let _ = admin_task.await;
+    sweeper.abort();
     Ok(())
 }

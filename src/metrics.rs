@@ -6,7 +6,7 @@
 //! name is never a label.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
 };
 
@@ -40,6 +40,16 @@ pub struct Metrics {
     pub timeouts: IntCounterVec,
     /// `ctxgate_client_disconnects_total{route}`: clients that left before the last byte.
     pub client_disconnects: IntCounterVec,
+    /// `ctxgate_gate_wait_seconds{route}`: time a request waited for admission.
+    pub gate_wait: HistogramVec,
+    /// `ctxgate_gate_rejections_total{route,reason}`: 429s by reason (queue_full, queue_timeout).
+    pub gate_rejections: IntCounterVec,
+    /// `ctxgate_gate_waiters`: requests waiting for admission now.
+    pub gate_waiters: IntGauge,
+    /// `ctxgate_gate_active`: conversations with a call in flight now.
+    pub gate_active: IntGauge,
+    /// `ctxgate_gate_known`: conversation gates in memory (held, awaited or idle).
+    pub gate_known: IntGauge,
     /// `ctxgate_upstream_warmup_seconds{upstream}`: time the start-up warm-up took.
     pub warmup_seconds: prometheus::GaugeVec,
     /// `ctxgate_upstream_ready{upstream}`: 1 once warm-up succeeded, 0 before or on failure.
@@ -83,7 +93,32 @@ impl Metrics {
         .unwrap_or_else(|e| unreachable_metric("ctxgate_upstream_warmup_seconds", e));
         register(&registry, Box::new(warmup_seconds.clone()));
 
+        let plain_gauge = |name: &str, help: &str| {
+            let g = IntGauge::new(name, help).unwrap_or_else(|e| unreachable_metric(name, e));
+            register(&registry, Box::new(g.clone()));
+            g
+        };
         let m = Metrics {
+            gate_wait: histogram(
+                "ctxgate_gate_wait_seconds",
+                "Time a request waited at its gate before being admitted.",
+                &["route"],
+                LATENCY_BUCKETS,
+            ),
+            gate_rejections: counter(
+                "ctxgate_gate_rejections_total",
+                "Requests refused with 429 by the gate, by reason.",
+                &["route", "reason"],
+            ),
+            gate_waiters: plain_gauge("ctxgate_gate_waiters", "Requests waiting for admission."),
+            gate_active: plain_gauge(
+                "ctxgate_gate_active",
+                "Conversations with at least one call in flight.",
+            ),
+            gate_known: plain_gauge(
+                "ctxgate_gate_known",
+                "Conversation gates held in memory (in use or idle, not yet forgotten).",
+            ),
             requests: counter(
                 "ctxgate_http_requests_total",
                 "Responses sent, by route and status code.",

@@ -94,8 +94,8 @@ enum State {
 }
 
 /// The upstream body streamed through with timers and the call guard.
-pub struct StreamBack {
-    inner: Incoming,
+pub struct StreamBack<B: Body = Incoming> {
+    inner: B,
     timers: StreamTimers,
     /// Fires at the earlier of the idle deadline and the total deadline.
     sleep: Pin<Box<Sleep>>,
@@ -107,10 +107,14 @@ pub struct StreamBack {
     guard: CallGuard,
 }
 
-impl StreamBack {
+impl<B> StreamBack<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: std::error::Error + Send + Sync + 'static,
+{
     /// Wraps an upstream body.
     pub fn new(
-        inner: Incoming,
+        inner: B,
         timers: StreamTimers,
         sse: bool,
         dialect: Dialect,
@@ -174,7 +178,11 @@ impl StreamBack {
 
 use std::future::Future;
 
-impl Body for StreamBack {
+impl<B> Body for StreamBack<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: std::error::Error + Send + Sync + 'static,
+{
     type Data = Bytes;
     type Error = BoxError;
 
@@ -237,7 +245,7 @@ impl Body for StreamBack {
     }
 }
 
-impl Drop for StreamBack {
+impl<B: Body> Drop for StreamBack<B> {
     fn drop(&mut self) {
         // hyper stops polling once a body with a known length has delivered it all, so a body
         // dropped at its end is complete, not abandoned.
@@ -306,5 +314,155 @@ impl Drop for ResponseBody {
                 g.finish(End::Complete);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+    use std::sync::{Arc, Mutex};
+    use tokio::sync::mpsc;
+
+    /// A body fed by a channel, standing in for the upstream.
+    struct Chan(mpsc::Receiver<Bytes>);
+
+    impl Body for Chan {
+        type Data = Bytes;
+        type Error = std::io::Error;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+            self.0.poll_recv(cx).map(|o| o.map(|b| Ok(Frame::data(b))))
+        }
+    }
+
+    struct Rec(Arc<Mutex<Vec<End>>>);
+    impl CallEnd for Rec {
+        fn finish(&mut self, end: End) {
+            self.0.lock().unwrap().push(end);
+        }
+    }
+
+    const IDLE: Duration = Duration::from_secs(60);
+    const TOTAL: Duration = Duration::from_secs(300);
+
+    fn body(
+        sse: bool,
+        dialect: Dialect,
+    ) -> (mpsc::Sender<Bytes>, StreamBack<Chan>, Arc<Mutex<Vec<End>>>) {
+        let (tx, rx) = mpsc::channel(8);
+        let ends = Arc::new(Mutex::new(Vec::new()));
+        let timers = StreamTimers {
+            stream_idle: IDLE,
+            deadline: Instant::now() + TOTAL,
+            total: TOTAL,
+        };
+        let b = StreamBack::new(
+            Chan(rx),
+            timers,
+            sse,
+            dialect,
+            CallGuard::new(Box::new(Rec(ends.clone()))),
+        );
+        (tx, b, ends)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stalled_sse_gets_the_error_event_at_stream_idle() {
+        let (tx, mut b, ends) = body(true, Dialect::OpenAi);
+        let t0 = Instant::now();
+        tx.send(Bytes::from_static(b"data: {\"a\":1}\n\n"))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_secs(7)).await;
+        let f = b.frame().await.unwrap().unwrap();
+        assert_eq!(
+            f.into_data().unwrap(),
+            Bytes::from_static(b"data: {\"a\":1}\n\n")
+        );
+        // Nothing more arrives: the idle timer fires 60 s after the chunk, not earlier/later.
+        let f = b.frame().await.unwrap().unwrap();
+        assert_eq!(t0.elapsed(), Duration::from_secs(67));
+        let ev = String::from_utf8(f.into_data().unwrap().to_vec()).unwrap();
+        assert_eq!(
+            ev,
+            "data: {\"error\":{\"message\":\"upstream sent nothing within 60s (timeouts.stream_idle)\",\"type\":\"server_error\",\"param\":null,\"code\":\"upstream_timeout\"}}\n\n"
+        );
+        assert!(b.frame().await.is_none());
+        assert_eq!(*ends.lock().unwrap(), [End::Timeout(Phase::StreamIdle)]);
+        drop(tx);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn trickling_anthropic_stream_is_cut_at_total() {
+        let (tx, mut b, ends) = body(true, Dialect::Anthropic);
+        let t0 = Instant::now();
+        tokio::spawn(async move {
+            loop {
+                if tx
+                    .send(Bytes::from_static(
+                        b"event: ping\ndata: {\"type\":\"ping\"}\n\n",
+                    ))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_secs(30)).await;
+            }
+        });
+        let mut last = None;
+        let mut n = 0;
+        while let Some(f) = b.frame().await {
+            last = Some(f.unwrap().into_data().unwrap());
+            n += 1;
+        }
+        assert_eq!(t0.elapsed(), TOTAL);
+        assert_eq!(n, 11, "10 pings (t=0..270s) and the error event");
+        let ev = String::from_utf8(last.unwrap().to_vec()).unwrap();
+        assert_eq!(
+            ev,
+            "event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"timeout_error\",\"message\":\"upstream call did not finish within 300s (timeouts.total)\"}}\n\n"
+        );
+        assert_eq!(*ends.lock().unwrap(), [End::Timeout(Phase::Total)]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn non_sse_body_is_cut_with_an_error() {
+        let (tx, mut b, ends) = body(false, Dialect::OpenAi);
+        tx.send(Bytes::from_static(b"{\"partial\":")).await.unwrap();
+        assert!(b.frame().await.unwrap().is_ok());
+        let t0 = Instant::now();
+        let e = b.frame().await.unwrap().unwrap_err();
+        assert_eq!(t0.elapsed(), IDLE);
+        assert_eq!(
+            e.to_string(),
+            "upstream sent nothing within 60s (timeouts.stream_idle)"
+        );
+        assert_eq!(*ends.lock().unwrap(), [End::Timeout(Phase::StreamIdle)]);
+        drop(tx);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn complete_and_client_gone_are_recorded_once() {
+        let (tx, mut b, ends) = body(true, Dialect::OpenAi);
+        tx.send(Bytes::from_static(b"data: [DONE]\n\n"))
+            .await
+            .unwrap();
+        drop(tx);
+        assert!(b.frame().await.unwrap().is_ok());
+        assert!(b.frame().await.is_none());
+        drop(b);
+        assert_eq!(*ends.lock().unwrap(), [End::Complete]);
+
+        let (tx, mut b, ends) = body(true, Dialect::OpenAi);
+        tx.send(Bytes::from_static(b"data: {}\n\n")).await.unwrap();
+        assert!(b.frame().await.unwrap().is_ok());
+        drop(b); // the client went away mid-stream
+        assert_eq!(*ends.lock().unwrap(), [End::ClientGone]);
+        // Dropping the body dropped the upstream side too: the sender sees it closed.
+        assert!(tx.is_closed());
     }
 }

@@ -19,6 +19,7 @@
 //!    the outcome.
 
 pub mod body;
+pub mod identify;
 pub mod upstream;
 
 use std::convert::Infallible;
@@ -32,9 +33,10 @@ use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::body::Incoming;
 use prometheus::{Histogram, IntCounter};
 
-use crate::config::{Config, Route};
+use crate::config::{Config, Conversation, Route};
 use crate::dialect::Dialect;
 use crate::error::{Error, Phase};
+use crate::gate::{Gates, Permit};
 use crate::metrics::Metrics;
 use body::{CallEnd, CallGuard, End, ResponseBody, StreamBack, StreamTimers};
 use upstream::{RequestBody, UpstreamClient};
@@ -55,6 +57,7 @@ struct RouteMetrics {
     ttfb: Histogram,
     overhead: Histogram,
     disconnects: IntCounter,
+    gate_wait: Histogram,
 }
 
 impl RouteMetrics {
@@ -64,6 +67,7 @@ impl RouteMetrics {
             ttfb: m.ttfb.with_label_values(&[route]),
             overhead: m.overhead.with_label_values(&[route]),
             disconnects: m.client_disconnects.with_label_values(&[route]),
+            gate_wait: m.gate_wait.with_label_values(&[route]),
         }
     }
 }
@@ -74,6 +78,8 @@ pub struct Proxy {
     routes: Vec<Arc<RouteState>>,
     max_body_bytes: u64,
     metrics: Metrics,
+    gates: Arc<Gates>,
+    conversation: Conversation,
 }
 
 impl Proxy {
@@ -90,11 +96,32 @@ impl Proxy {
             }));
         }
         routes.sort_by_key(|r| std::cmp::Reverse(r.config.prefix.len()));
+        let g = &config.gates;
+        let gates = Gates::new(
+            crate::gate::Limits {
+                per_conversation: g.max_concurrent_per_conversation,
+                max_queue_per_conversation: g.max_queue_per_conversation,
+                queue_timeout: g.queue_timeout,
+                max_inflight: g.max_inflight,
+                idle_ttl: g.idle_ttl,
+            },
+            config
+                .routes
+                .iter()
+                .filter_map(|r| r.max_inflight.map(|n| (r.name.clone(), n))),
+        );
         Ok(Proxy {
             routes,
             max_body_bytes: config.max_body_bytes,
             metrics,
+            gates,
+            conversation: config.conversation.clone(),
         })
+    }
+
+    /// The gates, for the sweeper and the gauges.
+    pub fn gates(&self) -> &Arc<Gates> {
+        &self.gates
     }
 
     /// The routes, longest prefix first.
@@ -201,7 +228,6 @@ impl Proxy {
         start: Instant,
     ) -> Result<Response<ResponseBody>, Error> {
         let cfg = &route.config;
-        let deadline = tokio::time::Instant::from_std(start) + cfg.timeouts.total;
         let (mut parts, body) = req.into_parts();
 
         if let Some(len) = content_length(&parts.headers) {
@@ -213,16 +239,30 @@ impl Proxy {
         }
         let uri = upstream_uri(cfg, parts.uri.path(), parts.uri.query())?;
 
-        let body: RequestBody = if is_chat(cfg.dialect, &parts.method, parts.uri.path()) {
-            // Chat bodies are read whole: identify, gate and prune need them.
-            let bytes = read_body(body, self.max_body_bytes).await?;
-            Either::Right(Full::new(bytes))
-        } else {
-            Either::Left(Limited::new(
-                body,
-                usize::try_from(self.max_body_bytes).unwrap_or(usize::MAX),
-            ))
-        };
+        // Identify. Chat bodies are read whole: identify, gate and prune need them.
+        let (body, conversation): (RequestBody, Option<String>) =
+            if is_chat(cfg.dialect, &parts.method, parts.uri.path()) {
+                let bytes = read_body(body, self.max_body_bytes).await?;
+                let id = identify::conversation_id(
+                    &parts.headers,
+                    &self.conversation,
+                    |path| body_field(&bytes, path),
+                    || None,
+                );
+                (Either::Right(Full::new(bytes)), id)
+            } else {
+                let id = identify::conversation_id(
+                    &parts.headers,
+                    &self.conversation,
+                    |_| None,
+                    || None,
+                );
+                let limit = usize::try_from(self.max_body_bytes).unwrap_or(usize::MAX);
+                (Either::Left(Limited::new(body, limit)), id)
+            };
+
+        // Gate.
+        let permit = self.admit(route, conversation.as_deref()).await?;
 
         strip_hop_by_hop(&mut parts.headers);
         parts.headers.remove(header::HOST);
@@ -230,32 +270,18 @@ impl Proxy {
         parts.version = Version::HTTP_11;
         let up_req = Request::from_parts(parts, body);
 
-        route
-            .metrics
-            .overhead
-            .observe(start.elapsed().as_secs_f64());
+        route.metrics.overhead.observe(
+            start
+                .elapsed()
+                .saturating_sub(permit.waited())
+                .as_secs_f64(),
+        );
 
-        // Forward, bounded by response_headers and by what is left of total.
-        let headers_deadline =
-            (tokio::time::Instant::now() + cfg.timeouts.response_headers).min(deadline);
-        let resp =
-            match tokio::time::timeout_at(headers_deadline, route.client.request(up_req)).await {
-                Ok(Ok(r)) => r,
-                Ok(Err(e)) => return Err(classify(&e, cfg, self.max_body_bytes)),
-                Err(_) => {
-                    let phase = if headers_deadline >= deadline {
-                        Phase::Total
-                    } else {
-                        Phase::ResponseHeaders
-                    };
-                    let after = if phase == Phase::Total {
-                        cfg.timeouts.total
-                    } else {
-                        cfg.timeouts.response_headers
-                    };
-                    return Err(Error::Timeout { phase, after });
-                }
-            };
+        // Forward. The call's timers start once it is admitted: the gate wait has its own bound.
+        let deadline = tokio::time::Instant::now() + cfg.timeouts.total;
+        let resp = await_headers(route.client.request(up_req), &cfg.timeouts, deadline)
+            .await?
+            .map_err(|e| classify(&e, cfg, self.max_body_bytes))?;
 
         // Stream back.
         let (mut parts, body) = resp.into_parts();
@@ -274,6 +300,7 @@ impl Proxy {
             start,
             route: route.clone(),
             metrics: self.metrics.clone(),
+            _permit: permit,
         }));
         let timers = StreamTimers {
             stream_idle: cfg.timeouts.stream_idle,
@@ -283,6 +310,77 @@ impl Proxy {
         let body = StreamBack::new(body, timers, sse, cfg.dialect, guard);
         Ok(Response::from_parts(parts, ResponseBody::Stream(body)))
     }
+
+    /// Phase 3, gate: a conversation's request waits for its conversation's slot, then the
+    /// route and global caps; a request with no conversation takes only the caps.
+    async fn admit(&self, route: &RouteState, conversation: Option<&str>) -> Result<Permit, Error> {
+        let name = route.config.name.as_str();
+        let admitted = match conversation {
+            Some(id) => self.gates.acquire(id, name).await,
+            None => self.gates.acquire_shared(name).await,
+        };
+        match admitted {
+            Ok(permit) => {
+                let waited = permit.waited();
+                route.metrics.gate_wait.observe(waited.as_secs_f64());
+                if !waited.is_zero() {
+                    tracing::info!(
+                        route = name,
+                        waited_ms = waited.as_millis() as u64,
+                        "request waited for its gate"
+                    );
+                }
+                Ok(permit)
+            }
+            Err(rejected) => {
+                self.metrics
+                    .gate_rejections
+                    .with_label_values(&[name, rejected.reason()])
+                    .inc();
+                tracing::warn!(
+                    route = name,
+                    reason = rejected.reason(),
+                    "request rejected by the gate"
+                );
+                Err(Error::Gate(rejected))
+            }
+        }
+    }
+}
+
+/// Waits for the upstream's response headers, bounded by `timeouts.response_headers` and by
+/// the call's `total` deadline, whichever comes first; the error names the phase that fired.
+pub async fn await_headers<F: std::future::Future>(
+    fut: F,
+    timeouts: &crate::config::Timeouts,
+    deadline: tokio::time::Instant,
+) -> Result<F::Output, Error> {
+    let headers_deadline = (tokio::time::Instant::now() + timeouts.response_headers).min(deadline);
+    match tokio::time::timeout_at(headers_deadline, fut).await {
+        Ok(out) => Ok(out),
+        Err(_) if headers_deadline >= deadline => Err(Error::Timeout {
+            phase: Phase::Total,
+            after: timeouts.total,
+        }),
+        Err(_) => Err(Error::Timeout {
+            phase: Phase::ResponseHeaders,
+            after: timeouts.response_headers,
+        }),
+    }
+}
+
+/// A string (or number) at a dotted path of a JSON body, for the conversation id.
+fn body_field(body: &[u8], path: &str) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let mut cur = &v;
+    for seg in path.split('.') {
+        cur = cur.get(seg)?;
+    }
+    match cur {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
 }
 
 /// Phase 7, record: what happens when a forwarded call's response ends.
@@ -290,6 +388,9 @@ struct CallRecord {
     start: Instant,
     route: Arc<RouteState>,
     metrics: Metrics,
+    /// The gate permit, released when the response ends (on every path: this record lives in
+    /// the response body's guard).
+    _permit: Permit,
 }
 
 impl CallEnd for CallRecord {

@@ -30,7 +30,7 @@ use crate::config::Route;
 pub type RequestBody = Either<Limited<Incoming>, Full<Bytes>>;
 
 /// The pooled client of one route.
-pub type UpstreamClient = Client<TimeoutConnector, RequestBody>;
+pub type UpstreamClient = Client<TimeoutConnector<HttpsConnector<HttpConnector>>, RequestBody>;
 
 /// The error a connect attempt gives when `timeouts.connect` fires.
 #[derive(Debug, thiserror::Error)]
@@ -40,20 +40,25 @@ pub struct ConnectTimeout(pub Duration);
 /// Wraps the HTTPS connector so that `timeouts.connect` bounds TCP connect and TLS handshake
 /// together (hyper-util's own connect timeout stops at TCP).
 #[derive(Clone)]
-pub struct TimeoutConnector {
-    inner: HttpsConnector<HttpConnector>,
+pub struct TimeoutConnector<C> {
+    inner: C,
     timeout: Duration,
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-impl tower_service::Service<Uri> for TimeoutConnector {
-    type Response = <HttpsConnector<HttpConnector> as tower_service::Service<Uri>>::Response;
+impl<C> tower_service::Service<Uri> for TimeoutConnector<C>
+where
+    C: tower_service::Service<Uri>,
+    C::Error: Into<BoxError>,
+    C::Future: Send + 'static,
+{
+    type Response = C::Response;
     type Error = BoxError;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        self.inner.poll_ready(cx)
+        self.inner.poll_ready(cx).map_err(Into::into)
     }
 
     fn call(&mut self, dst: Uri) -> Self::Future {
@@ -61,7 +66,7 @@ impl tower_service::Service<Uri> for TimeoutConnector {
         let timeout = self.timeout;
         Box::pin(async move {
             match tokio::time::timeout(timeout, fut).await {
-                Ok(r) => r,
+                Ok(r) => r.map_err(Into::into),
                 Err(_) => Err(Box::new(ConnectTimeout(timeout)) as BoxError),
             }
         })
@@ -256,5 +261,41 @@ pub async fn warm_up(
             readiness.set(label, format!("warm-up failed: {reason}"));
             metrics.upstream_ready.with_label_values(&[label]).set(0);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A connector whose connection attempts never finish (a black-holed host).
+    #[derive(Clone)]
+    struct Never;
+    impl tower_service::Service<Uri> for Never {
+        type Response = ();
+        type Error = std::io::Error;
+        type Future = std::future::Pending<Result<(), std::io::Error>>;
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), std::io::Error>> {
+            Poll::Ready(Ok(()))
+        }
+        fn call(&mut self, _: Uri) -> Self::Future {
+            std::future::pending()
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn connect_timeout_fires_at_its_time() {
+        use tower_service::Service;
+        let mut c = TimeoutConnector {
+            inner: Never,
+            timeout: Duration::from_secs(10),
+        };
+        let t0 = tokio::time::Instant::now();
+        let e = c
+            .call(Uri::from_static("https://example.invalid/"))
+            .await
+            .unwrap_err();
+        assert_eq!(t0.elapsed(), Duration::from_secs(10));
+        assert!(e.downcast_ref::<ConnectTimeout>().is_some());
     }
 }

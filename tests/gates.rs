@@ -1,0 +1,415 @@
+//! Gates and timeouts through the proxy, against a mock upstream that answers after a delay,
+//! streams and stalls, or trickles chunks forever.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use http_body_util::BodyExt;
+use tokio::sync::mpsc;
+
+const D: Duration = Duration::from_millis(300);
+
+/// A mock that answers after `D`, tracking how many requests it is serving at once.
+async fn slow_mock() -> (Mock, Arc<AtomicUsize>) {
+    let now = Arc::new(AtomicUsize::new(0));
+    let max = Arc::new(AtomicUsize::new(0));
+    let (n, m) = (now.clone(), max.clone());
+    let up = mock(move |_| {
+        let cur = n.fetch_add(1, Ordering::SeqCst) + 1;
+        m.fetch_max(cur, Ordering::SeqCst);
+        let n = n.clone();
+        // Count down when the delayed answer is produced.
+        Reply::Delayed(
+            D,
+            Box::new(Reply::Full {
+                status: 200,
+                headers: vec![("content-type".into(), "application/json".into())],
+                body: {
+                    let n = n.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(D).await;
+                        n.fetch_sub(1, Ordering::SeqCst);
+                    });
+                    Bytes::from_static(b"{}")
+                },
+            }),
+        )
+    })
+    .await;
+    (up, max)
+}
+
+fn chat(conv: &str, tag: &str) -> (Vec<(String, String)>, String) {
+    (
+        vec![("x-conversation-id".into(), conv.into())],
+        format!(
+            "{{\"model\":\"gpt-4o\",\"messages\":[{{\"role\":\"user\",\"content\":\"{tag}\"}}]}}"
+        ),
+    )
+}
+
+async fn post(gate: &Gate, conv: &str, tag: &str) -> (http::StatusCode, http::HeaderMap, Bytes) {
+    let (h, b) = chat(conv, tag);
+    let h: Vec<(&str, &str)> = h.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    send("POST", &gate.url("/v1/chat/completions"), &h, &b).await
+}
+
+/// Waits (bounded) until the gate gauges show `waiters` waiting.
+async fn until_waiters(gate: &Gate, waiters: f64) {
+    for _ in 0..400 {
+        if sample(&metrics(gate).await, "ctxgate_gate_waiters") == waiters {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("never saw {waiters} waiters");
+}
+
+/// After a test: every gate gauge back to 0 (the permit is released as the body is dropped,
+/// which can trail the client's last read by a moment, so this polls, bounded).
+async fn assert_gates_idle(gate: &Gate) {
+    let mut page = String::new();
+    for _ in 0..400 {
+        page = metrics(gate).await;
+        if sample(&page, "ctxgate_gate_active") == 0.0
+            && sample(&page, "ctxgate_gate_waiters") == 0.0
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("gates not idle:\n{page}");
+}
+
+fn cfg(up: &Mock, extra: &str) -> String {
+    one_route("/v1/", &format!("{}v1/", up.url()), "openai", extra)
+}
+
+#[tokio::test]
+async fn different_conversations_run_in_parallel_one_conversation_in_order() {
+    let (up, max) = slow_mock().await;
+    let gate = Arc::new(start(&cfg(&up, "")).await);
+    let (g1, g2) = (gate.clone(), gate.clone());
+    let a = tokio::spawn(async move { post(&g1, "conv-a", "a1").await });
+    let b = tokio::spawn(async move { post(&g2, "conv-b", "b1").await });
+    assert_eq!(a.await.unwrap().0, 200);
+    assert_eq!(b.await.unwrap().0, 200);
+    assert_eq!(
+        max.load(Ordering::SeqCst),
+        2,
+        "different conversations overlap upstream"
+    );
+
+    max.store(0, Ordering::SeqCst);
+    let order = Arc::new(Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for (i, tag) in ["c1", "c2", "c3"].into_iter().enumerate() {
+        let g = gate.clone();
+        let order = order.clone();
+        tasks.push(tokio::spawn(async move {
+            let r = post(&g, "conv-c", tag).await;
+            order.lock().unwrap().push(tag);
+            r
+        }));
+        // The next one is sent once this one is in flight or queued, so arrival order is known.
+        if i == 0 {
+            for _ in 0..400 {
+                if up
+                    .requests()
+                    .iter()
+                    .any(|r| String::from_utf8_lossy(&r.body).contains("c1"))
+                {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        } else {
+            until_waiters(&gate, i as f64).await;
+        }
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap().0, 200);
+    }
+    assert_eq!(
+        max.load(Ordering::SeqCst),
+        1,
+        "one conversation never races itself"
+    );
+    let seen: Vec<String> = up
+        .requests()
+        .iter()
+        .filter_map(|r| {
+            let s = String::from_utf8_lossy(&r.body).into_owned();
+            ["c1", "c2", "c3"]
+                .into_iter()
+                .find(|t| s.contains(&format!("\"{t}\"")))
+                .map(str::to_string)
+        })
+        .collect();
+    assert_eq!(seen, ["c1", "c2", "c3"]);
+    assert_eq!(*order.lock().unwrap(), ["c1", "c2", "c3"]);
+    let page = metrics(&gate).await;
+    assert_eq!(
+        sample(&page, "ctxgate_gate_wait_seconds_count{route=\"test\"}"),
+        5.0
+    );
+    assert_gates_idle(&gate).await;
+}
+
+#[tokio::test]
+async fn beyond_the_queue_bound_gets_429_at_once() {
+    let (up, _) = slow_mock().await;
+    let gate = Arc::new(start(&cfg(&up, "[gates]\nmax_queue_per_conversation = 1\n")).await);
+    let g1 = gate.clone();
+    let first = tokio::spawn(async move { post(&g1, "c", "1").await });
+    for _ in 0..400 {
+        if !up.requests().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let g2 = gate.clone();
+    let second = tokio::spawn(async move { post(&g2, "c", "2").await });
+    until_waiters(&gate, 1.0).await;
+    let (s, h, b) = post(&gate, "c", "3").await;
+    assert_eq!(s, 429);
+    assert_eq!(h["retry-after"], "1");
+    let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
+    assert_eq!(v["error"]["type"], "rate_limit_error");
+    assert_eq!(v["error"]["code"], "queue_full");
+    assert_eq!(
+        v["error"]["message"],
+        "conversation already has 1 requests waiting (gates.max_queue_per_conversation)"
+    );
+    // The first and second still complete; the third never reached the upstream.
+    assert_eq!(first.await.unwrap().0, 200);
+    assert_eq!(second.await.unwrap().0, 200);
+    assert_eq!(up.requests().len(), 2);
+    let page = metrics(&gate).await;
+    assert_eq!(
+        sample(
+            &page,
+            "ctxgate_gate_rejections_total{reason=\"queue_full\",route=\"test\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &page,
+            "ctxgate_http_requests_total{route=\"test\",status=\"429\"}"
+        ),
+        1.0
+    );
+    assert_gates_idle(&gate).await;
+}
+
+#[tokio::test]
+async fn queue_timeout_gets_429_in_anthropic_shape() {
+    let up = mock(|_| {
+        Reply::Delayed(
+            Duration::from_secs(2),
+            Box::new(Reply::json(ANTHROPIC_JSON)),
+        )
+    })
+    .await;
+    let gate = Arc::new(
+        start(&one_route(
+            "/anthropic/",
+            &up.url(),
+            "anthropic",
+            "[gates]\nqueue_timeout = \"200ms\"\n",
+        ))
+        .await,
+    );
+    let body = "{\"model\":\"claude-sonnet-4-5\",\"max_tokens\":10,\"messages\":[{\"role\":\"user\",\"content\":\"x\"}]}";
+    let g = gate.clone();
+    let first = tokio::spawn(async move {
+        send(
+            "POST",
+            &g.url("/anthropic/v1/messages"),
+            &[("x-conversation-id", "k")],
+            body,
+        )
+        .await
+    });
+    for _ in 0..400 {
+        if !up.requests().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let (s, h, b) = send(
+        "POST",
+        &gate.url("/anthropic/v1/messages"),
+        &[("x-conversation-id", "k")],
+        body,
+    )
+    .await;
+    assert_eq!(s, 429);
+    assert_eq!(h["retry-after"], "1");
+    let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
+    assert_eq!(v["type"], "error");
+    assert_eq!(v["error"]["type"], "rate_limit_error");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("(gates.queue_timeout)"),
+        "{v}"
+    );
+    assert_eq!(first.await.unwrap().0, 200);
+    assert_gates_idle(&gate).await;
+}
+
+#[tokio::test]
+async fn stalled_stream_gets_the_error_event_after_stream_idle() {
+    let (tx, rx) = mpsc::channel::<Bytes>(4);
+    let rx = Mutex::new(Some(rx));
+    let up = mock(move |_| Reply::Stream {
+        content_type: "text/event-stream".into(),
+        chunks: rx.lock().unwrap().take().unwrap(),
+    })
+    .await;
+    let gate = start(&cfg(
+        &up,
+        "[timeouts]\nstream_idle = \"300ms\"\ntotal = \"30s\"\n",
+    ))
+    .await;
+    let first = "data: {\"choices\":[{\"delta\":{\"content\":\"Hi\"}}]}\n\n";
+    tx.send(Bytes::from_static(first.as_bytes())).await.unwrap();
+    let (s, _, b) = post(&gate, "s", "x").await;
+    assert_eq!(s, 200);
+    assert_eq!(
+        String::from_utf8(b.to_vec()).unwrap(),
+        format!("{first}data: {{\"error\":{{\"message\":\"upstream sent nothing within 300ms (timeouts.stream_idle)\",\"type\":\"server_error\",\"param\":null,\"code\":\"upstream_timeout\"}}}}\n\n")
+    );
+    // ctxgate dropped the upstream response: the mock's stream is gone.
+    for _ in 0..400 {
+        if tx.is_closed() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(tx.is_closed());
+    let page = metrics(&gate).await;
+    assert_eq!(
+        sample(
+            &page,
+            "ctxgate_timeouts_total{phase=\"stream_idle\",route=\"test\"}"
+        ),
+        1.0
+    );
+    assert_gates_idle(&gate).await;
+}
+
+#[tokio::test]
+async fn trickling_stream_is_cut_at_total() {
+    let chunks: Vec<Bytes> = (0..1000)
+        .map(|i| Bytes::from(format!("data: {{\"n\":{i}}}\n\n")))
+        .collect();
+    let up = mock(move |_| Reply::Sse {
+        chunks: chunks.clone(),
+        gap: Duration::from_millis(50),
+    })
+    .await;
+    let gate = start(&cfg(
+        &up,
+        "[timeouts]\nstream_idle = \"500ms\"\nresponse_headers = \"500ms\"\ntotal = \"800ms\"\n",
+    ))
+    .await;
+    let (s, _, b) = post(&gate, "t", "x").await;
+    assert_eq!(s, 200);
+    let text = String::from_utf8(b.to_vec()).unwrap();
+    assert!(text.starts_with("data: {\"n\":0}\n\n"), "{text}");
+    assert!(text.ends_with("data: {\"error\":{\"message\":\"upstream call did not finish within 800ms (timeouts.total)\",\"type\":\"server_error\",\"param\":null,\"code\":\"upstream_timeout\"}}\n\n"), "{text}");
+    let n = text.matches("\"n\":").count();
+    assert!(n > 1 && n < 1000, "cut mid-stream after {n} chunks");
+    let page = metrics(&gate).await;
+    assert_eq!(
+        sample(
+            &page,
+            "ctxgate_timeouts_total{phase=\"total\",route=\"test\"}"
+        ),
+        1.0
+    );
+    assert_gates_idle(&gate).await;
+}
+
+#[tokio::test]
+async fn response_headers_timeout_is_504_naming_the_key() {
+    let up = mock(|_| Reply::Delayed(Duration::from_secs(5), Box::new(Reply::json("{}")))).await;
+    let gate = start(&cfg(&up, "[timeouts]\nresponse_headers = \"200ms\"\n")).await;
+    let (s, h, b) = post(&gate, "h", "x").await;
+    assert_eq!(s, 504);
+    assert_eq!(h["x-ctxgate-error"], "timeout_response_headers");
+    let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
+    assert_eq!(
+        v["error"]["message"],
+        "upstream sent no response headers within 200ms (timeouts.response_headers)"
+    );
+    let page = metrics(&gate).await;
+    assert_eq!(
+        sample(
+            &page,
+            "ctxgate_timeouts_total{phase=\"response_headers\",route=\"test\"}"
+        ),
+        1.0
+    );
+    assert_gates_idle(&gate).await;
+}
+
+#[tokio::test]
+async fn client_disconnect_cancels_upstream_and_frees_the_gate() {
+    let (tx, rx) = mpsc::channel::<Bytes>(4);
+    let rx = Mutex::new(Some(rx));
+    let up = mock(move |_| match rx.lock().unwrap().take() {
+        Some(rx) => Reply::Stream {
+            content_type: "text/event-stream".into(),
+            chunks: rx,
+        },
+        None => Reply::json(OPENAI_JSON),
+    })
+    .await;
+    let gate = start(&cfg(&up, "")).await;
+    tx.send(Bytes::from_static(b"data: {\"first\":true}\n\n"))
+        .await
+        .unwrap();
+    let (h, b) = chat("d", "x");
+    let req = http::Request::post(gate.url("/v1/chat/completions"))
+        .header(&h[0].0, &h[0].1)
+        .body(http_body_util::Full::new(Bytes::from(b)))
+        .unwrap();
+    let resp = client().request(req).await.unwrap();
+    let mut body = resp.into_body();
+    let f = body.frame().await.unwrap().unwrap();
+    assert_eq!(
+        f.into_data().unwrap(),
+        Bytes::from_static(b"data: {\"first\":true}\n\n")
+    );
+    drop(body); // the client goes away mid-stream
+
+    // The upstream request is cancelled: its connection is closed, its stream dropped.
+    for _ in 0..400 {
+        if tx.is_closed() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(tx.is_closed(), "upstream stream still open");
+    // The next request of that conversation is admitted at once.
+    assert_gates_idle(&gate).await;
+    let (s, _, b) = post(&gate, "d", "y").await;
+    assert_eq!(s, 200);
+    assert_eq!(b, Bytes::from_static(OPENAI_JSON.as_bytes()));
+    let page = metrics(&gate).await;
+    assert_eq!(
+        sample(&page, "ctxgate_client_disconnects_total{route=\"test\"}"),
+        1.0
+    );
+}

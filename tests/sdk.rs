@@ -7,9 +7,9 @@ mod common;
 
 use common::*;
 
-/// The Python with the SDKs: `$CTXGATE_TEST_PYTHON`, else the repository's `.venv`.
+/// The Python with the SDKs: `$TEST_SDK_PYTHON`, else the repository's `.venv`.
 pub fn python() -> std::path::PathBuf {
-    if let Some(p) = std::env::var_os("CTXGATE_TEST_PYTHON") {
+    if let Some(p) = std::env::var_os("TEST_SDK_PYTHON") {
         return p.into();
     }
     let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");

@@ -21,6 +21,7 @@
 pub mod body;
 pub mod identify;
 pub mod upstream;
+pub mod usage;
 
 use std::convert::Infallible;
 use std::sync::Arc;

@@ -1,0 +1,296 @@
+//! The usage tap: reads the upstream's token usage (and, when asked, the assembled answer text)
+//! from the response as it streams through. It sees a reference to each chunk after it has
+//! been handed on, copies only what it must (a non-streamed JSON body, up to a cap; the current
+//! partial SSE line), and parses only the events that can carry what it looks for, so it never
+//! delays a byte.
+//!
+//! - OpenAI, non-streaming: `usage.prompt_tokens`, `completion_tokens`,
+//!   `prompt_tokens_details.cached_tokens`; text from `choices[0].message.content`.
+//! - OpenAI, streaming: the chunk with `usage` (sent last when `stream_options.include_usage`
+//!   is set); text from `choices[0].delta.content`.
+//! - Anthropic, non-streaming: `usage.input_tokens`, `output_tokens`,
+//!   `cache_read_input_tokens`, `cache_creation_input_tokens`; text from `content[].text`.
+//! - Anthropic, streaming: `message_start.message.usage`, then `message_delta.usage`
+//!   (cumulative output tokens); text from `content_block_delta` `text_delta`s.
+
+use bytes::Bytes;
+use serde_json::Value;
+
+use crate::dialect::Dialect;
+
+/// Largest non-streamed body the tap copies to parse; beyond it, usage is not read.
+const MAX_JSON_COPY: usize = 8 * 1024 * 1024;
+/// Longest SSE line the tap keeps while waiting for its end.
+const MAX_LINE: usize = 1024 * 1024;
+
+/// What the tap found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Tapped {
+    /// Prompt tokens the upstream counted (OpenAI `prompt_tokens`, Anthropic `input_tokens`).
+    pub input_tokens: Option<u64>,
+    /// Completion tokens.
+    pub output_tokens: Option<u64>,
+    /// Prompt tokens served from the provider's cache.
+    pub cache_read_tokens: Option<u64>,
+    /// Prompt tokens written to the provider's cache (Anthropic).
+    pub cache_write_tokens: Option<u64>,
+    /// The assembled answer text, when text collection was asked for.
+    pub text: Option<String>,
+}
+
+/// An incremental reader of one response.
+pub struct UsageTap {
+    dialect: Dialect,
+    sse: bool,
+    collect_text: bool,
+    /// Non-streamed body copy, or the current partial SSE line.
+    buf: Vec<u8>,
+    overflow: bool,
+    found: Tapped,
+}
+
+impl UsageTap {
+    /// A tap for a response of this dialect; `sse` when its content type is an event stream.
+    pub fn new(dialect: Dialect, sse: bool, collect_text: bool) -> Self {
+        UsageTap {
+            dialect,
+            sse,
+            collect_text,
+            buf: Vec::new(),
+            overflow: false,
+            found: Tapped {
+                text: collect_text.then(String::new),
+                ..Tapped::default()
+            },
+        }
+    }
+
+    /// Feeds one chunk of the response body.
+    pub fn feed(&mut self, chunk: &Bytes) {
+        if !self.sse {
+            if self.buf.len() + chunk.len() > MAX_JSON_COPY {
+                self.overflow = true;
+                self.buf = Vec::new();
+            }
+            if !self.overflow {
+                self.buf.extend_from_slice(chunk);
+            }
+            return;
+        }
+        let mut rest: &[u8] = chunk;
+        while let Some(nl) = rest.iter().position(|&b| b == b'\n') {
+            let (line, tail) = rest.split_at(nl);
+            rest = &tail[1..];
+            if self.buf.is_empty() {
+                self.line(line);
+            } else {
+                let mut full = std::mem::take(&mut self.buf);
+                full.extend_from_slice(line);
+                self.line(&full);
+            }
+        }
+        if !rest.is_empty() && self.buf.len() + rest.len() <= MAX_LINE {
+            self.buf.extend_from_slice(rest);
+        }
+    }
+
+    /// What was found; call once the body has ended.
+    pub fn finish(mut self) -> Tapped {
+        if !self.sse && !self.overflow && !self.buf.is_empty() {
+            if let Ok(v) = serde_json::from_slice::<Value>(&self.buf) {
+                self.json_body(&v);
+            }
+        } else if self.sse && !self.buf.is_empty() {
+            let last = std::mem::take(&mut self.buf);
+            self.line(&last);
+        }
+        self.found
+    }
+
+    fn line(&mut self, line: &[u8]) {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let Some(data) = line.strip_prefix(b"data:") else {
+            return;
+        };
+        let data = data.strip_prefix(b" ").unwrap_or(data);
+        // Only parse events that can carry usage or (when collecting) text.
+        let wanted = contains(data, b"usage")
+            || (self.collect_text
+                && (contains(data, b"\"text\"") || contains(data, b"\"content\"")));
+        if !wanted {
+            return;
+        }
+        let Ok(v) = serde_json::from_slice::<Value>(data) else {
+            return;
+        };
+        match self.dialect {
+            Dialect::OpenAi => {
+                if v.get("usage").is_some_and(|u| !u.is_null()) {
+                    self.openai_usage(&v["usage"]);
+                }
+                if let Some(t) = v
+                    .pointer("/choices/0/delta/content")
+                    .and_then(Value::as_str)
+                {
+                    self.push_text(t);
+                }
+            }
+            Dialect::Anthropic => match v.get("type").and_then(Value::as_str) {
+                Some("message_start") => self.anthropic_usage(&v["message"]["usage"]),
+                Some("message_delta") => self.anthropic_usage(&v["usage"]),
+                Some("content_block_delta") => {
+                    if let Some(t) = v.pointer("/delta/text").and_then(Value::as_str) {
+                        self.push_text(t);
+                    }
+                }
+                _ => {}
+            },
+        }
+    }
+
+    fn json_body(&mut self, v: &Value) {
+        match self.dialect {
+            Dialect::OpenAi => {
+                self.openai_usage(&v["usage"]);
+                if let Some(t) = v
+                    .pointer("/choices/0/message/content")
+                    .and_then(Value::as_str)
+                {
+                    self.push_text(t);
+                }
+            }
+            Dialect::Anthropic => {
+                self.anthropic_usage(&v["usage"]);
+                if let Some(blocks) = v["content"].as_array() {
+                    for b in blocks {
+                        if let Some(t) = b["text"].as_str() {
+                            self.push_text(t);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn openai_usage(&mut self, u: &Value) {
+        set(&mut self.found.input_tokens, &u["prompt_tokens"]);
+        set(&mut self.found.output_tokens, &u["completion_tokens"]);
+        set(
+            &mut self.found.cache_read_tokens,
+            &u["prompt_tokens_details"]["cached_tokens"],
+        );
+    }
+
+    fn anthropic_usage(&mut self, u: &Value) {
+        // message_delta repeats output_tokens cumulatively; later values win.
+        set(&mut self.found.input_tokens, &u["input_tokens"]);
+        set(&mut self.found.output_tokens, &u["output_tokens"]);
+        set(
+            &mut self.found.cache_read_tokens,
+            &u["cache_read_input_tokens"],
+        );
+        set(
+            &mut self.found.cache_write_tokens,
+            &u["cache_creation_input_tokens"],
+        );
+    }
+
+    fn push_text(&mut self, t: &str) {
+        if let Some(text) = self.found.text.as_mut() {
+            text.push_str(t);
+        }
+    }
+}
+
+fn set(slot: &mut Option<u64>, v: &Value) {
+    if let Some(n) = v.as_u64() {
+        *slot = Some(n);
+    }
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(dialect: Dialect, sse: bool, chunks: &[&str]) -> Tapped {
+        let mut t = UsageTap::new(dialect, sse, true);
+        for c in chunks {
+            t.feed(&Bytes::from(c.to_string()));
+        }
+        t.finish()
+    }
+
+    #[test]
+    fn openai_json() {
+        let body = r#"{"choices":[{"message":{"content":"Hi there"}}],"usage":{"prompt_tokens":120,"completion_tokens":7,"prompt_tokens_details":{"cached_tokens":64}}}"#;
+        let (a, b) = body.split_at(40);
+        let t = run(Dialect::OpenAi, false, &[a, b]);
+        assert_eq!(
+            t,
+            Tapped {
+                input_tokens: Some(120),
+                output_tokens: Some(7),
+                cache_read_tokens: Some(64),
+                cache_write_tokens: None,
+                text: Some("Hi there".into())
+            }
+        );
+    }
+
+    #[test]
+    fn openai_stream_split_mid_line() {
+        let s = "data: {\"choices\":[{\"delta\":{\"content\":\"Hel\"}}],\"usage\":null}\n\ndata: {\"choices\":[{\"delta\":{\"content\":\"lo\"}}]}\n\ndata: {\"choices\":[],\"usage\":{\"prompt_tokens\":50,\"completion_tokens\":2,\"prompt_tokens_details\":{\"cached_tokens\":0}}}\n\ndata: [DONE]\n\n";
+        for cut in [1, 17, 60, 120, s.len() - 3] {
+            let (a, b) = s.split_at(cut);
+            let t = run(Dialect::OpenAi, true, &[a, b]);
+            assert_eq!(t.input_tokens, Some(50), "cut {cut}");
+            assert_eq!(t.output_tokens, Some(2));
+            assert_eq!(t.cache_read_tokens, Some(0));
+            assert_eq!(t.text.as_deref(), Some("Hello"));
+        }
+    }
+
+    #[test]
+    fn anthropic_stream_and_json() {
+        let s = "event: message_start\r\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":900,\"cache_creation_input_tokens\":300,\"cache_read_input_tokens\":500,\"output_tokens\":1}}}\r\n\r\nevent: content_block_delta\r\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"Hi\"}}\r\n\r\nevent: message_delta\r\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"output_tokens\":12}}\r\n\r\n";
+        let t = run(Dialect::Anthropic, true, &[s]);
+        assert_eq!(
+            t,
+            Tapped {
+                input_tokens: Some(900),
+                output_tokens: Some(12),
+                cache_read_tokens: Some(500),
+                cache_write_tokens: Some(300),
+                text: Some("Hi".into())
+            }
+        );
+        let j = r#"{"content":[{"type":"text","text":"A"},{"type":"tool_use","id":"t"},{"type":"text","text":"B"}],"usage":{"input_tokens":5,"output_tokens":6,"cache_read_input_tokens":0,"cache_creation_input_tokens":0}}"#;
+        let t = run(Dialect::Anthropic, false, &[j]);
+        assert_eq!(t.text.as_deref(), Some("AB"));
+        assert_eq!(
+            (
+                t.input_tokens,
+                t.output_tokens,
+                t.cache_read_tokens,
+                t.cache_write_tokens
+            ),
+            (Some(5), Some(6), Some(0), Some(0))
+        );
+    }
+
+    #[test]
+    fn garbage_is_ignored() {
+        let t = run(
+            Dialect::OpenAi,
+            true,
+            &["data: {not json usage\n\n", "event: x\n"],
+        );
+        assert_eq!(t.input_tokens, None);
+        let t = run(Dialect::OpenAi, false, &["<html>"]);
+        assert_eq!(t.input_tokens, None);
+    }
+}

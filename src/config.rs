@@ -19,6 +19,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::dialect::Dialect;
+use crate::prune::{Budget, Encoding, Mode, OnOverflow};
 
 /// A configuration problem: the dotted key, what is wrong, and what was given.
 #[derive(Debug, thiserror::Error)]
@@ -87,8 +88,122 @@ pub struct Config {
     pub gates: Gates,
     /// How a request's conversation is identified.
     pub conversation: Conversation,
+    /// Pruning defaults and the conversation view.
+    pub prune: Prune,
     /// Routes, in file order. Matching picks the longest prefix.
     pub routes: Vec<Route>,
+}
+
+/// The top-level `[prune]` table, resolved (routes and models refine it).
+#[derive(Debug, Clone, Serialize)]
+pub struct Prune {
+    /// The default budget of every route.
+    #[serde(flatten)]
+    pub budget: Budget,
+    /// Whether chat requests are pruned at all (per route overridable).
+    pub enabled: bool,
+    /// What to do with a chat request whose body is not a parseable chat body.
+    pub on_parse_error: OnParseError,
+    /// Memory bound of the conversation view (approximate bytes).
+    pub view_max_bytes: u64,
+    /// A conversation unused this long is dropped from the view.
+    #[serde(serialize_with = "ser_duration")]
+    pub view_idle_ttl: Duration,
+}
+
+/// A route's pruning: its budget and per-model budgets (first matching pattern wins).
+#[derive(Debug, Clone, Serialize)]
+pub struct RoutePrune {
+    /// Whether chat requests of this route are pruned.
+    pub enabled: bool,
+    /// What to do with an unparseable chat body.
+    pub on_parse_error: OnParseError,
+    /// The route's budget.
+    #[serde(flatten)]
+    pub budget: Budget,
+    /// `[[routes.prune.models]]`: budgets for models matching a pattern.
+    pub models: Vec<ModelPrune>,
+}
+
+/// One `[[routes.prune.models]]` entry.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelPrune {
+    /// A model-name pattern: `*` matches any run of characters (`"gpt-4o*"`).
+    #[serde(rename = "match")]
+    pub pattern: String,
+    /// The budget for matching models.
+    #[serde(flatten)]
+    pub budget: Budget,
+}
+
+impl RoutePrune {
+    /// The budget for a request's model: the first matching model entry, else the route's.
+    pub fn budget_for(&self, model: Option<&str>) -> &Budget {
+        if let Some(m) = model {
+            for entry in &self.models {
+                if glob_match(&entry.pattern, m) {
+                    return &entry.budget;
+                }
+            }
+        }
+        &self.budget
+    }
+}
+
+/// `*`-only glob matching (case-sensitive), enough for model names.
+pub fn glob_match(pattern: &str, text: &str) -> bool {
+    let parts: Vec<&str> = pattern.split('*').collect();
+    if parts.len() == 1 {
+        return pattern == text;
+    }
+    let (first, last) = (parts[0], parts[parts.len() - 1]);
+    if !text.starts_with(first) || text.len() < first.len() + last.len() || !text.ends_with(last) {
+        return false;
+    }
+    let mut rest = &text[first.len()..text.len() - last.len()];
+    for mid in &parts[1..parts.len() - 1] {
+        match rest.find(mid) {
+            Some(i) => rest = &rest[i + mid.len()..],
+            None => return false,
+        }
+    }
+    true
+}
+
+/// What happens to a chat request whose body cannot be parsed as one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnParseError {
+    /// Forward it unchanged (counted as `skipped`).
+    Forward,
+    /// Answer 400.
+    Reject,
+}
+
+impl Serialize for Budget {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(Some(9))?;
+        m.serialize_entry("hard_token_limit", &self.hard_token_limit)?;
+        m.serialize_entry("target_tokens", &self.target_tokens)?;
+        m.serialize_entry("max_messages", &self.max_messages)?;
+        m.serialize_entry("keep_file_content_turns", &self.keep_file_content_turns)?;
+        m.serialize_entry("min_file_lines", &self.min_file_lines)?;
+        m.serialize_entry("reserve_output", &self.reserve_output)?;
+        let overflow = match self.on_overflow {
+            OnOverflow::Reject => "reject",
+            OnOverflow::Truncate => "truncate",
+            OnOverflow::Forward => "forward",
+        };
+        m.serialize_entry("on_overflow", overflow)?;
+        let mode = match self.mode {
+            Mode::Enforce => "enforce",
+            Mode::Shadow => "shadow",
+        };
+        m.serialize_entry("mode", mode)?;
+        m.serialize_entry("default_encoding", self.default_encoding.as_str())?;
+        m.end()
+    }
 }
 
 /// The `[gates]` table.
@@ -167,6 +282,8 @@ pub struct Route {
     pub timeouts: Timeouts,
     /// Cap on this route's calls in flight (none: only the global cap applies).
     pub max_inflight: Option<usize>,
+    /// This route's pruning.
+    pub prune: RoutePrune,
 }
 
 /// An upstream base URL split into the parts the forwarder needs.
@@ -200,8 +317,63 @@ struct RawConfig {
     timeouts: Option<RawTimeouts>,
     gates: Option<RawGates>,
     conversation: Option<RawConversation>,
+    prune: Option<RawPrune>,
     #[serde(default)]
     routes: Vec<RawRoute>,
+}
+
+/// One `[prune]` table at any level; keys that only belong to one level are checked in
+/// validation so the error can say where they go.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPrune {
+    enabled: Option<bool>,
+    hard_token_limit: Option<u64>,
+    target_tokens: Option<u64>,
+    max_messages: Option<u64>,
+    keep_file_content_turns: Option<u64>,
+    min_file_lines: Option<u64>,
+    reserve_output: Option<bool>,
+    on_overflow: Option<OnOverflow>,
+    mode: Option<Mode>,
+    default_encoding: Option<String>,
+    on_parse_error: Option<OnParseError>,
+    view_max_bytes: Option<u64>,
+    view_idle_ttl: Option<String>,
+    models: Option<Vec<RawModelPrune>>,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawModelPrune {
+    #[serde(rename = "match")]
+    pattern: String,
+    hard_token_limit: Option<u64>,
+    target_tokens: Option<u64>,
+    max_messages: Option<u64>,
+    keep_file_content_turns: Option<u64>,
+    min_file_lines: Option<u64>,
+    reserve_output: Option<bool>,
+    on_overflow: Option<OnOverflow>,
+    mode: Option<Mode>,
+    default_encoding: Option<String>,
+}
+
+impl RawModelPrune {
+    fn as_prune(&self) -> RawPrune {
+        RawPrune {
+            hard_token_limit: self.hard_token_limit,
+            target_tokens: self.target_tokens,
+            max_messages: self.max_messages,
+            keep_file_content_turns: self.keep_file_content_turns,
+            min_file_lines: self.min_file_lines,
+            reserve_output: self.reserve_output,
+            on_overflow: self.on_overflow,
+            mode: self.mode,
+            default_encoding: self.default_encoding.clone(),
+            ..RawPrune::default()
+        }
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -241,6 +413,7 @@ struct RawRoute {
     tls: Option<RawTls>,
     timeouts: Option<RawTimeouts>,
     max_inflight: Option<usize>,
+    prune: Option<RawPrune>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -320,6 +493,32 @@ impl RawConfig {
 
         let gates = validate_gates(self.gates.unwrap_or_default())?;
         let conversation = validate_conversation(self.conversation.unwrap_or_default())?;
+        let raw_prune = self.prune.unwrap_or_default();
+        if raw_prune.models.is_some() {
+            return Err(ConfigError::new(
+                "prune.models",
+                "model budgets belong to a route: use [[routes.prune.models]]",
+            ));
+        }
+        let prune = Prune {
+            budget: refine_budget("prune", Budget::default(), &raw_prune)?,
+            enabled: raw_prune.enabled.unwrap_or(true),
+            on_parse_error: raw_prune.on_parse_error.unwrap_or(OnParseError::Forward),
+            view_max_bytes: match raw_prune.view_max_bytes {
+                Some(0) => {
+                    return Err(ConfigError::new(
+                        "prune.view_max_bytes",
+                        "must be > 0, got 0",
+                    ))
+                }
+                Some(n) => n,
+                None => 256 * 1024 * 1024,
+            },
+            view_idle_ttl: match &raw_prune.view_idle_ttl {
+                Some(v) => parse_duration("prune.view_idle_ttl", v)?,
+                None => Duration::from_secs(3600),
+            },
+        };
 
         if self.routes.is_empty() {
             return Err(ConfigError::new(
@@ -383,6 +582,8 @@ impl RawConfig {
             if r.max_inflight == Some(0) {
                 return Err(ConfigError::new(key("max_inflight"), "must be > 0, got 0"));
             }
+            let route_prune =
+                validate_route_prune(&key("prune"), &prune, r.prune.unwrap_or_default())?;
             routes.push(Route {
                 name: r.name,
                 prefix: r.prefix,
@@ -395,6 +596,7 @@ impl RawConfig {
                 },
                 timeouts: route_timeouts,
                 max_inflight: r.max_inflight,
+                prune: route_prune,
             });
         }
         Ok(Config {
@@ -405,9 +607,111 @@ impl RawConfig {
             timeouts,
             gates,
             conversation,
+            prune,
             routes,
         })
     }
+}
+
+/// Applies one `[prune]` level over `base`. Setting `hard_token_limit` without
+/// `target_tokens` re-derives the target (60% of the new limit) instead of keeping a target
+/// that belonged to another limit.
+fn refine_budget(key: &str, base: Budget, raw: &RawPrune) -> Result<Budget, ConfigError> {
+    let mut b = base;
+    if let Some(h) = raw.hard_token_limit {
+        if h == 0 {
+            return Err(ConfigError::new(
+                format!("{key}.hard_token_limit"),
+                "must be > 0, got 0",
+            ));
+        }
+        b.hard_token_limit = h;
+        b.target_tokens = h * 6 / 10;
+    }
+    if let Some(t) = raw.target_tokens {
+        if t == 0 || t > b.hard_token_limit {
+            return Err(ConfigError::new(
+                format!("{key}.target_tokens"),
+                format!(
+                    "must be between 1 and hard_token_limit ({}), got {t}",
+                    b.hard_token_limit
+                ),
+            ));
+        }
+        b.target_tokens = t;
+    }
+    if let Some(v) = raw.max_messages {
+        b.max_messages = v;
+    }
+    if let Some(v) = raw.keep_file_content_turns {
+        b.keep_file_content_turns = v;
+    }
+    if let Some(v) = raw.min_file_lines {
+        if v == 0 {
+            return Err(ConfigError::new(
+                format!("{key}.min_file_lines"),
+                "must be > 0, got 0",
+            ));
+        }
+        b.min_file_lines = v;
+    }
+    if let Some(v) = raw.reserve_output {
+        b.reserve_output = v;
+    }
+    if let Some(v) = raw.on_overflow {
+        b.on_overflow = v;
+    }
+    if let Some(v) = raw.mode {
+        b.mode = v;
+    }
+    if let Some(e) = &raw.default_encoding {
+        b.default_encoding = e.parse::<Encoding>().map_err(|_| {
+            ConfigError::new(
+                format!("{key}.default_encoding"),
+                format!("must be \"o200k_base\" or \"cl100k_base\", got {e:?}"),
+            )
+        })?;
+    }
+    Ok(b)
+}
+
+fn validate_route_prune(
+    key: &str,
+    global: &Prune,
+    raw: RawPrune,
+) -> Result<RoutePrune, ConfigError> {
+    for (name, set) in [
+        ("view_max_bytes", raw.view_max_bytes.is_some()),
+        ("view_idle_ttl", raw.view_idle_ttl.is_some()),
+    ] {
+        if set {
+            return Err(ConfigError::new(
+                format!("{key}.{name}"),
+                "the conversation view is shared: set it in the top-level [prune] table",
+            ));
+        }
+    }
+    let budget = refine_budget(key, global.budget.clone(), &raw)?;
+    let mut models = Vec::new();
+    for (i, m) in raw.models.iter().flatten().enumerate() {
+        let mkey = format!("{key}.models[{i}]");
+        if m.pattern.is_empty() {
+            return Err(ConfigError::new(
+                format!("{mkey}.match"),
+                "must be a model name pattern such as \"gpt-4o*\", got \"\"",
+            ));
+        }
+        models.push(ModelPrune {
+            pattern: m.pattern.clone(),
+            budget: refine_budget(&mkey, budget.clone(), &m.as_prune())?,
+        });
+    }
+    Ok(RoutePrune {
+        enabled: raw.enabled.unwrap_or(global.enabled),
+        on_parse_error: raw.on_parse_error.unwrap_or(global.on_parse_error),
+        budget,
+        models,
+    })
 }
 
 fn validate_gates(raw: RawGates) -> Result<Gates, ConfigError> {
@@ -790,6 +1094,60 @@ dialect = "openai"
         assert_eq!(e.key, "CTXGATE_ROUTES__NOPE__NAME");
         let e = Config::from_toml(MIN, vec![("CTXGATE_BOGUS".into(), "1".into())]).unwrap_err();
         assert!(e.problem.contains("unknown field `bogus`"), "{e}");
+    }
+
+    #[test]
+    fn prune_levels_refine_each_other() {
+        let text = format!(
+            "[prune]\nhard_token_limit = 10000\nmax_messages = 0\n{MIN}[routes.prune]\nkeep_file_content_turns = 2\n\
+             [[routes.prune.models]]\nmatch = \"gpt-4o*\"\nhard_token_limit = 8000\n\
+             [[routes.prune.models]]\nmatch = \"*\"\ntarget_tokens = 5000\n"
+        );
+        let c = load(&text).unwrap();
+        assert_eq!(c.prune.budget.hard_token_limit, 10000);
+        assert_eq!(c.prune.budget.target_tokens, 6000);
+        let r = &c.routes[0].prune;
+        assert_eq!(r.budget.keep_file_content_turns, 2);
+        assert_eq!(r.budget.max_messages, 0);
+        let b = r.budget_for(Some("gpt-4o-mini"));
+        assert_eq!(
+            (
+                b.hard_token_limit,
+                b.target_tokens,
+                b.keep_file_content_turns
+            ),
+            (8000, 4800, 2)
+        );
+        let b = r.budget_for(Some("claude-sonnet-4-5"));
+        assert_eq!((b.hard_token_limit, b.target_tokens), (10000, 5000));
+        assert_eq!(r.budget_for(None).hard_token_limit, 10000);
+
+        let e = load(&format!("[prune]\ntarget_tokens = 5000\n{MIN}")).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "prune.target_tokens: must be between 1 and hard_token_limit (4000), got 5000"
+        );
+        let e = load(&format!("[prune]\non_overflow = \"drop\"\n{MIN}")).unwrap_err();
+        assert_eq!(e.key, "prune.on_overflow");
+        assert!(e.problem.contains("`reject`, `truncate`, `forward`"), "{e}");
+        let e = load(&format!("{MIN}[routes.prune]\nview_max_bytes = 5\n")).unwrap_err();
+        assert_eq!(e.key, "routes[0].prune.view_max_bytes");
+        let e = load(&format!(
+            "{MIN}[routes.prune]\ndefault_encoding = \"p50k\"\n"
+        ))
+        .unwrap_err();
+        assert_eq!(e.to_string(), "routes[0].prune.default_encoding: must be \"o200k_base\" or \"cl100k_base\", got \"p50k\"");
+    }
+
+    #[test]
+    fn globs() {
+        assert!(glob_match("gpt-4o*", "gpt-4o-mini"));
+        assert!(glob_match("*", "x"));
+        assert!(glob_match("claude-*-4-5", "claude-sonnet-4-5"));
+        assert!(!glob_match("claude-*-4-5", "claude-sonnet-4-1"));
+        assert!(glob_match("glm-4", "glm-4"));
+        assert!(!glob_match("glm-4", "glm-4.5"));
+        assert!(!glob_match("a*a", "a"));
     }
 
     #[test]

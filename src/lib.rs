@@ -9,6 +9,7 @@ pub mod error;
 pub mod gate;
 pub mod metrics;
 pub mod proxy;
+pub mod prune;
 pub mod server;
 
 use std::future::Future;

@@ -1,0 +1,129 @@
+//! Benchmarks of the pruning core: token counting throughput, pruning the seed-like
+//! fixture cold (first sight) and warm (the same conversation plus one new message), and a
+//! warm prune in a view holding 10,000 conversations.
+//!
+//! `cargo bench --bench prune`
+
+use std::time::Duration;
+
+use criterion::{black_box, criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use ctxgate::dialect::Dialect;
+use ctxgate::prune::{prune, Budget, ChatRequest, Counter, Encoding, View};
+use serde_json::{json, Value};
+
+fn fixture() -> Vec<u8> {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/openai-seed.json"
+    );
+    std::fs::read(path).unwrap_or_default()
+}
+
+/// The fixture as a compact body, and the same conversation plus one new message.
+fn bodies() -> (Vec<u8>, Vec<u8>) {
+    let mut v: Value = serde_json::from_slice(&fixture()).unwrap_or(Value::Null);
+    let base = serde_json::to_vec(&v).unwrap_or_default();
+    if let Some(m) = v.get_mut("messages").and_then(Value::as_array_mut) {
+        m.push(json!({"role": "assistant", "content": "The export command is in place; running the suite now."}));
+    }
+    (base, serde_json::to_vec(&v).unwrap_or_default())
+}
+
+fn view() -> View {
+    View::new(256 << 20, Duration::from_secs(600))
+}
+
+fn counting(c: &mut Criterion) {
+    let counter = Counter::new(Encoding::O200kBase);
+    let text = String::from_utf8(fixture()).unwrap_or_default();
+    let mut g = c.benchmark_group("count");
+    g.throughput(Throughput::Bytes(text.len() as u64));
+    g.bench_function("o200k_text_fixture", |b| {
+        b.iter(|| counter.count_text(Encoding::O200kBase, black_box(&text)))
+    });
+    g.bench_function("cl100k_text_fixture", |b| {
+        b.iter(|| counter.count_text(Encoding::Cl100kBase, black_box(&text)))
+    });
+    let body = fixture();
+    let Ok(req) = ChatRequest::parse(Dialect::OpenAi, &body) else {
+        return;
+    };
+    g.bench_function("count_request_fixture", |b| {
+        b.iter(|| counter.count_request(black_box(&req)))
+    });
+    g.finish();
+}
+
+fn pruning(c: &mut Criterion) {
+    let counter = Counter::new(Encoding::O200kBase);
+    let budget = Budget::default();
+    let (base, grown) = bodies();
+    let (Ok(base_req), Ok(grown_req)) = (
+        ChatRequest::parse(Dialect::OpenAi, &base),
+        ChatRequest::parse(Dialect::OpenAi, &grown),
+    ) else {
+        return;
+    };
+    let mut g = c.benchmark_group("prune");
+    g.bench_function("parse_fixture", |b| {
+        b.iter(|| ChatRequest::parse(Dialect::OpenAi, black_box(&grown)))
+    });
+    g.bench_function("fixture_cold", |b| {
+        b.iter_batched_ref(
+            view,
+            |v: &mut View| prune(&base_req, &budget, v, "conv", &counter),
+            BatchSize::SmallInput,
+        )
+    });
+    // Warm: the view has seen the conversation; this request adds one message.
+    g.bench_function("fixture_warm", |b| {
+        b.iter_batched_ref(
+            || {
+                let v = view();
+                prune(&base_req, &budget, &v, "conv", &counter);
+                v
+            },
+            |v: &mut View| prune(&grown_req, &budget, v, "conv", &counter),
+            BatchSize::SmallInput,
+        )
+    });
+    g.bench_function("fixture_warm_parse_and_prune", |b| {
+        b.iter_batched_ref(
+            || {
+                let v = view();
+                prune(&base_req, &budget, &v, "conv", &counter);
+                v
+            },
+            |v| {
+                ChatRequest::parse(Dialect::OpenAi, &grown)
+                    .map(|r| prune(&r, &budget, v, "conv", &counter))
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    // A view holding 10,000 other conversations.
+    let big = view();
+    let small: Vec<Value> = (0..20)
+        .map(|i| json!({"role": if i % 2 == 0 { "user" } else { "assistant" }, "content": format!("message {i} ").repeat(60)}))
+        .collect();
+    for k in 0..10_000 {
+        let mut msgs = small.clone();
+        msgs[0] = json!({"role": "user", "content": format!("conversation {k}")});
+        let body = json!({"model": "gpt-4o", "messages": msgs}).to_string();
+        if let Ok(r) = ChatRequest::parse(Dialect::OpenAi, body.as_bytes()) {
+            prune(&r, &budget, &big, &format!("c{k}"), &counter);
+        }
+    }
+    prune(&base_req, &budget, &big, "conv", &counter);
+    g.bench_function("fixture_warm_view_10000", |b| {
+        b.iter(|| prune(&grown_req, &budget, &big, "conv", &counter))
+    });
+    g.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1)).sample_size(30);
+    targets = counting, pruning
+}
+criterion_main!(benches);

@@ -1,0 +1,704 @@
+//! The pruning policy: units, turns, the pinned part, the cache-stable cut, overflow.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use serde_json::value::RawValue;
+use serde_json::Value;
+
+use crate::dialect::Dialect;
+use crate::prune::elide::elide_message;
+use crate::prune::request::{count_chars, ChatRequest, Meta};
+use crate::prune::tokens::{estimate_bytes, Counter, Encoding};
+use crate::prune::view::{ConvState, Elided, Entry, StateKey, View};
+use crate::prune::{Budget, Mode, OnOverflow, Outcome, Rejection, Summary};
+
+/// Prunes `req` to `budget`, using and updating `view`'s knowledge of `conversation`.
+///
+/// Pure apart from the view (an in-memory cache): no I/O. Never panics. Long counts can
+/// take milliseconds: the proxy runs big bodies on a blocking thread.
+pub fn prune(
+    req: &ChatRequest,
+    budget: &Budget,
+    view: &View,
+    conversation: &str,
+    counter: &Counter,
+) -> Outcome {
+    let enc = req.encoding(counter, budget.default_encoding);
+    let key = StateKey {
+        enc,
+        min_file_lines: budget.min_file_lines,
+        anthropic: req.dialect() == Dialect::Anthropic,
+    };
+    let prev = view.get(conversation).filter(|s| s.key == key);
+    let mut w = Work::new(req, budget, counter, enc, prev.as_deref());
+    view.record(w.view_hit);
+    let outcome = w.run(prev.as_deref().and_then(|p| p.cut));
+    view.put(conversation, w.into_state(key));
+    outcome
+}
+
+struct Work<'a> {
+    req: &'a ChatRequest,
+    budget: &'a Budget,
+    counter: &'a Counter,
+    enc: Encoding,
+    entries: Vec<Entry>,
+    values: Vec<Option<Value>>,
+    /// Leading positions whose message equals the view's.
+    matched: usize,
+    view_hit: bool,
+    fixed_fp: u64,
+    fixed_extra: u64,
+    sys_end: usize,
+    /// Units as `[start, end)` message ranges, over `sys_end..n`.
+    units: Vec<(usize, usize)>,
+    unit_of: Vec<usize>,
+    turn_of: Vec<usize>,
+    turns: usize,
+    task_unit: Option<usize>,
+    cut: Option<(usize, u64)>,
+}
+
+impl<'a> Work<'a> {
+    fn new(
+        req: &'a ChatRequest,
+        budget: &'a Budget,
+        counter: &'a Counter,
+        enc: Encoding,
+        prev: Option<&ConvState>,
+    ) -> Work<'a> {
+        let n = req.messages.len();
+        let known: HashMap<u64, &Entry> = prev
+            .map(|p| p.msgs.iter().map(|e| (e.fp, e)).collect())
+            .unwrap_or_default();
+        let mut entries = Vec::with_capacity(n);
+        let mut values = Vec::with_capacity(n);
+        let mut matched = 0;
+        let mut reused = 0;
+        for (i, m) in req.messages.iter().enumerate() {
+            if prev
+                .and_then(|p| p.msgs.get(i))
+                .is_some_and(|e| e.fp == m.fp)
+                && matched == i
+            {
+                matched += 1;
+            }
+            if let Some(e) = known.get(&m.fp) {
+                reused += 1;
+                entries.push((*e).clone());
+                values.push(None);
+                continue;
+            }
+            let v: Value = serde_json::from_str(m.raw.get()).unwrap_or(Value::Null);
+            let meta = Meta::of(req.dialect(), &v);
+            entries.push(Entry {
+                fp: m.fp,
+                meta: Arc::new(meta),
+                tokens: None,
+                elided: None,
+            });
+            values.push(Some(v));
+        }
+        let fixed_fp = req.fixed_fp();
+        let fixed_extra = match prev.and_then(|p| p.fixed) {
+            Some((fp, t)) if fp == fixed_fp => t,
+            _ => req.fixed_extra_tokens(counter, enc),
+        };
+        let mut w = Work {
+            req,
+            budget,
+            counter,
+            enc,
+            entries,
+            values,
+            matched,
+            view_hit: reused > 0,
+            fixed_fp,
+            fixed_extra,
+            sys_end: 0,
+            units: Vec::new(),
+            unit_of: vec![0; n],
+            turn_of: vec![0; n],
+            turns: 0,
+            task_unit: None,
+            cut: prev.and_then(|p| p.cut),
+        };
+        w.structure();
+        w
+    }
+
+    /// Leading system messages, units, turns and the task.
+    fn structure(&mut self) {
+        let n = self.entries.len();
+        self.sys_end = self.entries.iter().take_while(|e| e.meta.system).count();
+        let mut link_end: Vec<usize> = (0..n).collect();
+        let mut call_at: HashMap<&str, usize> = HashMap::new();
+        let mut legacy_call: Option<usize> = None;
+        for i in self.sys_end..n {
+            let meta = &self.entries[i].meta;
+            for id in &meta.answers {
+                if let Some(&c) = call_at.get(id.as_str()) {
+                    link_end[c] = link_end[c].max(i);
+                }
+            }
+            if meta.legacy_result {
+                if let Some(c) = legacy_call {
+                    link_end[c] = link_end[c].max(i);
+                }
+            }
+            for id in &meta.calls {
+                call_at.insert(id.as_str(), i);
+            }
+            if meta.legacy_call {
+                legacy_call = Some(i);
+            }
+        }
+        let mut i = self.sys_end;
+        while i < n {
+            let start = i;
+            let mut end = link_end[i];
+            let mut k = i;
+            while k <= end {
+                end = end.max(link_end[k]);
+                k += 1;
+            }
+            for j in start..=end {
+                self.unit_of[j] = self.units.len();
+            }
+            self.units.push((start, end + 1));
+            i = end + 1;
+        }
+        let mut turn = 0;
+        let mut task = None;
+        for i in self.sys_end..n {
+            if self.entries[i].meta.genuine_user {
+                turn += 1;
+                task = Some(i);
+            }
+            self.turn_of[i] = turn;
+        }
+        self.turns = turn;
+        self.task_unit = task.map(|t| self.unit_of[t]);
+    }
+
+    fn value(&mut self, i: usize) -> &Value {
+        if self.values[i].is_none() {
+            let v = serde_json::from_str(self.req.messages[i].raw.get()).unwrap_or(Value::Null);
+            self.values[i] = Some(v);
+        }
+        self.values[i].as_ref().unwrap_or(&Value::Null)
+    }
+
+    /// Tokens of message `i` as received; stops early past `cap` (then not exact).
+    fn orig(&mut self, i: usize, cap: u64) -> (u64, bool) {
+        if let Some(t) = self.entries[i].tokens {
+            return (t, true);
+        }
+        let (counter, enc, dialect) = (self.counter, self.enc, self.req.dialect());
+        let (t, exact) = counter.count_message(enc, dialect, self.value(i), cap);
+        if exact {
+            self.entries[i].tokens = Some(t);
+        }
+        (t, exact)
+    }
+
+    /// Whether message `i`'s file contents are elided (older turn, not the newest unit).
+    fn eligible(&self, i: usize) -> bool {
+        let newest = self.units.len().saturating_sub(1);
+        i >= self.sys_end
+            && self.unit_of[i] != newest
+            && self.turn_of[i] + (self.budget.keep_file_content_turns as usize) <= self.turns
+    }
+
+    fn elided(&mut self, i: usize) -> Arc<Elided> {
+        if let Some(e) = &self.entries[i].elided {
+            return Arc::clone(e);
+        }
+        let (counter, enc, dialect) = (self.counter, self.enc, self.req.dialect());
+        let min_lines = self.budget.min_file_lines;
+        let mut v = self.value(i).clone();
+        let files = elide_message(&mut v, dialect, min_lines, counter, enc);
+        let e = if files == 0 {
+            let (t, _) = self.orig(i, u64::MAX);
+            Elided {
+                raw: None,
+                tokens: t,
+                files: 0,
+            }
+        } else {
+            let (t, _) = counter.count_message(enc, dialect, &v, u64::MAX);
+            let raw = serde_json::to_string(&v)
+                .ok()
+                .and_then(|s| RawValue::from_string(s).ok());
+            match raw {
+                Some(raw) => Elided {
+                    raw: Some(raw),
+                    tokens: t,
+                    files,
+                },
+                None => {
+                    let (t, _) = self.orig(i, u64::MAX);
+                    Elided {
+                        raw: None,
+                        tokens: t,
+                        files: 0,
+                    }
+                }
+            }
+        };
+        let e = Arc::new(e);
+        self.entries[i].elided = Some(Arc::clone(&e));
+        e
+    }
+
+    /// Tokens of message `i` as it would be forwarded; stops early past `cap`.
+    fn pruned(&mut self, i: usize, cap: u64) -> (u64, bool) {
+        if !self.eligible(i) {
+            return self.orig(i, cap);
+        }
+        if self.entries[i].elided.is_none() {
+            // A message that cannot fit even before counting its files is not elided yet:
+            // eliding means counting every file in it exactly.
+            let (t, exact) = self.orig(i, cap);
+            if !exact && !self.has_file_hint(i) {
+                return (t, false);
+            }
+        }
+        let e = self.elided(i);
+        (e.tokens, true)
+    }
+
+    fn has_file_hint(&self, i: usize) -> bool {
+        let raw = self.req.messages[i].raw.get();
+        raw.contains("```")
+            || raw.contains("~~~")
+            || raw.contains("BEGIN FILE:")
+            || raw.contains("<file")
+            || raw.contains("\"image")
+            || raw.contains("\"file")
+            || raw.contains("\"document")
+            || raw.contains("\"input_audio")
+    }
+
+    fn unit_len(&self, u: usize) -> usize {
+        self.units[u].1 - self.units[u].0
+    }
+
+    /// Tokens of unit `u` as forwarded; stops early past `cap`.
+    fn unit_pruned(&mut self, u: usize, cap: u64) -> (u64, bool) {
+        let (s, e) = self.units[u];
+        let mut total = 0u64;
+        for i in s..e {
+            let (t, exact) = self.pruned(i, cap.saturating_sub(total));
+            total += t;
+            if !exact {
+                return (total, false);
+            }
+        }
+        (total, true)
+    }
+
+    fn first_is_user(&self, cut_unit: usize) -> bool {
+        let first = match self.task_unit {
+            Some(t) if cut_unit > t => self.units[t].0,
+            _ => self.units[cut_unit].0,
+        };
+        self.entries[first].meta.user
+    }
+
+    fn run(&mut self, prev_cut: Option<(usize, u64)>) -> Outcome {
+        let n = self.entries.len();
+        let reserve = if self.budget.reserve_output {
+            self.req.max_output_tokens().unwrap_or(0)
+        } else {
+            0
+        };
+        let limit = self.budget.hard_token_limit.saturating_sub(reserve);
+        let cap_msgs = match self.budget.max_messages {
+            0 => usize::MAX,
+            m => usize::try_from(m).unwrap_or(usize::MAX),
+        };
+        let chars_before: usize = self.req.messages.iter().map(|m| m.chars).sum();
+
+        // 1. Count, newest first; exact only while within the limit.
+        let mut fixed = self.fixed_extra;
+        for i in 0..self.sys_end {
+            fixed += self.orig(i, u64::MAX).0;
+        }
+        let mut before = fixed;
+        let mut before_exact = true;
+        for i in (self.sys_end..n).rev() {
+            if before <= limit {
+                let (t, exact) = self.orig(i, limit - before);
+                before += t;
+                before_exact &= exact;
+            } else if let Some(t) = self.entries[i].tokens {
+                before += t;
+            } else {
+                before += estimate_bytes(self.req.messages[i].raw.get().len());
+                before_exact = false;
+            }
+        }
+        let base = Summary {
+            tokens_before: before,
+            tokens_before_exact: before_exact,
+            tokens_after: before,
+            messages_before: n,
+            messages_after: n,
+            messages_dropped: 0,
+            files_elided: 0,
+            chars_before,
+            chars_after: chars_before,
+            cut_moved: false,
+            view_hit: self.view_hit,
+            overflow_forwarded: false,
+            truncated: false,
+        };
+
+        // 2. Within budget and cap: forward the original bytes.
+        if before <= limit && n <= cap_msgs {
+            return Outcome::Unchanged(base);
+        }
+        if self.units.is_empty() {
+            // Only system messages: nothing can go.
+            return self.overflow(base, fixed, limit);
+        }
+
+        // 3–4. Pinned part, then the cut.
+        let newest = self.units.len() - 1;
+        let mut pinned = fixed + self.unit_pruned(newest, u64::MAX).0;
+        let mut pinned_msgs = self.sys_end + self.unit_len(newest);
+        if let Some(t) = self.task_unit.filter(|&t| t != newest) {
+            pinned += self.unit_pruned(t, u64::MAX).0;
+            pinned_msgs += self.unit_len(t);
+        }
+        if pinned > limit {
+            return self.overflow(base, pinned, limit);
+        }
+
+        let anthropic = self.req.dialect() == Dialect::Anthropic;
+        let kept_cut = prev_cut.and_then(|(idx, fp)| {
+            let valid = idx < n
+                && idx < self.matched
+                && self.entries[idx].fp == fp
+                && idx >= self.sys_end
+                && self.units[self.unit_of[idx]].0 == idx
+                && (!anthropic || self.first_is_user(self.unit_of[idx]));
+            if !valid {
+                return None;
+            }
+            let cu = self.unit_of[idx];
+            let (mut total, mut msgs) = (pinned, pinned_msgs);
+            for u in cu..newest {
+                if Some(u) == self.task_unit {
+                    continue;
+                }
+                msgs += self.unit_len(u);
+                if msgs > cap_msgs {
+                    return None;
+                }
+                let (t, exact) = self.unit_pruned(u, limit.saturating_sub(total));
+                total += t;
+                if !exact || total > limit {
+                    return None;
+                }
+            }
+            Some(cu)
+        });
+
+        let (cut_unit, moved) = match kept_cut {
+            Some(cu) => (cu, false),
+            None => {
+                let target = self.budget.target_tokens.min(limit);
+                let (mut total, mut msgs) = (pinned, pinned_msgs);
+                let mut cu = newest;
+                for u in (0..newest).rev() {
+                    if Some(u) == self.task_unit {
+                        cu = u;
+                        continue;
+                    }
+                    if msgs + self.unit_len(u) > cap_msgs {
+                        break;
+                    }
+                    let (t, exact) = self.unit_pruned(u, target.saturating_sub(total));
+                    if !exact || total + t > target {
+                        break;
+                    }
+                    total += t;
+                    msgs += self.unit_len(u);
+                    cu = u;
+                }
+                if anthropic {
+                    while cu < newest && !self.first_is_user(cu) {
+                        cu += 1;
+                    }
+                }
+                let start = self.units[cu].0;
+                (cu, prev_cut.map(|c| c.0) != Some(start))
+            }
+        };
+        let start = self.units[cut_unit].0;
+        self.cut = Some((start, self.entries[start].fp));
+
+        // Build the kept list.
+        let mut kept: Vec<usize> = (0..self.sys_end).collect();
+        if let Some(t) = self.task_unit.filter(|&t| t < cut_unit) {
+            kept.extend(self.units[t].0..self.units[t].1);
+        }
+        kept.extend(start..n);
+        self.finish(base, kept, fixed, moved)
+    }
+
+    /// Serialises the kept messages and fills in the summary.
+    fn finish(&mut self, base: Summary, kept: Vec<usize>, fixed: u64, moved: bool) -> Outcome {
+        let mut after = fixed - self.sys_tokens();
+        let mut files = 0;
+        let mut chars_after = 0;
+        let mut raws: Vec<Option<Arc<Elided>>> = Vec::with_capacity(kept.len());
+        for &i in &kept {
+            if self.eligible(i) {
+                let e = self.elided(i);
+                after += e.tokens;
+                files += e.files;
+                chars_after += match &e.raw {
+                    Some(r) => count_chars(r.get()),
+                    None => self.req.messages[i].chars,
+                };
+                raws.push(Some(e));
+            } else {
+                after += self.orig(i, u64::MAX).0;
+                chars_after += self.req.messages[i].chars;
+                raws.push(None);
+            }
+        }
+        let dropped = base.messages_before - kept.len();
+        if dropped == 0 && files == 0 {
+            return Outcome::Unchanged(base);
+        }
+        let summary = Summary {
+            tokens_after: after,
+            messages_after: kept.len(),
+            messages_dropped: dropped,
+            files_elided: files,
+            chars_after,
+            cut_moved: moved,
+            ..base
+        };
+        if self.budget.mode == Mode::Shadow {
+            return Outcome::Shadow(summary);
+        }
+        let req = self.req;
+        let texts =
+            kept.iter()
+                .zip(&raws)
+                .map(|(&i, e)| match e.as_ref().and_then(|e| e.raw.as_ref()) {
+                    Some(r) => r.get(),
+                    None => req.messages[i].raw.get(),
+                });
+        let body = req.serialise(texts, None);
+        Outcome::Pruned { body, summary }
+    }
+
+    fn sys_tokens(&mut self) -> u64 {
+        (0..self.sys_end).map(|i| self.orig(i, u64::MAX).0).sum()
+    }
+
+    /// The pinned part alone is over the limit.
+    fn overflow(&mut self, base: Summary, pinned: u64, limit: u64) -> Outcome {
+        let reject = |pinned: u64| {
+            let key = if self.budget.reserve_output && limit < self.budget.hard_token_limit {
+                "prune.hard_token_limit minus the request's max_tokens, prune.reserve_output"
+            } else {
+                "prune.hard_token_limit"
+            };
+            Outcome::Rejected(Rejection {
+                pinned_tokens: pinned,
+                limit,
+                message: format!(
+                    "prompt needs {pinned} tokens for its pinned part (system, tools, task and newest message), over the limit of {limit} ({key})"
+                ),
+            })
+        };
+        match self.budget.on_overflow {
+            OnOverflow::Reject => reject(pinned),
+            OnOverflow::Forward => {
+                let n = self.entries.len();
+                let mut total = self.fixed_extra;
+                for i in 0..n {
+                    total += self.orig(i, u64::MAX).0;
+                }
+                let summary = Summary {
+                    tokens_before: total,
+                    tokens_before_exact: true,
+                    tokens_after: total,
+                    overflow_forwarded: true,
+                    ..base
+                };
+                if self.budget.mode == Mode::Shadow {
+                    return Outcome::Shadow(summary);
+                }
+                Outcome::Unchanged(summary)
+            }
+            OnOverflow::Truncate => match self.truncate(base, limit) {
+                Some(o) => o,
+                None => reject(pinned),
+            },
+        }
+    }
+
+    /// Keeps only the pinned messages and cuts their largest texts from the middle.
+    fn truncate(&mut self, base: Summary, limit: u64) -> Option<Outcome> {
+        let n = self.entries.len();
+        let mut kept: Vec<usize> = (0..self.sys_end).collect();
+        if let Some(newest) = self.units.len().checked_sub(1) {
+            if let Some(t) = self.task_unit.filter(|&t| t != newest) {
+                kept.extend(self.units[t].0..self.units[t].1);
+            }
+            kept.extend(self.units[newest].0..n);
+        }
+        let mut vals: Vec<Value> = Vec::with_capacity(kept.len());
+        for &i in &kept {
+            let v = if self.eligible(i) {
+                let e = self.elided(i);
+                match &e.raw {
+                    Some(r) => serde_json::from_str(r.get()).unwrap_or(Value::Null),
+                    None => self.value(i).clone(),
+                }
+            } else {
+                self.value(i).clone()
+            };
+            vals.push(v);
+        }
+        let (counter, enc, dialect) = (self.counter, self.enc, self.req.dialect());
+        let count = |v: &Value| counter.count_message(enc, dialect, v, u64::MAX).0;
+        let mut tokens: Vec<u64> = vals.iter().map(count).collect();
+        let mut cut_any = false;
+        for _ in 0..24 {
+            let total = self.fixed_extra + tokens.iter().sum::<u64>();
+            if total <= limit {
+                break;
+            }
+            let excess = total - limit;
+            // Largest text among non-system messages first, then system messages.
+            let mut best: Option<(usize, Vec<Seg>, usize)> = None;
+            for pass_system in [false, true] {
+                for (k, v) in vals.iter().enumerate() {
+                    if (kept[k] < self.sys_end) != pass_system {
+                        continue;
+                    }
+                    let mut paths = Vec::new();
+                    text_paths(
+                        v.get("content").unwrap_or(&Value::Null),
+                        &mut vec![Seg::Key("content".into())],
+                        &mut paths,
+                    );
+                    for (len, p) in paths {
+                        if len > 64 && best.as_ref().is_none_or(|b| len > b.2) {
+                            best = Some((k, p, len));
+                        }
+                    }
+                }
+                if best.is_some() {
+                    break;
+                }
+            }
+            let (k, path, _) = best?;
+            let s = match get_mut(&mut vals[k], &path) {
+                Some(Value::String(s)) => s,
+                _ => return None,
+            };
+            let st = counter.count_text(enc, s).max(1);
+            let per_token = (s.len() as f64 / st as f64).max(1.0);
+            let remove = (((excess + 24) as f64) * per_token * 1.1) as usize;
+            let remove = remove.min(s.len());
+            let mut from = (s.len() - remove) / 2;
+            while !s.is_char_boundary(from) {
+                from -= 1;
+            }
+            let mut to = (from + remove).min(s.len());
+            while !s.is_char_boundary(to) {
+                to += 1;
+            }
+            let removed = counter.count_text(enc, &s[from..to]);
+            let mark = format!("\n[ctxgate: truncated {removed} tokens]\n");
+            s.replace_range(from..to, &mark);
+            tokens[k] = count(&vals[k]);
+            cut_any = true;
+        }
+        let total = self.fixed_extra + tokens.iter().sum::<u64>();
+        if total > limit || !cut_any {
+            return None;
+        }
+        let texts: Vec<String> = vals
+            .iter()
+            .map(|v| serde_json::to_string(v).unwrap_or_default())
+            .collect();
+        let chars_after = texts.iter().map(|t| count_chars(t)).sum();
+        let summary = Summary {
+            tokens_after: total,
+            messages_after: kept.len(),
+            messages_dropped: n - kept.len(),
+            chars_after,
+            truncated: true,
+            cut_moved: false,
+            ..base
+        };
+        if self.budget.mode == Mode::Shadow {
+            return Some(Outcome::Shadow(summary));
+        }
+        let body = self.req.serialise(texts.iter().map(String::as_str), None);
+        Some(Outcome::Pruned { body, summary })
+    }
+
+    fn into_state(self, key: StateKey) -> ConvState {
+        ConvState {
+            key,
+            fixed: Some((self.fixed_fp, self.fixed_extra)),
+            msgs: self.entries,
+            cut: self.cut,
+        }
+    }
+}
+
+/// A step in a JSON path.
+#[derive(Debug, Clone)]
+enum Seg {
+    Key(String),
+    Index(usize),
+}
+
+/// Paths (and lengths) of the text strings in a message's content.
+fn text_paths(v: &Value, path: &mut Vec<Seg>, out: &mut Vec<(usize, Vec<Seg>)>) {
+    match v {
+        Value::String(s) => out.push((s.len(), path.clone())),
+        Value::Array(items) => {
+            for (i, item) in items.iter().enumerate() {
+                path.push(Seg::Index(i));
+                text_paths(item, path, out);
+                path.pop();
+            }
+        }
+        Value::Object(map) => {
+            for key in ["text", "content"] {
+                if let Some(x) = map.get(key) {
+                    path.push(Seg::Key(key.to_string()));
+                    text_paths(x, path, out);
+                    path.pop();
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+fn get_mut<'v>(v: &'v mut Value, path: &[Seg]) -> Option<&'v mut Value> {
+    let mut cur = v;
+    for seg in path {
+        cur = match seg {
+            Seg::Key(k) => cur.get_mut(k.as_str())?,
+            Seg::Index(i) => cur.get_mut(*i)?,
+        };
+    }
+    Some(cur)
+}

@@ -1,0 +1,566 @@
+//! A parsed chat body that keeps the bytes it was parsed from: the top level as an ordered
+//! list of `(key, raw value)` and each message as its own raw JSON, so that fields ctxgate
+//! does not know, and messages it does not change, are re-emitted byte for byte and in
+//! order. Also the per-message facts pruning needs (role, tool calls, tool results).
+
+use std::fmt;
+
+use serde::de::{self, Deserializer, MapAccess, Visitor};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use serde_json::Value;
+
+use crate::dialect::Dialect;
+use crate::prune::tokens::{func_init, model_encoding, Counter, Encoding, REPLY_PRIMING};
+
+/// Why a body is not a chat request ctxgate can prune.
+#[derive(Debug, thiserror::Error)]
+pub enum ParseError {
+    /// The body is not valid JSON (or not UTF-8).
+    #[error("body is not valid json: {0}")]
+    Json(#[from] serde_json::Error),
+    /// The body is JSON but not an object.
+    #[error("body is not a json object")]
+    NotObject,
+    /// There is no `messages` field.
+    #[error("body has no \"messages\" field")]
+    NoMessages,
+    /// `messages` is not an array.
+    #[error("\"messages\" is not an array")]
+    MessagesNotArray,
+    /// A message is not an object.
+    #[error("messages[{0}] is not an object")]
+    MessageNotObject(usize),
+}
+
+/// One message of the request: its raw JSON and a fingerprint of those bytes.
+#[derive(Debug)]
+pub(crate) struct RawMessage {
+    pub(crate) raw: Box<RawValue>,
+    pub(crate) fp: u64,
+    pub(crate) chars: usize,
+}
+
+/// A parsed chat body (OpenAI chat completions or Anthropic Messages).
+#[derive(Debug)]
+pub struct ChatRequest {
+    dialect: Dialect,
+    fields: Vec<(String, Box<RawValue>)>,
+    messages_at: usize,
+    pub(crate) messages: Vec<RawMessage>,
+    model: Option<String>,
+    max_output: Option<u64>,
+    stream: bool,
+    body_len: usize,
+}
+
+impl ChatRequest {
+    /// Parses a chat body. Unknown fields are kept, raw and in order.
+    pub fn parse(dialect: Dialect, body: &[u8]) -> Result<ChatRequest, ParseError> {
+        let top: TopLevel = serde_json::from_slice(body)?;
+        let fields = top.fields.ok_or(ParseError::NotObject)?;
+        let messages_at = fields
+            .iter()
+            .rposition(|(k, _)| k == "messages")
+            .ok_or(ParseError::NoMessages)?;
+        // The visitor already split the last `messages` array (one scan of the body).
+        let list = top.messages.ok_or(ParseError::MessagesNotArray)?;
+        let mut messages = Vec::with_capacity(list.len());
+        for (i, raw) in list.into_iter().enumerate() {
+            if !raw.get().starts_with('{') {
+                return Err(ParseError::MessageNotObject(i));
+            }
+            let fp = hash64(raw.get().as_bytes(), 0x5eed);
+            let chars = count_chars(raw.get());
+            messages.push(RawMessage { raw, fp, chars });
+        }
+        let mut req = ChatRequest {
+            dialect,
+            fields,
+            messages_at,
+            messages,
+            model: None,
+            max_output: None,
+            stream: false,
+            body_len: body.len(),
+        };
+        req.model = req
+            .field_value("model")
+            .and_then(|v| v.as_str().map(str::to_string));
+        req.max_output = ["max_completion_tokens", "max_tokens", "max_output_tokens"]
+            .iter()
+            .find_map(|k| req.field_value(k).and_then(|v| v.as_u64()));
+        req.stream = req
+            .field_value("stream")
+            .and_then(|v| v.as_bool())
+            .unwrap_or(false);
+        Ok(req)
+    }
+
+    /// The dialect the body was parsed as.
+    pub fn dialect(&self) -> Dialect {
+        self.dialect
+    }
+
+    /// The `model` field.
+    pub fn model(&self) -> Option<&str> {
+        self.model.as_deref()
+    }
+
+    /// `max_completion_tokens`, else `max_tokens`.
+    pub fn max_output_tokens(&self) -> Option<u64> {
+        self.max_output
+    }
+
+    /// Whether `stream` is true.
+    pub fn is_stream(&self) -> bool {
+        self.stream
+    }
+
+    /// Number of entries in `messages`.
+    pub fn message_count(&self) -> usize {
+        self.messages.len()
+    }
+
+    /// Length of the body parsed, in bytes.
+    pub fn body_len(&self) -> usize {
+        self.body_len
+    }
+
+    /// A string (or number / bool, as text) at a dotted path, e.g.
+    /// `"metadata.conversation_id"` or `"user"`.
+    pub fn field_str(&self, dotted_path: &str) -> Option<String> {
+        let mut parts = dotted_path.split('.');
+        let first = parts.next()?;
+        let mut v = self.field_value(first)?;
+        for p in parts {
+            v = match v {
+                Value::Object(mut m) => m.swap_remove(p)?,
+                Value::Array(mut a) => {
+                    let i: usize = p.parse().ok()?;
+                    if i >= a.len() {
+                        return None;
+                    }
+                    a.swap_remove(i)
+                }
+                _ => return None,
+            };
+        }
+        match v {
+            Value::String(s) => Some(s),
+            Value::Number(n) => Some(n.to_string()),
+            Value::Bool(b) => Some(b.to_string()),
+            _ => None,
+        }
+    }
+
+    /// A stable hex id for a conversation that carries no id: a hash of the route, the
+    /// system prompt and the first user message's content (which do not change as the
+    /// conversation grows).
+    pub fn fingerprint(&self, route: &str) -> String {
+        let mut buf = Vec::with_capacity(256);
+        buf.extend_from_slice(route.as_bytes());
+        buf.push(0);
+        if let Some(sys) = self.raw_field("system") {
+            buf.extend_from_slice(sys.get().as_bytes());
+        }
+        buf.push(0);
+        for m in &self.messages {
+            let Ok(v) = serde_json::from_str::<Value>(m.raw.get()) else {
+                continue;
+            };
+            let role = v.get("role").and_then(Value::as_str).unwrap_or("");
+            if matches!(role, "system" | "developer") {
+                buf.extend_from_slice(m.raw.get().as_bytes());
+                buf.push(0);
+                continue;
+            }
+            if role == "user" {
+                let content = v.get("content").map(Value::to_string).unwrap_or_default();
+                buf.extend_from_slice(content.as_bytes());
+                break;
+            }
+        }
+        format!("{:016x}{:016x}", hash64(&buf, 1), hash64(&buf, 2))
+    }
+
+    /// The encoding for this request: by model (OpenAI), else `fallback`.
+    pub(crate) fn encoding(&self, counter: &Counter, fallback: Encoding) -> Encoding {
+        match (self.dialect, self.model()) {
+            (Dialect::OpenAi, Some(m)) => model_encoding(m).unwrap_or(fallback),
+            _ => {
+                let _ = counter;
+                fallback
+            }
+        }
+    }
+
+    pub(crate) fn raw_field(&self, key: &str) -> Option<&RawValue> {
+        self.fields
+            .iter()
+            .rev()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| &**v)
+    }
+
+    fn field_value(&self, key: &str) -> Option<Value> {
+        self.raw_field(key)
+            .and_then(|r| serde_json::from_str(r.get()).ok())
+    }
+
+    /// A hash of what [`ChatRequest::fixed_tokens`] counts besides leading system messages:
+    /// tools, functions, Anthropic `system`.
+    pub(crate) fn fixed_fp(&self) -> u64 {
+        let mut h = 0u64;
+        for k in ["tools", "functions", "system"] {
+            if let Some(r) = self.raw_field(k) {
+                h = h.rotate_left(7) ^ hash64(r.get().as_bytes(), 3);
+            }
+        }
+        h
+    }
+
+    /// Tokens of the parts that are never pruned: tool / function definitions, Anthropic
+    /// `system`, reply priming, plus the first `system_msgs` messages.
+    pub(crate) fn fixed_tokens(&self, counter: &Counter, enc: Encoding, system_msgs: usize) -> u64 {
+        self.fixed_extra_tokens(counter, enc)
+            + self.system_message_tokens(counter, enc, system_msgs)
+    }
+
+    pub(crate) fn fixed_extra_tokens(&self, counter: &Counter, enc: Encoding) -> u64 {
+        let mut total = REPLY_PRIMING;
+        for k in ["tools", "functions"] {
+            if let Some(v) = self.field_value(k) {
+                total += counter.count_tools(enc, func_init(enc), &v);
+            }
+        }
+        if self.dialect == Dialect::Anthropic {
+            if let Some(v) = self.field_value("system") {
+                total += counter.count_value(enc, self.dialect, &v);
+            }
+        }
+        total
+    }
+
+    fn system_message_tokens(&self, counter: &Counter, enc: Encoding, n: usize) -> u64 {
+        (0..n.min(self.messages.len()))
+            .map(|i| self.count_message(counter, enc, i, u64::MAX).0)
+            .sum()
+    }
+
+    /// Tokens of message `i`, stopping early past `cap`.
+    pub(crate) fn count_message(
+        &self,
+        counter: &Counter,
+        enc: Encoding,
+        i: usize,
+        cap: u64,
+    ) -> (u64, bool) {
+        match serde_json::from_str::<Value>(self.messages[i].raw.get()) {
+            Ok(v) => counter.count_message(enc, self.dialect, &v, cap),
+            Err(_) => (
+                crate::prune::tokens::estimate_bytes(self.messages[i].raw.get().len()),
+                false,
+            ),
+        }
+    }
+
+    /// Re-emits the body with `messages` replaced by `messages` (raw JSON values, in
+    /// order) and, optionally, one other top-level field replaced. Other fields keep their
+    /// raw bytes and order.
+    pub(crate) fn serialise<'a>(
+        &self,
+        mut messages: impl Iterator<Item = &'a str>,
+        replace: Option<(&str, &str)>,
+    ) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.body_len);
+        out.push(b'{');
+        for (i, (k, v)) in self.fields.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            write_json_string(&mut out, k);
+            out.push(b':');
+            if i == self.messages_at {
+                out.push(b'[');
+                for (j, m) in messages.by_ref().enumerate() {
+                    if j > 0 {
+                        out.push(b',');
+                    }
+                    out.extend_from_slice(m.as_bytes());
+                }
+                out.push(b']');
+                continue;
+            }
+            push_field(&mut out, k, v, replace);
+        }
+        out.push(b'}');
+        out
+    }
+}
+
+fn push_field(out: &mut Vec<u8>, k: &str, v: &RawValue, replace: Option<(&str, &str)>) {
+    match replace {
+        Some((rk, rv)) if rk == k => out.extend_from_slice(rv.as_bytes()),
+        _ => out.extend_from_slice(v.get().as_bytes()),
+    }
+}
+
+fn write_json_string(out: &mut Vec<u8>, s: &str) {
+    match serde_json::to_string(s) {
+        Ok(q) => out.extend_from_slice(q.as_bytes()),
+        Err(_) => out.extend_from_slice(b"\"\""),
+    }
+}
+
+/// The top level of a body: `Some(fields)` for an object, `None` for any other JSON value;
+/// the last `messages` value, when an array, comes split into its elements (its raw value
+/// in `fields` is then not needed: the messages are re-emitted from the elements).
+struct TopLevel {
+    fields: Option<Vec<(String, Box<RawValue>)>>,
+    messages: Option<Vec<Box<RawValue>>>,
+}
+
+/// A `messages` value: an array split into raw elements in the same scan, or not an array.
+enum MessagesValue {
+    List(Vec<Box<RawValue>>),
+    NotArray,
+}
+
+impl<'de> Deserialize<'de> for MessagesValue {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = MessagesValue;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a json value")
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<MessagesValue, A::Error> {
+                let mut list = Vec::new();
+                while let Some(m) = seq.next_element::<Box<RawValue>>()? {
+                    list.push(m);
+                }
+                Ok(MessagesValue::List(list))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<MessagesValue, A::Error> {
+                while map
+                    .next_entry::<de::IgnoredAny, de::IgnoredAny>()?
+                    .is_some()
+                {}
+                Ok(MessagesValue::NotArray)
+            }
+            fn visit_str<E: de::Error>(self, _: &str) -> Result<MessagesValue, E> {
+                Ok(MessagesValue::NotArray)
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<MessagesValue, E> {
+                Ok(MessagesValue::NotArray)
+            }
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<MessagesValue, E> {
+                Ok(MessagesValue::NotArray)
+            }
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<MessagesValue, E> {
+                Ok(MessagesValue::NotArray)
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<MessagesValue, E> {
+                Ok(MessagesValue::NotArray)
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<MessagesValue, E> {
+                Ok(MessagesValue::NotArray)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl<'de> Deserialize<'de> for TopLevel {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = TopLevel;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a json value")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<TopLevel, A::Error> {
+                let mut fields = Vec::new();
+                let mut messages = None;
+                while let Some(k) = map.next_key::<String>()? {
+                    if k == "messages" {
+                        match map.next_value::<MessagesValue>()? {
+                            MessagesValue::List(list) => {
+                                messages = Some(list);
+                                fields.push((k, empty_raw()));
+                            }
+                            MessagesValue::NotArray => {
+                                messages = None;
+                                fields.push((k, empty_raw()));
+                            }
+                        }
+                        continue;
+                    }
+                    let v: Box<RawValue> = map.next_value()?;
+                    fields.push((k, v));
+                }
+                Ok(TopLevel {
+                    fields: Some(fields),
+                    messages,
+                })
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<TopLevel, A::Error> {
+                while seq.next_element::<de::IgnoredAny>()?.is_some() {}
+                Ok(TopLevel {
+                    fields: None,
+                    messages: None,
+                })
+            }
+            fn visit_str<E: de::Error>(self, _: &str) -> Result<TopLevel, E> {
+                Ok(TopLevel {
+                    fields: None,
+                    messages: None,
+                })
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<TopLevel, E> {
+                Ok(TopLevel {
+                    fields: None,
+                    messages: None,
+                })
+            }
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<TopLevel, E> {
+                Ok(TopLevel {
+                    fields: None,
+                    messages: None,
+                })
+            }
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<TopLevel, E> {
+                Ok(TopLevel {
+                    fields: None,
+                    messages: None,
+                })
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<TopLevel, E> {
+                Ok(TopLevel {
+                    fields: None,
+                    messages: None,
+                })
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<TopLevel, E> {
+                Ok(TopLevel {
+                    fields: None,
+                    messages: None,
+                })
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+fn empty_raw() -> Box<RawValue> {
+    // `[]` is valid JSON, so this never falls back; the fallback keeps it panic-free.
+    RawValue::from_string("[]".to_string()).unwrap_or_else(|_| RawValue::NULL.to_owned())
+}
+
+/// What pruning needs to know about a message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Meta {
+    /// `system` or `developer`.
+    pub(crate) system: bool,
+    /// `role` is `user`.
+    pub(crate) user: bool,
+    /// A user message that opens a turn (not only tool results).
+    pub(crate) genuine_user: bool,
+    /// Tool call ids this message makes (OpenAI `tool_calls[].id`, Anthropic `tool_use`).
+    pub(crate) calls: Vec<String>,
+    /// Tool call ids this message answers (`tool_call_id`, Anthropic `tool_result`).
+    pub(crate) answers: Vec<String>,
+    /// Legacy `function_call` in an assistant message.
+    pub(crate) legacy_call: bool,
+    /// Legacy `function` role result.
+    pub(crate) legacy_result: bool,
+}
+
+impl Meta {
+    pub(crate) fn of(dialect: Dialect, v: &Value) -> Meta {
+        let role = v.get("role").and_then(Value::as_str).unwrap_or("");
+        let mut m = Meta {
+            system: matches!(role, "system" | "developer"),
+            user: role == "user",
+            genuine_user: false,
+            calls: Vec::new(),
+            answers: Vec::new(),
+            legacy_call: false,
+            legacy_result: false,
+        };
+        match dialect {
+            Dialect::OpenAi => {
+                m.genuine_user = m.user;
+                if let Some(calls) = v.get("tool_calls").and_then(Value::as_array) {
+                    for c in calls {
+                        if let Some(id) = c.get("id").and_then(Value::as_str) {
+                            m.calls.push(id.to_string());
+                        }
+                    }
+                }
+                if let Some(id) = v.get("tool_call_id").and_then(Value::as_str) {
+                    m.answers.push(id.to_string());
+                }
+                m.legacy_call = v.get("function_call").is_some_and(|f| !f.is_null());
+                m.legacy_result = role == "function";
+            }
+            Dialect::Anthropic => {
+                let mut only_results = true;
+                let mut any = false;
+                if let Some(blocks) = v.get("content").and_then(Value::as_array) {
+                    for b in blocks {
+                        any = true;
+                        match b.get("type").and_then(Value::as_str) {
+                            Some("tool_use") | Some("server_tool_use") => {
+                                only_results = false;
+                                if let Some(id) = b.get("id").and_then(Value::as_str) {
+                                    m.calls.push(id.to_string());
+                                }
+                            }
+                            Some("tool_result") => {
+                                if let Some(id) = b.get("tool_use_id").and_then(Value::as_str) {
+                                    m.answers.push(id.to_string());
+                                }
+                            }
+                            _ => only_results = false,
+                        }
+                    }
+                }
+                m.genuine_user = m.user && !(any && only_results);
+            }
+        }
+        m
+    }
+}
+
+/// A fast, deterministic 64-bit hash (stable across processes and versions of Rust, unlike
+/// `DefaultHasher`): 8 bytes at a time, multiply-xorshift mixing.
+pub(crate) fn hash64(bytes: &[u8], seed: u64) -> u64 {
+    const K: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut h = seed ^ (bytes.len() as u64).wrapping_mul(K);
+    let mut chunks = bytes.chunks_exact(8);
+    for c in &mut chunks {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(c);
+        h = (h ^ u64::from_le_bytes(w)).wrapping_mul(K);
+        h ^= h >> 29;
+    }
+    let rest = chunks.remainder();
+    if !rest.is_empty() {
+        let mut w = [0u8; 8];
+        w[..rest.len()].copy_from_slice(rest);
+        h = (h ^ u64::from_le_bytes(w)).wrapping_mul(K);
+    }
+    h ^= h >> 32;
+    h = h.wrapping_mul(0xD6E8_FEB8_6659_FD93);
+    h ^ (h >> 32)
+}
+
+/// Unicode scalar values in `s`, counted from the bytes (fast).
+pub(crate) fn count_chars(s: &str) -> usize {
+    s.as_bytes().iter().filter(|&&b| (b as i8) >= -0x40).count()
+}

@@ -1,0 +1,979 @@
+//! Tests of the pruning core: the cookbook's token counts, the seed-like fixtures, the
+//! cache-stable cut over a growing conversation, overflow, and properties over generated
+//! conversations in both dialects.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use proptest::prelude::*;
+use serde_json::{json, Value};
+
+use super::*;
+use crate::dialect::Dialect;
+
+fn counter() -> Counter {
+    Counter::new(Encoding::O200kBase)
+}
+
+fn view() -> View {
+    View::new(64 << 20, Duration::from_secs(600))
+}
+
+fn seed_budget() -> Budget {
+    Budget {
+        hard_token_limit: 4000,
+        target_tokens: 2400,
+        max_messages: 5,
+        keep_file_content_turns: 1,
+        min_file_lines: 20,
+        ..Budget::default()
+    }
+}
+
+fn count_body(dialect: Dialect, body: &[u8]) -> u64 {
+    let req = ChatRequest::parse(dialect, body).unwrap();
+    counter().count_request(&req)
+}
+
+fn fixture(name: &str) -> Vec<u8> {
+    let path = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
+    std::fs::read(path).unwrap()
+}
+
+fn messages(body: &[u8]) -> Vec<Value> {
+    let v: Value = serde_json::from_slice(body).unwrap();
+    v["messages"].as_array().unwrap().clone()
+}
+
+fn raw_messages(body: &[u8]) -> Vec<String> {
+    let req = ChatRequest::parse(Dialect::OpenAi, body).unwrap();
+    req.messages
+        .iter()
+        .map(|m| m.raw.get().to_string())
+        .collect()
+}
+
+// ---------------------------------------------------------------- counting (cookbook)
+
+fn cookbook_messages(model: &str) -> Vec<u8> {
+    json!({"model": model, "messages": [
+        {"role": "system", "content": "You are a helpful, pattern-following assistant that translates corporate jargon into plain English."},
+        {"role": "system", "name": "example_user", "content": "New synergies will help drive top-line growth."},
+        {"role": "system", "name": "example_assistant", "content": "Things working well together will increase revenue."},
+        {"role": "system", "name": "example_user", "content": "Let's circle back when we have more bandwidth to touch base on opportunities for increased leverage."},
+        {"role": "system", "name": "example_assistant", "content": "Let's talk later when we're less busy about how to do better."},
+        {"role": "user", "content": "This late pivot means we don't have time to boil the ocean for the client deliverable."}
+    ]})
+    .to_string()
+    .into_bytes()
+}
+
+fn cookbook_tools(model: &str) -> Vec<u8> {
+    json!({"model": model, "tools": [{"type": "function", "function": {
+        "name": "get_current_weather",
+        "description": "Get the current weather in a given location",
+        "parameters": {"type": "object", "properties": {
+            "location": {"type": "string", "description": "The city and state, e.g. San Francisco, CA"},
+            "unit": {"type": "string", "description": "The unit of temperature to return", "enum": ["celsius", "fahrenheit"]}
+        }, "required": ["location"]}
+    }}], "messages": [
+        {"role": "system", "content": "You are a helpful assistant that can answer to questions about the weather."},
+        {"role": "user", "content": "What's the weather like in San Francisco?"}
+    ]})
+    .to_string()
+    .into_bytes()
+}
+
+#[test]
+fn cookbook_message_counts() {
+    for (model, want) in [
+        ("gpt-3.5-turbo", 129),
+        ("gpt-4-0613", 129),
+        ("gpt-4", 129),
+        ("gpt-4o", 124),
+        ("gpt-4o-mini", 124),
+    ] {
+        assert_eq!(
+            count_body(Dialect::OpenAi, &cookbook_messages(model)),
+            want,
+            "{model}"
+        );
+    }
+}
+
+#[test]
+fn cookbook_tool_counts() {
+    for (model, want) in [
+        ("gpt-3.5-turbo", 105),
+        ("gpt-4", 105),
+        ("gpt-4o", 101),
+        ("gpt-4o-mini", 101),
+    ] {
+        assert_eq!(
+            count_body(Dialect::OpenAi, &cookbook_tools(model)),
+            want,
+            "{model}"
+        );
+    }
+}
+
+#[test]
+fn unknown_model_uses_default_encoding() {
+    let body = cookbook_messages("glm-4.6");
+    let req = ChatRequest::parse(Dialect::OpenAi, &body).unwrap();
+    assert_eq!(Counter::new(Encoding::O200kBase).count_request(&req), 124);
+    assert_eq!(Counter::new(Encoding::Cl100kBase).count_request(&req), 129);
+}
+
+// ---------------------------------------------------------------- parsing
+
+#[test]
+fn parse_errors() {
+    assert!(matches!(
+        ChatRequest::parse(Dialect::OpenAi, b"nope"),
+        Err(ParseError::Json(_))
+    ));
+    assert!(matches!(
+        ChatRequest::parse(Dialect::OpenAi, b"[1]"),
+        Err(ParseError::NotObject)
+    ));
+    assert!(matches!(
+        ChatRequest::parse(Dialect::OpenAi, b"{\"model\":\"x\"}"),
+        Err(ParseError::NoMessages)
+    ));
+    assert!(matches!(
+        ChatRequest::parse(Dialect::OpenAi, b"{\"messages\":{}}"),
+        Err(ParseError::MessagesNotArray)
+    ));
+    assert!(matches!(
+        ChatRequest::parse(Dialect::OpenAi, b"{\"messages\":[{\"role\":\"user\"},3]}"),
+        Err(ParseError::MessageNotObject(1))
+    ));
+}
+
+#[test]
+fn accessors() {
+    let body = br#"{"model":"gpt-4o","max_completion_tokens":321,"stream":true,"user":"u1",
+        "metadata":{"conversation_id":"c-9","n":7},"messages":[{"role":"system","content":"s"},{"role":"user","content":"hi"}]}"#;
+    let req = ChatRequest::parse(Dialect::OpenAi, body).unwrap();
+    assert_eq!(req.model(), Some("gpt-4o"));
+    assert_eq!(req.max_output_tokens(), Some(321));
+    assert!(req.is_stream());
+    assert_eq!(req.message_count(), 2);
+    assert_eq!(req.dialect(), Dialect::OpenAi);
+    assert_eq!(
+        req.field_str("metadata.conversation_id").as_deref(),
+        Some("c-9")
+    );
+    assert_eq!(req.field_str("metadata.n").as_deref(), Some("7"));
+    assert_eq!(req.field_str("user").as_deref(), Some("u1"));
+    assert_eq!(req.field_str("metadata.missing"), None);
+    let fp = req.fingerprint("openai");
+    assert_eq!(fp.len(), 32);
+    assert_eq!(fp, req.fingerprint("openai"));
+    assert_ne!(fp, req.fingerprint("other"));
+    // Growing the conversation keeps the fingerprint.
+    let grown = br#"{"model":"gpt-4o","messages":[{"role":"system","content":"s"},{"role":"user","content":"hi"},{"role":"assistant","content":"yo"}]}"#;
+    assert_eq!(
+        ChatRequest::parse(Dialect::OpenAi, grown)
+            .unwrap()
+            .fingerprint("openai"),
+        fp
+    );
+    let a = br#"{"model":"claude","max_tokens":99,"messages":[{"role":"user","content":"hi"}]}"#;
+    assert_eq!(
+        ChatRequest::parse(Dialect::Anthropic, a)
+            .unwrap()
+            .max_output_tokens(),
+        Some(99)
+    );
+}
+
+// ---------------------------------------------------------------- fixtures
+
+#[test]
+fn fixture_size_is_seed_like() {
+    let body = fixture("openai-seed.json");
+    let req = ChatRequest::parse(Dialect::OpenAi, &body).unwrap();
+    assert_eq!(req.message_count(), 22);
+    let chars: usize = req.messages.iter().map(|m| m.chars).sum();
+    let tokens = counter().count_request(&req);
+    assert!(
+        (52_000..=57_000).contains(&tokens),
+        "{tokens} tokens, {chars} chars"
+    );
+    assert!(
+        (205_000..=235_000).contains(&chars),
+        "{tokens} tokens, {chars} chars"
+    );
+}
+
+#[test]
+fn seed_fixture_pruned_to_budget() {
+    let body = fixture("openai-seed.json");
+    let req = ChatRequest::parse(Dialect::OpenAi, &body).unwrap();
+    let c = counter();
+    let out = prune(&req, &seed_budget(), &view(), "seed", &c);
+    let Outcome::Pruned {
+        body: pruned,
+        summary,
+    } = out
+    else {
+        panic!("{out:?}")
+    };
+    assert!(summary.tokens_after <= 4000, "{summary:?}");
+    assert!(summary.messages_after <= 5, "{summary:?}");
+    assert_eq!(summary.messages_before, 22);
+    assert_eq!(summary.messages_dropped, 22 - summary.messages_after);
+    assert_eq!(count_body(Dialect::OpenAi, &pruned), summary.tokens_after);
+    assert!(!summary.tokens_before_exact);
+    assert!(summary.tokens_before > 40_000);
+    let orig = raw_messages(&body);
+    let kept = raw_messages(&pruned);
+    // System and the newest messages, byte for byte; the task pinned.
+    assert_eq!(kept[0], orig[0]);
+    assert_eq!(kept[kept.len() - 2..], orig[orig.len() - 2..]);
+    assert!(kept.contains(&orig[16]), "the task message is pinned");
+    check_structure(Dialect::OpenAi, &body, &pruned);
+    check_fields(&body, &pruned);
+}
+
+#[test]
+fn anthropic_fixture_pruned() {
+    let body = fixture("anthropic-seed.json");
+    let req = ChatRequest::parse(Dialect::Anthropic, &body).unwrap();
+    let out = prune(&req, &seed_budget(), &view(), "a", &counter());
+    let Outcome::Pruned {
+        body: pruned,
+        summary,
+    } = out
+    else {
+        panic!("{out:?}")
+    };
+    assert!(
+        summary.tokens_after <= 4000 && summary.messages_after <= 5,
+        "{summary:?}"
+    );
+    assert_eq!(
+        count_body(Dialect::Anthropic, &pruned),
+        summary.tokens_after
+    );
+    let msgs = messages(&pruned);
+    assert_eq!(msgs[0]["role"], "user");
+    check_structure(Dialect::Anthropic, &body, &pruned);
+    check_fields(&body, &pruned);
+}
+
+#[test]
+fn fixture_with_larger_budget_elides_old_files_and_keeps_recent() {
+    let body = fixture("openai-seed.json");
+    let req = ChatRequest::parse(Dialect::OpenAi, &body).unwrap();
+    let budget = Budget {
+        hard_token_limit: 20_000,
+        target_tokens: 12_000,
+        max_messages: 0,
+        ..seed_budget()
+    };
+    let out = prune(&req, &budget, &view(), "big", &counter());
+    let Outcome::Pruned {
+        body: pruned,
+        summary,
+    } = out
+    else {
+        panic!("{out:?}")
+    };
+    assert!(summary.files_elided > 0, "{summary:?}");
+    assert!(summary.tokens_after <= 12_000, "{summary:?}");
+    let text = String::from_utf8(pruned.clone()).unwrap();
+    assert!(text.contains("[ctxgate: elided file "), "{text}");
+    check_structure(Dialect::OpenAi, &body, &pruned);
+    // Deterministic: a fresh view gives the same bytes; pruning the output again elides
+    // nothing more (idempotent).
+    let again = prune(&req, &budget, &view(), "big2", &counter());
+    assert!(matches!(&again, Outcome::Pruned { body, .. } if *body == pruned));
+    // Pruning the output again with the same budget changes nothing.
+    let req2 = ChatRequest::parse(Dialect::OpenAi, &pruned).unwrap();
+    let o = prune(&req2, &budget, &view(), "idem", &counter());
+    assert!(matches!(o, Outcome::Unchanged(_)), "{o:?}");
+}
+
+#[test]
+fn shadow_reports_but_forwards_original() {
+    let body = fixture("openai-seed.json");
+    let req = ChatRequest::parse(Dialect::OpenAi, &body).unwrap();
+    let enforce = prune(&req, &seed_budget(), &view(), "e", &counter());
+    let shadow = prune(
+        &req,
+        &Budget {
+            mode: Mode::Shadow,
+            ..seed_budget()
+        },
+        &view(),
+        "s",
+        &counter(),
+    );
+    let Outcome::Shadow(s) = shadow else {
+        panic!("{shadow:?}")
+    };
+    assert_eq!(Some(&s), enforce.summary());
+}
+
+#[test]
+fn within_budget_is_unchanged_and_exact() {
+    let body = cookbook_tools("gpt-4o");
+    let req = ChatRequest::parse(Dialect::OpenAi, &body).unwrap();
+    let out = prune(&req, &seed_budget(), &view(), "x", &counter());
+    let Outcome::Unchanged(s) = out else {
+        panic!("{out:?}")
+    };
+    assert_eq!(
+        (s.tokens_before, s.tokens_after, s.tokens_before_exact),
+        (101, 101, true)
+    );
+    assert_eq!(
+        (s.messages_before, s.messages_after, s.messages_dropped),
+        (2, 2, 0)
+    );
+}
+
+// ---------------------------------------------------------------- overflow
+
+fn big_task_body(words: usize) -> Vec<u8> {
+    json!({"model": "gpt-4o", "messages": [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "old question"},
+        {"role": "assistant", "content": "old answer"},
+        {"role": "user", "content": "summarise this: ".to_string() + &"lorem ipsum dolor ".repeat(words)}
+    ]})
+    .to_string()
+    .into_bytes()
+}
+
+#[test]
+fn overflow_reject_message() {
+    let body = big_task_body(3000);
+    let req = ChatRequest::parse(Dialect::OpenAi, &body).unwrap();
+    let c = counter();
+    let total = c.count_request(&req);
+    let out = prune(&req, &seed_budget(), &view(), "r", &c);
+    let Outcome::Rejected(r) = out else {
+        panic!("{out:?}")
+    };
+    // Pinned: everything but the old question/answer pair.
+    let pinned_req = ChatRequest::parse(
+        Dialect::OpenAi,
+        &json!({"model":"gpt-4o","messages":[messages(&body)[0], messages(&body)[3]]})
+            .to_string()
+            .into_bytes(),
+    )
+    .unwrap();
+    assert_eq!(r.pinned_tokens, c.count_request(&pinned_req));
+    assert!(r.pinned_tokens < total);
+    assert_eq!(r.limit, 4000);
+    assert_eq!(
+        r.message,
+        format!("prompt needs {} tokens for its pinned part (system, tools, task and newest message), over the limit of 4000 (prune.hard_token_limit)", r.pinned_tokens)
+    );
+}
+
+#[test]
+fn overflow_truncate_and_forward() {
+    let body = big_task_body(3000);
+    let req = ChatRequest::parse(Dialect::OpenAi, &body).unwrap();
+    let c = counter();
+    let out = prune(
+        &req,
+        &Budget {
+            on_overflow: OnOverflow::Truncate,
+            ..seed_budget()
+        },
+        &view(),
+        "t",
+        &c,
+    );
+    let Outcome::Pruned {
+        body: pruned,
+        summary,
+    } = out
+    else {
+        panic!("{out:?}")
+    };
+    assert!(summary.truncated);
+    assert!(summary.tokens_after <= 4000);
+    assert_eq!(count_body(Dialect::OpenAi, &pruned), summary.tokens_after);
+    let msgs = messages(&pruned);
+    assert_eq!(msgs.len(), 2);
+    let content = msgs[1]["content"].as_str().unwrap();
+    assert!(content.starts_with("summarise this: lorem"));
+    assert!(content.contains("\n[ctxgate: truncated "));
+    let out = prune(
+        &req,
+        &Budget {
+            on_overflow: OnOverflow::Forward,
+            ..seed_budget()
+        },
+        &view(),
+        "f",
+        &c,
+    );
+    let Outcome::Unchanged(s) = out else {
+        panic!("{out:?}")
+    };
+    assert!(s.overflow_forwarded);
+    assert_eq!(s.tokens_after, c.count_request(&req));
+}
+
+#[test]
+fn reserve_output_lowers_the_limit() {
+    let body = json!({"model":"gpt-4o","max_tokens":3000,"messages":[
+        {"role":"user","content":"a ".repeat(1500)}]})
+    .to_string()
+    .into_bytes();
+    let req = ChatRequest::parse(Dialect::OpenAi, &body).unwrap();
+    let b = Budget {
+        reserve_output: true,
+        ..seed_budget()
+    };
+    let out = prune(&req, &b, &view(), "ro", &counter());
+    let Outcome::Rejected(r) = out else {
+        panic!("{out:?}")
+    };
+    assert_eq!(r.limit, 1000);
+    assert!(r.message.contains("prune.reserve_output"), "{}", r.message);
+    assert!(matches!(
+        prune(&req, &seed_budget(), &view(), "ro2", &counter()),
+        Outcome::Unchanged(_)
+    ));
+}
+
+#[test]
+fn pathological_message_does_not_panic() {
+    for text in [
+        "a".repeat(1_000_000),
+        " ".repeat(1_000_000),
+        "\u{3000}".repeat(400_000),
+    ] {
+        let body = json!({"model":"gpt-4o","messages":[
+            {"role":"user","content": text},
+            {"role":"assistant","content":"ok"},
+            {"role":"user","content":"and now?"}]})
+        .to_string()
+        .into_bytes();
+        let req = ChatRequest::parse(Dialect::OpenAi, &body).unwrap();
+        let out = prune(&req, &seed_budget(), &view(), "p", &counter());
+        let s = out.summary().unwrap();
+        assert!(s.messages_after == 2 || s.messages_after == 3, "{s:?}");
+    }
+}
+
+// ---------------------------------------------------------------- growing conversation
+
+/// A 40-turn agent conversation: each turn a user message (sometimes with a file), a tool
+/// loop of 0–2 calls, and an answer.
+fn grow_conversation(turns: usize) -> Vec<Vec<Value>> {
+    let mut msgs = vec![json!({"role":"system","content":"You are an agent. Use the tools."})];
+    let mut requests = Vec::new();
+    let mut call = 0;
+    for t in 0..turns {
+        let mut user = format!("Turn {t}: please look at module {t} and fix the bug in it.");
+        if t % 3 == 0 {
+            let file: String = (0..30)
+                .map(|i| format!("def f{t}_{i}(x):\n    return x * {i} + {t}\n"))
+                .collect();
+            user.push_str(&format!("\n```python src/m{t}.py\n{file}```\n"));
+        }
+        msgs.push(json!({"role":"user","content": user}));
+        requests.push(msgs.clone());
+        for k in 0..(t % 3) {
+            call += 1;
+            let id = format!("call_{call}");
+            msgs.push(json!({"role":"assistant","content":null,"tool_calls":[
+                {"id": id, "type":"function","function":{"name":"read_file","arguments": format!("{{\"path\":\"src/m{t}_{k}.py\"}}")}}]}));
+            let out: String = (0..12)
+                .map(|i| format!("line {i} of m{t}_{k}: value = compute({i}, {k})\n"))
+                .collect();
+            msgs.push(json!({"role":"tool","tool_call_id": id, "content": out}));
+            requests.push(msgs.clone());
+        }
+        msgs.push(json!({"role":"assistant","content": format!("Fixed module {t}: the loop bound was off by one. {}", "Details follow. ".repeat(20))}));
+    }
+    requests
+}
+
+#[test]
+fn growing_conversation_keeps_a_stable_prefix() {
+    let c = counter();
+    let v = view();
+    let budget = Budget {
+        hard_token_limit: 4000,
+        target_tokens: 2400,
+        max_messages: 0,
+        keep_file_content_turns: 1,
+        min_file_lines: 10,
+        ..Budget::default()
+    };
+    let mut prev: Option<(Vec<String>, usize)> = None; // forwarded raws, index of its newest turn's first forwarded message
+    let (mut turns, mut stable, mut moved, mut pruned_turns) = (0, 0, 0, 0);
+    for msgs in grow_conversation(40) {
+        let body = json!({"model":"gpt-4o","messages": msgs})
+            .to_string()
+            .into_bytes();
+        let req = ChatRequest::parse(Dialect::OpenAi, &body).unwrap();
+        let out = prune(&req, &budget, &v, "grow", &c);
+        let forwarded = match &out {
+            Outcome::Unchanged(_) => raw_messages(&body),
+            Outcome::Pruned { body: b, summary } => {
+                assert!(summary.tokens_after <= 4000);
+                assert_eq!(count_body(Dialect::OpenAi, b), summary.tokens_after);
+                pruned_turns += 1;
+                if summary.cut_moved {
+                    moved += 1;
+                }
+                check_structure(Dialect::OpenAi, &body, b);
+                raw_messages(b)
+            }
+            other => panic!("{other:?}"),
+        };
+        // Index (in `forwarded`) of the user message opening this request's newest turn.
+        let last_user = forwarded
+            .iter()
+            .rposition(|m| m.contains("\"role\":\"user\""))
+            .unwrap_or(0);
+        if let Some((p, p_last_user)) = &prev {
+            turns += 1;
+            let stable_part = &p[..*p_last_user];
+            if forwarded.len() >= stable_part.len()
+                && forwarded[..stable_part.len()] == *stable_part
+            {
+                stable += 1;
+            }
+        }
+        prev = Some((forwarded, last_user));
+    }
+    assert!(pruned_turns > 20, "{pruned_turns}");
+    assert!(moved >= 3, "cut moved {moved} times");
+    assert!(
+        stable * 10 >= turns * 9,
+        "{stable} of {turns} turns kept the prefix, cut moved {moved} times"
+    );
+    assert!(
+        v.hits() >= 70 && v.misses() == 1,
+        "{} {}",
+        v.hits(),
+        v.misses()
+    );
+}
+
+#[test]
+fn max_messages_moves_the_cut_every_turn() {
+    let c = counter();
+    let v = view();
+    let budget = Budget {
+        hard_token_limit: 100_000,
+        target_tokens: 60_000,
+        max_messages: 4,
+        ..Budget::default()
+    };
+    let mut moved = 0;
+    for msgs in grow_conversation(10).into_iter().skip(6) {
+        let body = json!({"model":"gpt-4o","messages": msgs})
+            .to_string()
+            .into_bytes();
+        let req = ChatRequest::parse(Dialect::OpenAi, &body).unwrap();
+        let Outcome::Pruned { summary, .. } = prune(&req, &budget, &v, "cap", &c) else {
+            panic!()
+        };
+        assert!(summary.messages_after <= 4 || summary.messages_after == 1 + 1 + 2);
+        moved += usize::from(summary.cut_moved);
+    }
+    assert!(moved >= 5, "{moved}");
+}
+
+#[test]
+fn warm_request_reuses_counts() {
+    let mut v: Value = serde_json::from_slice(&fixture("openai-seed.json")).unwrap();
+    let body = serde_json::to_vec(&v).unwrap();
+    let c = counter();
+    let view = view();
+    let first = ChatRequest::parse(Dialect::OpenAi, &body).unwrap();
+    let a = prune(&first, &seed_budget(), &view, "w", &c);
+    v["messages"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"role":"assistant","content":"Done: the export is in place."}));
+    let grown = serde_json::to_vec(&v).unwrap();
+    let second = ChatRequest::parse(Dialect::OpenAi, &grown).unwrap();
+    let b = prune(&second, &seed_budget(), &view, "w", &c);
+    assert!(!a.summary().unwrap().view_hit);
+    assert!(b.summary().unwrap().view_hit);
+    assert_eq!((view.hits(), view.misses()), (1, 1));
+    assert_eq!(view.entry_count(), 1);
+}
+
+// ---------------------------------------------------------------- structure checks
+
+/// Index in `orig` of each forwarded message (elided ones matched by role and tool ids).
+fn origin(orig: &[Value], orig_raw: &[String], out: &[Value], out_raw: &[String]) -> Vec<usize> {
+    let mut idx = Vec::new();
+    let mut from = 0;
+    for (j, m) in out.iter().enumerate() {
+        let pos = (from..orig.len())
+            .find(|&i| orig_raw[i] == out_raw[j])
+            .or_else(|| {
+                // An elided message: same bytes up to its first marker (or 80 bytes).
+                let mark = out_raw[j].find("[ctxgate: ")?;
+                let want = mark.min(80);
+                (from..orig.len()).find(|&i| {
+                    let compact = serde_json::to_string(&orig[i]).unwrap();
+                    let lcp = compact
+                        .bytes()
+                        .zip(out_raw[j].bytes())
+                        .take_while(|(a, b)| a == b)
+                        .count();
+                    lcp >= want
+                        && orig[i]["role"] == m["role"]
+                        && orig[i].get("tool_call_id") == m.get("tool_call_id")
+                        && orig[i].get("tool_calls") == m.get("tool_calls")
+                })
+            })
+            .unwrap_or_else(|| {
+                panic!(
+                    "forwarded message {j} not found in the original: {}",
+                    out_raw[j]
+                )
+            });
+        idx.push(pos);
+        from = pos + 1;
+    }
+    idx
+}
+
+fn ids(m: &Value, dialect: Dialect) -> (Vec<String>, Vec<String>) {
+    let mut calls = Vec::new();
+    let mut answers = Vec::new();
+    match dialect {
+        Dialect::OpenAi => {
+            for c in m["tool_calls"].as_array().into_iter().flatten() {
+                calls.push(c["id"].as_str().unwrap().to_string());
+            }
+            if let Some(id) = m["tool_call_id"].as_str() {
+                answers.push(id.to_string());
+            }
+        }
+        Dialect::Anthropic => {
+            for b in m["content"].as_array().into_iter().flatten() {
+                match b["type"].as_str() {
+                    Some("tool_use") => calls.push(b["id"].as_str().unwrap().to_string()),
+                    Some("tool_result") => {
+                        answers.push(b["tool_use_id"].as_str().unwrap().to_string())
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+    (calls, answers)
+}
+
+/// Kept history = system prefix + optional pinned task + one contiguous tail ending at the
+/// newest message; no orphaned call or result; Anthropic starts with a user message.
+fn check_structure(dialect: Dialect, orig_body: &[u8], out_body: &[u8]) {
+    let orig = messages(orig_body);
+    let out = messages(out_body);
+    let orig_raw = raw_messages(orig_body);
+    let out_raw = raw_messages(out_body);
+    let idx = origin(&orig, &orig_raw, &out, &out_raw);
+    let sys = orig
+        .iter()
+        .take_while(|m| m["role"] == "system" || m["role"] == "developer")
+        .count();
+    assert_eq!(
+        &idx[..sys.min(idx.len())],
+        &(0..sys).collect::<Vec<_>>()[..],
+        "system prefix kept"
+    );
+    assert_eq!(
+        idx.last().copied(),
+        Some(orig.len() - 1),
+        "newest message kept"
+    );
+    // Contiguous tail, allowing one gap right after the pinned task.
+    let rest = &idx[sys..];
+    let gaps: Vec<usize> = (1..rest.len())
+        .filter(|&k| rest[k] != rest[k - 1] + 1)
+        .collect();
+    assert!(gaps.len() <= 1, "kept {idx:?}");
+    if let Some(&g) = gaps.first() {
+        // Everything before the gap is the task's unit, which opens the newest turn.
+        let task = rest[..g]
+            .iter()
+            .copied()
+            .find(|&i| orig[i]["role"] == "user")
+            .unwrap_or_else(|| panic!("no task before the gap: {idx:?}"));
+        let genuine = |m: &Value| {
+            m["role"] == "user"
+                && !(dialect == Dialect::Anthropic
+                    && m["content"].as_array().is_some_and(|a| {
+                        !a.is_empty() && a.iter().all(|b| b["type"] == "tool_result")
+                    }))
+        };
+        assert!(
+            orig[task + 1..].iter().all(|m| !genuine(m)),
+            "gap only inside the newest turn: {idx:?}"
+        );
+    }
+    let mut calls = std::collections::HashSet::new();
+    let mut answers = std::collections::HashSet::new();
+    for m in &out {
+        let (c, a) = ids(m, dialect);
+        calls.extend(c);
+        answers.extend(a);
+    }
+    let mut answered_in_orig = std::collections::HashSet::new();
+    for m in &orig {
+        answered_in_orig.extend(ids(m, dialect).1);
+    }
+    for a in &answers {
+        assert!(calls.contains(a), "orphaned result {a}");
+    }
+    for c in &calls {
+        assert!(
+            !answered_in_orig.contains(c) || answers.contains(c),
+            "call {c} without its result"
+        );
+    }
+    if dialect == Dialect::Anthropic {
+        assert_eq!(out[0]["role"], "user");
+    }
+}
+
+/// Top-level fields other than `messages` are kept, raw and in order.
+fn check_fields(orig_body: &[u8], out_body: &[u8]) {
+    let orig: serde_json::Map<String, Value> = serde_json::from_slice(orig_body).unwrap();
+    let out: serde_json::Map<String, Value> = serde_json::from_slice(out_body).unwrap();
+    assert_eq!(
+        orig.keys().collect::<Vec<_>>(),
+        out.keys().collect::<Vec<_>>()
+    );
+    for (k, v) in &orig {
+        if k != "messages" {
+            assert_eq!(&out[k], v, "{k}");
+        }
+    }
+}
+
+#[test]
+fn unknown_fields_and_raw_bytes_are_preserved() {
+    let body = br#"{"zeta": {"b":1, "a":[1,2.50,3]},"model":"gpt-4o","messages":[
+        {"role":"system","content":"sys"},
+        {"role":"user","content":"first question with padding padding padding padding"},
+        {"role":"assistant","content":"first answer", "extra_field": {"k": "v"}},
+        {"role":"user", "content":"second   question",   "weird":  true}
+    ],"alpha":   "x"}"#;
+    let req = ChatRequest::parse(Dialect::OpenAi, body).unwrap();
+    let budget = Budget {
+        max_messages: 3,
+        ..seed_budget()
+    };
+    let out = prune(&req, &budget, &view(), "u", &counter());
+    let Outcome::Pruned { body: pruned, .. } = out else {
+        panic!("{out:?}")
+    };
+    assert_eq!(
+        String::from_utf8(pruned).unwrap(),
+        r#"{"zeta":{"b":1, "a":[1,2.50,3]},"model":"gpt-4o","messages":[{"role":"system","content":"sys"},{"role":"assistant","content":"first answer", "extra_field": {"k": "v"}},{"role":"user", "content":"second   question",   "weird":  true}],"alpha":"x"}"#
+    );
+}
+
+// ---------------------------------------------------------------- properties
+
+#[derive(Debug, Clone)]
+struct GenTurn {
+    user_words: usize,
+    user_file_lines: usize,
+    steps: Vec<(usize, usize)>, // (calls in the step, result lines)
+    answer_words: usize,
+}
+
+fn gen_turn() -> impl Strategy<Value = GenTurn> {
+    (
+        1usize..60,
+        prop_oneof![Just(0usize), 5usize..60],
+        prop::collection::vec((1usize..3, 1usize..40), 0..3),
+        0usize..80,
+    )
+        .prop_map(
+            |(user_words, user_file_lines, steps, answer_words)| GenTurn {
+                user_words,
+                user_file_lines,
+                steps,
+                answer_words,
+            },
+        )
+}
+
+fn render(turns: &[GenTurn], dialect: Dialect, end_in_tool: bool) -> Vec<u8> {
+    let mut msgs: Vec<Value> = Vec::new();
+    if dialect == Dialect::OpenAi {
+        msgs.push(json!({"role":"system","content":"You are a careful agent."}));
+    }
+    let mut call = 0;
+    for (t, turn) in turns.iter().enumerate() {
+        let mut text = format!("turn {t}: ") + &"please do the thing ".repeat(turn.user_words);
+        if turn.user_file_lines > 0 {
+            let file: String = (0..turn.user_file_lines)
+                .map(|i| format!("let v{i} = {t} + {i};\n"))
+                .collect();
+            text += &format!("\n--- BEGIN FILE: src/f{t}.rs ---\n{file}--- END FILE: src/f{t}.rs ---\n```rust src/g{t}.rs\n{file}```\n");
+        }
+        msgs.push(match dialect {
+            Dialect::OpenAi => json!({"role":"user","content": text}),
+            Dialect::Anthropic => json!({"role":"user","content":[{"type":"text","text": text}]}),
+        });
+        let last_turn = t + 1 == turns.len();
+        for (s, &(n_calls, lines)) in turn.steps.iter().enumerate() {
+            let result: String = (0..lines)
+                .map(|i| format!("out {i}: ok {t} {s}\n"))
+                .collect();
+            let ids: Vec<String> = (0..n_calls)
+                .map(|_| {
+                    call += 1;
+                    format!("c{call}")
+                })
+                .collect();
+            match dialect {
+                Dialect::OpenAi => {
+                    msgs.push(json!({"role":"assistant","content":null,"tool_calls": ids.iter().map(|id|
+                        json!({"id": id, "type":"function","function":{"name":"run","arguments":"{\"cmd\":\"ls\"}"}})).collect::<Vec<_>>()}));
+                    for id in &ids {
+                        msgs.push(json!({"role":"tool","tool_call_id": id, "content": result}));
+                    }
+                }
+                Dialect::Anthropic => {
+                    msgs.push(json!({"role":"assistant","content": ids.iter().map(|id|
+                        json!({"type":"tool_use","id": id,"name":"run","input":{"cmd":"ls"}})).collect::<Vec<_>>()}));
+                    msgs.push(json!({"role":"user","content": ids.iter().map(|id|
+                        json!({"type":"tool_result","tool_use_id": id,"content": result})).collect::<Vec<_>>()}));
+                }
+            }
+        }
+        if !last_turn || (!end_in_tool && turn.answer_words > 0) {
+            let a = format!("answer {t}: ") + &"done and dusted ".repeat(turn.answer_words.max(1));
+            msgs.push(match dialect {
+                Dialect::OpenAi => json!({"role":"assistant","content": a}),
+                Dialect::Anthropic => {
+                    json!({"role":"assistant","content":[{"type":"text","text": a}]})
+                }
+            });
+        }
+    }
+    let mut body = json!({"model":"gpt-4o","temperature":0.5});
+    let obj = body.as_object_mut().unwrap();
+    if dialect == Dialect::Anthropic {
+        obj.insert("system".into(), json!([{"type":"text","text":"You are a careful agent.","cache_control":{"type":"ephemeral"}}]));
+        obj.insert("max_tokens".into(), json!(256));
+    }
+    obj.insert("messages".into(), Value::Array(msgs));
+    obj.insert("tools".into(), json!([{"type":"function","function":{"name":"run","description":"Run a command.","parameters":{"type":"object","properties":{"cmd":{"type":"string","description":"Command."}}}}}]));
+    obj.insert("zz_unknown".into(), json!({"keep": [1, 2, 3]}));
+    body.to_string().into_bytes()
+}
+
+fn gen_budget() -> impl Strategy<Value = Budget> {
+    (
+        200u64..3000,
+        prop_oneof![Just(0u64), 2u64..9],
+        0u64..3,
+        3u64..12,
+        0usize..3,
+        any::<bool>(),
+    )
+        .prop_map(
+            |(hard, max_messages, keep, min_lines, ov, reserve)| Budget {
+                hard_token_limit: hard,
+                target_tokens: hard * 6 / 10,
+                max_messages,
+                keep_file_content_turns: keep,
+                min_file_lines: min_lines,
+                reserve_output: reserve,
+                on_overflow: [
+                    OnOverflow::Reject,
+                    OnOverflow::Truncate,
+                    OnOverflow::Forward,
+                ][ov],
+                mode: Mode::Enforce,
+                default_encoding: Encoding::O200kBase,
+            },
+        )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    #[test]
+    fn pruning_properties(
+        turns in prop::collection::vec(gen_turn(), 1..8),
+        anthropic in any::<bool>(),
+        end_in_tool in any::<bool>(),
+        budget in gen_budget(),
+    ) {
+        let dialect = if anthropic { Dialect::Anthropic } else { Dialect::OpenAi };
+        let body = render(&turns, dialect, end_in_tool);
+        let req = ChatRequest::parse(dialect, &body).unwrap();
+        let c = counter();
+        let v = view();
+        let limit = budget.hard_token_limit - if budget.reserve_output && anthropic { 256 } else { 0 }.min(budget.hard_token_limit);
+        let out = prune(&req, &budget, &v, "p", &c);
+        match &out {
+            Outcome::Unchanged(s) => {
+                if !s.overflow_forwarded {
+                    prop_assert!(s.tokens_after <= limit);
+                    prop_assert!(s.tokens_before_exact);
+                }
+                prop_assert_eq!(s.tokens_after, c.count_request(&req));
+            }
+            Outcome::Pruned { body: pruned, summary } => {
+                prop_assert!(summary.tokens_after <= limit, "{:?}", summary);
+                prop_assert_eq!(count_body(dialect, pruned), summary.tokens_after);
+                if !summary.truncated {
+                    check_structure(dialect, &body, pruned);
+                }
+                check_fields(&body, pruned);
+                // Deterministic, and shadow mode reports the same.
+                let again = prune(&req, &budget, &view(), "q", &c);
+                prop_assert_eq!(&again, &out);
+                let shadow = prune(&req, &Budget { mode: Mode::Shadow, ..budget.clone() }, &view(), "s", &c);
+                prop_assert_eq!(shadow, Outcome::Shadow(summary.clone()));
+                // Same request again through the same view: same bytes.
+                let warm = prune(&req, &budget, &v, "p", &c);
+                prop_assert_eq!(&warm, &Outcome::Pruned { body: pruned.clone(), summary: Summary {
+                    view_hit: true,
+                    cut_moved: false,
+                    // Counts cached by the first run may replace estimates.
+                    tokens_before: warm.summary().unwrap().tokens_before,
+                    tokens_before_exact: warm.summary().unwrap().tokens_before_exact,
+                    ..summary.clone()
+                } });
+            }
+            Outcome::Rejected(r) => {
+                prop_assert_eq!(budget.on_overflow == OnOverflow::Reject || budget.on_overflow == OnOverflow::Truncate, true);
+                prop_assert!(r.pinned_tokens > r.limit);
+                prop_assert_eq!(r.limit, limit);
+            }
+            Outcome::Shadow(_) => prop_assert!(false, "enforce mode"),
+        }
+    }
+
+    #[test]
+    fn elision_is_idempotent(lines in 0usize..40, min_lines in 1u64..30, pre in "[a-z ]{0,40}") {
+        let c = counter();
+        let file: String = (0..lines).map(|i| format!("x{i}\n")).collect();
+        let text = format!("{pre}\n```rust a/b.rs\n{file}```\ntail\n--- BEGIN FILE: q ---\n{file}--- END FILE: q ---\n");
+        let once = elide::elide_text(&text, min_lines, &c, Encoding::O200kBase).map(|x| x.0).unwrap_or_else(|| text.clone());
+        let twice = elide::elide_text(&once, min_lines, &c, Encoding::O200kBase).map(|x| x.0).unwrap_or_else(|| once.clone());
+        prop_assert_eq!(&once, &twice);
+        let again = elide::elide_text(&text, min_lines, &c, Encoding::O200kBase).map(|x| x.0).unwrap_or_else(|| text.clone());
+        prop_assert_eq!(once, again);
+    }
+}

@@ -1,0 +1,139 @@
+//! The conversation view: per conversation, what earlier requests taught us — each
+//! message's fingerprint, facts and token count, its elided form, and the current cut
+//! point — so that a conversation that grows by one message costs one message's count, and
+//! the cut can stay put from turn to turn (a byte-stable prefix for provider caches).
+//!
+//! A moka cache bounded by an approximate weight in bytes, with an idle TTL. Requests of one
+//! conversation are serialised by the gate, so read-modify-write of an entry is race-free in
+//! practice; a lost update only costs a recount.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use moka::sync::Cache;
+use serde_json::value::RawValue;
+
+use crate::prune::request::Meta;
+use crate::prune::tokens::Encoding;
+
+/// The conversation view shared by all requests (cheap to share: wrap it in an `Arc`).
+pub struct View {
+    cache: Cache<String, Arc<ConvState>>,
+    hits: AtomicU64,
+    misses: AtomicU64,
+}
+
+impl std::fmt::Debug for View {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("View")
+            .field("entries", &self.cache.entry_count())
+            .field("hits", &self.hits())
+            .field("misses", &self.misses())
+            .finish()
+    }
+}
+
+impl View {
+    /// A view holding at most about `max_weight_bytes` of state; a conversation idle for
+    /// `idle_ttl` is forgotten.
+    pub fn new(max_weight_bytes: u64, idle_ttl: Duration) -> View {
+        let cache = Cache::builder()
+            .max_capacity(max_weight_bytes)
+            .weigher(|k: &String, v: &Arc<ConvState>| {
+                u32::try_from(k.len() + v.weight()).unwrap_or(u32::MAX)
+            })
+            .time_to_idle(idle_ttl)
+            .build();
+        View {
+            cache,
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+        }
+    }
+
+    /// Conversations held (approximate: moka applies evictions lazily).
+    pub fn entry_count(&self) -> u64 {
+        self.cache.run_pending_tasks();
+        self.cache.entry_count()
+    }
+
+    /// Requests that found their conversation's earlier messages in the view.
+    pub fn hits(&self) -> u64 {
+        self.hits.load(Ordering::Relaxed)
+    }
+
+    /// Requests that did not.
+    pub fn misses(&self) -> u64 {
+        self.misses.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn get(&self, conversation: &str) -> Option<Arc<ConvState>> {
+        self.cache.get(conversation)
+    }
+
+    pub(crate) fn record(&self, hit: bool) {
+        let c = if hit { &self.hits } else { &self.misses };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn put(&self, conversation: &str, state: ConvState) {
+        self.cache.insert(conversation.to_string(), Arc::new(state));
+    }
+}
+
+/// What the view knows about one conversation.
+#[derive(Debug, Clone)]
+pub(crate) struct ConvState {
+    /// Encoding, min_file_lines and dialect the counts and elisions were made with.
+    pub(crate) key: StateKey,
+    /// Fingerprint and tokens of the tools / functions / Anthropic system part.
+    pub(crate) fixed: Option<(u64, u64)>,
+    /// One entry per message, in order.
+    pub(crate) msgs: Vec<Entry>,
+    /// The current cut: index and fingerprint of the first kept history message.
+    pub(crate) cut: Option<(usize, u64)>,
+}
+
+impl ConvState {
+    fn weight(&self) -> usize {
+        let per = std::mem::size_of::<Entry>() + std::mem::size_of::<Meta>() + 32;
+        let elided: usize = self
+            .msgs
+            .iter()
+            .filter_map(|e| e.elided.as_ref())
+            .map(|e| e.raw.as_ref().map_or(0, |r| r.get().len()) + 32)
+            .sum();
+        128 + self.msgs.len() * per + elided
+    }
+}
+
+/// Settings the cached figures depend on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct StateKey {
+    pub(crate) enc: Encoding,
+    pub(crate) min_file_lines: u64,
+    pub(crate) anthropic: bool,
+}
+
+/// What the view knows about one message.
+#[derive(Debug, Clone)]
+pub(crate) struct Entry {
+    pub(crate) fp: u64,
+    pub(crate) meta: Arc<Meta>,
+    /// Exact tokens of the message as sent, once counted.
+    pub(crate) tokens: Option<u64>,
+    /// The message with older file contents elided, once computed.
+    pub(crate) elided: Option<Arc<Elided>>,
+}
+
+/// A message's elided form.
+#[derive(Debug)]
+pub(crate) struct Elided {
+    /// The elided JSON; `None` when there was nothing to elide (use the original).
+    pub(crate) raw: Option<Box<RawValue>>,
+    /// Exact tokens of the elided form.
+    pub(crate) tokens: u64,
+    /// Files elided.
+    pub(crate) files: usize,
+}

@@ -59,6 +59,12 @@ pub enum Error {
     /// The upstream closed or reset the connection before answering.
     #[error("upstream {upstream} closed the connection before answering: {reason}")]
     UpstreamReset { upstream: String, reason: String },
+    /// The chat body could not be parsed and `prune.on_parse_error = "reject"`.
+    #[error("request body is not a valid chat request: {0} (prune.on_parse_error)")]
+    BadChatBody(String),
+    /// The pinned part of the prompt alone is over the token limit.
+    #[error("{}", .0.message)]
+    ContextOverflow(crate::prune::Rejection),
     /// The gate refused the request: its conversation's queue is full or the wait timed out.
     #[error("{0}")]
     Gate(crate::gate::Rejected),
@@ -92,6 +98,8 @@ impl Error {
             Error::UpstreamConnect { .. } => StatusCode::BAD_GATEWAY,
             Error::UpstreamReset { .. } => StatusCode::BAD_GATEWAY,
             Error::Gate(_) => StatusCode::TOO_MANY_REQUESTS,
+            Error::BadChatBody(_) => StatusCode::BAD_REQUEST,
+            Error::ContextOverflow(_) => StatusCode::BAD_REQUEST,
             Error::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
         }
     }
@@ -105,6 +113,8 @@ impl Error {
             Error::BodyRead(_) => "body_read",
             Error::UpstreamConnect { .. } => "upstream_connect",
             Error::UpstreamReset { .. } => "upstream_reset",
+            Error::BadChatBody(_) => "bad_chat_body",
+            Error::ContextOverflow(_) => "context_length_exceeded",
             Error::Gate(crate::gate::Rejected::QueueFull { .. }) => "gate_queue_full",
             Error::Gate(crate::gate::Rejected::QueueTimeout { .. }) => "gate_queue_timeout",
             Error::Timeout {
@@ -152,6 +162,16 @@ impl Error {
             Error::UpstreamConnect { .. } => ("server_error", "upstream_unreachable", "api_error"),
             Error::UpstreamReset { .. } => ("server_error", "upstream_reset", "api_error"),
             Error::Gate(r) => ("rate_limit_error", r.reason(), "rate_limit_error"),
+            Error::BadChatBody(_) => (
+                "invalid_request_error",
+                "invalid_chat_body",
+                "invalid_request_error",
+            ),
+            Error::ContextOverflow(_) => (
+                "invalid_request_error",
+                "context_length_exceeded",
+                "invalid_request_error",
+            ),
             Error::Timeout { .. } => ("server_error", "upstream_timeout", "timeout_error"),
         }
     }

@@ -47,7 +47,12 @@ pub async fn serve(
     let gates = proxy.gates().clone();
     let sweeper = gates.spawn_sweeper();
     let m = metrics.clone();
+    let view = proxy.view().clone();
     let before_scrape: Box<dyn Fn() + Send + Sync> = Box::new(move || {
+        metrics::Metrics::sync_counter(&m.view_hits, view.hits());
+        metrics::Metrics::sync_counter(&m.view_misses, view.misses());
+        m.view_entries
+            .set(i64::try_from(view.entry_count()).unwrap_or(i64::MAX));
         m.gate_waiters.set(gates.waiters() as i64);
         m.gate_active.set(gates.active_gates() as i64);
         m.gate_known.set(gates.known_gates() as i64);

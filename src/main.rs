@@ -30,6 +30,141 @@ enum Command {
         #[arg(long, short, default_value = "config.toml")]
         config: PathBuf,
     },
+    /// Prune a chat request read from stdin as the proxy would: the request on stdout, the
+    /// summary on stderr.
+    Prune {
+        /// The config file.
+        #[arg(long, short, default_value = "config.toml")]
+        config: PathBuf,
+        /// The route whose dialect and budget apply.
+        #[arg(long, short)]
+        route: String,
+    },
+    /// Print the prompt token count of a chat request read from stdin (tools included).
+    Count {
+        /// The config file (optional: without it the dialect is OpenAI's and the encoding
+        /// follows the body's `model`).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// The route whose dialect and default encoding apply (needs --config).
+        #[arg(long, short, requires = "config")]
+        route: Option<String>,
+    },
+}
+
+fn read_stdin() -> Result<Vec<u8>, ExitCode> {
+    let mut buf = Vec::new();
+    std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf).map_err(|e| {
+        eprintln!("ctxgate: cannot read stdin: {e}");
+        ExitCode::FAILURE
+    })?;
+    Ok(buf)
+}
+
+fn find_route<'a>(
+    cfg: &'a ctxgate::Config,
+    name: &str,
+) -> Result<&'a ctxgate::config::Route, ExitCode> {
+    cfg.route(name).ok_or_else(|| {
+        let names: Vec<&str> = cfg.routes.iter().map(|r| r.name.as_str()).collect();
+        eprintln!(
+            "ctxgate: no route named {name:?} (--route); routes: {}",
+            names.join(", ")
+        );
+        ExitCode::from(EXIT_CONFIG)
+    })
+}
+
+#[allow(clippy::print_stdout)]
+fn prune_cmd(config: &std::path::Path, route: &str) -> Result<ExitCode, ExitCode> {
+    use ctxgate::prune::{ChatRequest, Counter, Outcome, View};
+    use std::io::Write;
+    let cfg = load(config)?;
+    let route = find_route(&cfg, route)?;
+    let body = read_stdin()?;
+    let req = ChatRequest::parse(route.dialect, &body).map_err(|e| {
+        eprintln!(
+            "ctxgate: stdin is not a {} chat request: {e}",
+            route.dialect.as_str()
+        );
+        ExitCode::FAILURE
+    })?;
+    let budget = ctxgate::proxy::effective_budget(&route.prune, req.model(), None);
+    let counter = Counter::new(budget.default_encoding);
+    let view = View::new(cfg.prune.view_max_bytes, cfg.prune.view_idle_ttl);
+    let conversation = req.fingerprint(&route.name);
+    let Some(outcome) =
+        ctxgate::proxy::prune_guarded(&req, &budget, &view, &conversation, &counter)
+    else {
+        eprintln!("ctxgate: pruning failed (a bug: please report it with the request)");
+        return Err(ExitCode::FAILURE);
+    };
+    let (out, label): (&[u8], &str) = match &outcome {
+        Outcome::Unchanged(_) => (&body, "unchanged"),
+        Outcome::Shadow(_) => (&body, "shadow (forwarded unchanged)"),
+        Outcome::Pruned { body, .. } => (body, "pruned"),
+        Outcome::Rejected(r) => {
+            eprintln!("ctxgate: rejected: {}", r.message);
+            return Ok(ExitCode::from(2));
+        }
+    };
+    let mut stdout = std::io::stdout().lock();
+    let _ = stdout.write_all(out);
+    let _ = stdout.write_all(b"\n");
+    if let Some(s) = outcome.summary() {
+        let pct = if s.tokens_before == 0 {
+            0.0
+        } else {
+            100.0 * (1.0 - s.tokens_after as f64 / s.tokens_before as f64)
+        };
+        eprintln!(
+            "{label}: route {}, budget {} tokens (target {}), {} messages max\n\
+             BEFORE pruning: {} messages, {} chars, {}{} tokens\n\
+             AFTER pruning: {}/{} messages kept, {} chars, {} tokens ({:.1}% reduction), {} files elided",
+            route.name,
+            budget.hard_token_limit,
+            budget.target_tokens,
+            budget.max_messages,
+            s.messages_before,
+            s.chars_before,
+            if s.tokens_before_exact { "" } else { "~" },
+            s.tokens_before,
+            s.messages_after,
+            s.messages_before,
+            s.chars_after,
+            s.tokens_after,
+            pct,
+            s.files_elided
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[allow(clippy::print_stdout)]
+fn count_cmd(config: Option<&std::path::Path>, route: Option<&str>) -> Result<ExitCode, ExitCode> {
+    use ctxgate::prune::{ChatRequest, Counter, Encoding};
+    let (dialect, encoding) = match (config, route) {
+        (Some(path), Some(name)) => {
+            let cfg = load(path)?;
+            let r = find_route(&cfg, name)?;
+            (r.dialect, r.prune.budget.default_encoding)
+        }
+        (Some(path), None) => (
+            ctxgate::dialect::Dialect::OpenAi,
+            load(path)?.prune.budget.default_encoding,
+        ),
+        _ => (ctxgate::dialect::Dialect::OpenAi, Encoding::O200kBase),
+    };
+    let body = read_stdin()?;
+    let req = ChatRequest::parse(dialect, &body).map_err(|e| {
+        eprintln!(
+            "ctxgate: stdin is not a {} chat request: {e}",
+            dialect.as_str()
+        );
+        ExitCode::FAILURE
+    })?;
+    println!("{}", Counter::new(encoding).count_request(&req));
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Exit code for a bad config (EX_USAGE from sysexits.h).
@@ -90,6 +225,10 @@ fn main() -> ExitCode {
             }
             Err(code) => code,
         },
+        Command::Prune { config, route } => prune_cmd(&config, &route).unwrap_or_else(|c| c),
+        Command::Count { config, route } => {
+            count_cmd(config.as_deref(), route.as_deref()).unwrap_or_else(|c| c)
+        }
         Command::Serve { config } => {
             init_tracing();
             let cfg = match load(&config) {

@@ -6,8 +6,8 @@
 //! name is never a label.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Latency buckets (seconds) spanning sub-millisecond proxy overhead to multi-minute streams.
@@ -21,6 +21,39 @@ const OVERHEAD_BUCKETS: &[f64] = &[
     0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
     0.1, 0.5,
 ];
+
+/// Token-count buckets: from a short prompt to a long agent conversation.
+const TOKEN_BUCKETS: &[f64] = &[
+    250.0, 500.0, 1000.0, 2000.0, 4000.0, 8000.0, 16000.0, 32000.0, 64000.0, 128000.0, 256000.0,
+];
+
+/// One route's pruning metrics, resolved once so the hot path does no label lookups.
+#[derive(Clone)]
+pub struct PruneMetrics {
+    actions: IntCounterVec,
+    route: String,
+    /// Prompt tokens before pruning.
+    pub tokens_before: Histogram,
+    /// Prompt tokens forwarded.
+    pub tokens_after: Histogram,
+    /// Tokens removed by pruning.
+    pub tokens_removed: IntCounter,
+    /// Messages dropped.
+    pub messages_dropped: IntCounter,
+    /// Files elided.
+    pub files_elided: IntCounter,
+    /// Times the cache-stable cut moved.
+    pub cut_moves: IntCounter,
+    /// Time the prune phase took.
+    pub duration: Histogram,
+}
+
+impl PruneMetrics {
+    /// Counts one prune action (`unchanged`, `pruned`, `rejected`, `skipped`, `shadow`).
+    pub fn action(&self, action: &str) {
+        self.actions.with_label_values(&[&self.route, action]).inc();
+    }
+}
 
 /// Every metric ctxgate exports.
 #[derive(Clone)]
@@ -40,6 +73,26 @@ pub struct Metrics {
     pub timeouts: IntCounterVec,
     /// `ctxgate_client_disconnects_total{route}`: clients that left before the last byte.
     pub client_disconnects: IntCounterVec,
+    /// `ctxgate_prune_actions_total{route,action}`: what pruning did with each chat request.
+    pub prune_actions: IntCounterVec,
+    /// `ctxgate_prune_prompt_tokens{route,stage}`: prompt tokens before / after pruning.
+    pub prune_tokens: HistogramVec,
+    /// `ctxgate_prune_tokens_removed_total{route}`.
+    pub prune_tokens_removed: IntCounterVec,
+    /// `ctxgate_prune_messages_dropped_total{route}`.
+    pub prune_messages_dropped: IntCounterVec,
+    /// `ctxgate_prune_files_elided_total{route}`.
+    pub prune_files_elided: IntCounterVec,
+    /// `ctxgate_prune_cut_moves_total{route}`: times the cache-stable cut had to move.
+    pub prune_cut_moves: IntCounterVec,
+    /// `ctxgate_prune_duration_seconds{route}`: time the prune phase took.
+    pub prune_duration: HistogramVec,
+    /// `ctxgate_view_hits_total`: prunes that found the conversation in the view.
+    pub view_hits: IntCounter,
+    /// `ctxgate_view_misses_total`: prunes that did not.
+    pub view_misses: IntCounter,
+    /// `ctxgate_view_entries`: conversations in the view.
+    pub view_entries: IntGauge,
     /// `ctxgate_gate_wait_seconds{route}`: time a request waited for admission.
     pub gate_wait: HistogramVec,
     /// `ctxgate_gate_rejections_total{route,reason}`: 429s by reason (queue_full, queue_timeout).
@@ -98,7 +151,58 @@ impl Metrics {
             register(&registry, Box::new(g.clone()));
             g
         };
+        let plain_counter = |name: &str, help: &str| {
+            let c = IntCounter::new(name, help).unwrap_or_else(|e| unreachable_metric(name, e));
+            register(&registry, Box::new(c.clone()));
+            c
+        };
         let m = Metrics {
+            prune_actions: counter(
+                "ctxgate_prune_actions_total",
+                "Chat requests by what pruning did: unchanged, pruned, rejected, skipped, shadow.",
+                &["route", "action"],
+            ),
+            prune_tokens: histogram(
+                "ctxgate_prune_prompt_tokens",
+                "Prompt tokens of chat requests before and after pruning (stage).",
+                &["route", "stage"],
+                TOKEN_BUCKETS,
+            ),
+            prune_tokens_removed: counter(
+                "ctxgate_prune_tokens_removed_total",
+                "Prompt tokens removed by pruning.",
+                &["route"],
+            ),
+            prune_messages_dropped: counter(
+                "ctxgate_prune_messages_dropped_total",
+                "Messages dropped by pruning.",
+                &["route"],
+            ),
+            prune_files_elided: counter(
+                "ctxgate_prune_files_elided_total",
+                "File contents elided from older turns.",
+                &["route"],
+            ),
+            prune_cut_moves: counter(
+                "ctxgate_prune_cut_moves_total",
+                "Times the cache-stable cut point had to move (each move costs a prompt-cache write).",
+                &["route"],
+            ),
+            prune_duration: histogram(
+                "ctxgate_prune_duration_seconds",
+                "Time the prune phase took.",
+                &["route"],
+                OVERHEAD_BUCKETS,
+            ),
+            view_hits: plain_counter(
+                "ctxgate_view_hits_total",
+                "Prunes that found the conversation's earlier messages in the view.",
+            ),
+            view_misses: plain_counter(
+                "ctxgate_view_misses_total",
+                "Prunes that did not find the conversation in the view.",
+            ),
+            view_entries: plain_gauge("ctxgate_view_entries", "Conversations held in the view."),
             gate_wait: histogram(
                 "ctxgate_gate_wait_seconds",
                 "Time a request waited at its gate before being admitted.",
@@ -174,6 +278,29 @@ impl Metrics {
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
         m
+    }
+
+    /// The pruning metrics of one route.
+    pub fn prune_for(&self, route: &str) -> PruneMetrics {
+        PruneMetrics {
+            actions: self.prune_actions.clone(),
+            route: route.to_string(),
+            tokens_before: self.prune_tokens.with_label_values(&[route, "before"]),
+            tokens_after: self.prune_tokens.with_label_values(&[route, "after"]),
+            tokens_removed: self.prune_tokens_removed.with_label_values(&[route]),
+            messages_dropped: self.prune_messages_dropped.with_label_values(&[route]),
+            files_elided: self.prune_files_elided.with_label_values(&[route]),
+            cut_moves: self.prune_cut_moves.with_label_values(&[route]),
+            duration: self.prune_duration.with_label_values(&[route]),
+        }
+    }
+
+    /// Raises a counter to a cumulative value kept elsewhere (the view's own hit counts).
+    pub fn sync_counter(c: &IntCounter, total: u64) {
+        let cur = c.get();
+        if total > cur {
+            c.inc_by(total - cur);
+        }
     }
 
     /// The registry, for modules that register their own collectors.

@@ -79,3 +79,41 @@ async fn official_sdks_through_ctxgate() {
     assert_eq!(got[2].headers["x-api-key"], "sk-ant-test-0123456789");
     assert!(got[2].headers.contains_key("anthropic-version"));
 }
+
+#[tokio::test]
+async fn openai_sdk_long_conversation_is_pruned() {
+    let up = mock(llm_reply).await;
+    let cfg = format!(
+        "[prune]\nhard_token_limit = 4000\nmax_messages = 5\n[[routes]]\nname = \"openai\"\nprefix = \"/v1/\"\nupstream = \"{}v1/\"\ndialect = \"openai\"\nprewarm_connections = 0\n",
+        up.url()
+    );
+    let gate = start(&cfg).await;
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = tokio::process::Command::new(python())
+        .arg(dir.join("tests/sdk/clients.py"))
+        .arg(format!("http://{}", gate.addr))
+        .arg("long")
+        .arg(dir.join("tests/fixtures/openai-seed.json"))
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "sdk script failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["text"], "Hello from the mock.");
+    let got = up.requests();
+    assert_eq!(got.len(), 1);
+    let fwd: serde_json::Value = serde_json::from_slice(&got[0].body).unwrap();
+    let n = fwd["messages"].as_array().unwrap().len();
+    assert!(n <= 5, "upstream got {n} messages");
+    let req = ctxgate::prune::ChatRequest::parse(ctxgate::dialect::Dialect::OpenAi, &got[0].body)
+        .unwrap();
+    let after =
+        ctxgate::prune::Counter::new(ctxgate::prune::Encoding::O200kBase).count_request(&req);
+    assert!(after <= 4000, "upstream got {after} tokens");
+    assert_eq!(v["tokens_after"].as_str().unwrap(), after.to_string());
+    assert!(v["tokens_before"].as_str().unwrap().parse::<u64>().unwrap() > 50_000);
+}

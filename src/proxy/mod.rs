@@ -34,11 +34,12 @@ use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::body::Incoming;
 use prometheus::{Histogram, IntCounter};
 
-use crate::config::{Config, Conversation, Route};
+use crate::config::{Config, Conversation, OnParseError, Route};
 use crate::dialect::Dialect;
 use crate::error::{Error, Phase};
 use crate::gate::{Gates, Permit};
 use crate::metrics::Metrics;
+use crate::prune::{self, Budget, ChatRequest, Counter, Outcome, Summary, View};
 use body::{CallEnd, CallGuard, End, ResponseBody, StreamBack, StreamTimers};
 use upstream::{RequestBody, UpstreamClient};
 
@@ -49,6 +50,7 @@ pub struct RouteState {
     /// Its pooled upstream client.
     pub client: UpstreamClient,
     metrics: RouteMetrics,
+    prune_metrics: crate::metrics::PruneMetrics,
 }
 
 /// Per-route metric handles, resolved once so the hot path does no label lookups.
@@ -81,6 +83,8 @@ pub struct Proxy {
     metrics: Metrics,
     gates: Arc<Gates>,
     conversation: Conversation,
+    counter: Arc<Counter>,
+    view: Arc<View>,
 }
 
 impl Proxy {
@@ -94,6 +98,7 @@ impl Proxy {
                 config: r.clone(),
                 client,
                 metrics: RouteMetrics::new(&metrics, &r.name),
+                prune_metrics: metrics.prune_for(&r.name),
             }));
         }
         routes.sort_by_key(|r| std::cmp::Reverse(r.config.prefix.len()));
@@ -117,7 +122,17 @@ impl Proxy {
             metrics,
             gates,
             conversation: config.conversation.clone(),
+            counter: Arc::new(Counter::new(config.prune.budget.default_encoding)),
+            view: Arc::new(View::new(
+                config.prune.view_max_bytes,
+                config.prune.view_idle_ttl,
+            )),
         })
+    }
+
+    /// The conversation view, for its gauges.
+    pub fn view(&self) -> &Arc<View> {
+        &self.view
     }
 
     /// The gates, for the sweeper and the gauges.
@@ -241,29 +256,75 @@ impl Proxy {
         let uri = upstream_uri(cfg, parts.uri.path(), parts.uri.query())?;
 
         // Identify. Chat bodies are read whole: identify, gate and prune need them.
-        let (body, conversation): (RequestBody, Option<String>) =
-            if is_chat(cfg.dialect, &parts.method, parts.uri.path()) {
-                let bytes = read_body(body, self.max_body_bytes).await?;
-                let id = identify::conversation_id(
-                    &parts.headers,
-                    &self.conversation,
-                    |path| body_field(&bytes, path),
-                    || None,
-                );
-                (Either::Right(Full::new(bytes)), id)
-            } else {
-                let id = identify::conversation_id(
-                    &parts.headers,
-                    &self.conversation,
-                    |_| None,
-                    || None,
-                );
-                let limit = usize::try_from(self.max_body_bytes).unwrap_or(usize::MAX);
-                (Either::Left(Limited::new(body, limit)), id)
+        let (stream_body, chat) = if is_chat(cfg.dialect, &parts.method, parts.uri.path()) {
+            let bytes = read_body(body, self.max_body_bytes).await?;
+            let parsed = match ChatRequest::parse(cfg.dialect, &bytes) {
+                Ok(p) => Some(p),
+                Err(e) if cfg.prune.enabled && cfg.prune.on_parse_error == OnParseError::Reject => {
+                    route.prune_metrics.action("rejected");
+                    return Err(Error::BadChatBody(e.to_string()));
+                }
+                Err(e) => {
+                    tracing::debug!(route = %cfg.name, error = %e, "chat body not parseable; forwarded unchanged");
+                    None
+                }
             };
+            (None, Some((bytes, parsed)))
+        } else {
+            (Some(body), None)
+        };
+        let parsed = chat.as_ref().and_then(|(_, p)| p.as_ref());
+        let conversation = identify::conversation_id(
+            &parts.headers,
+            &self.conversation,
+            |path| parsed.and_then(|p| p.field_str(path)),
+            || parsed.map(|p| p.fingerprint(&cfg.name)),
+        );
 
         // Gate.
         let permit = self.admit(route, conversation.as_deref()).await?;
+
+        // Prune.
+        let mut pruned_headers = None;
+        let body: RequestBody = match chat {
+            None => {
+                let limit = usize::try_from(self.max_body_bytes).unwrap_or(usize::MAX);
+                match stream_body {
+                    Some(b) => Either::Left(Limited::new(b, limit)),
+                    None => Either::Right(Full::new(Bytes::new())),
+                }
+            }
+            Some((bytes, None)) => {
+                if cfg.prune.enabled {
+                    route.prune_metrics.action("skipped");
+                }
+                Either::Right(Full::new(bytes))
+            }
+            Some((bytes, Some(req))) if cfg.prune.enabled => {
+                let limit = token_limit_header(&parts.headers)?;
+                let conv = conversation.clone().unwrap_or_default();
+                let started = Instant::now();
+                let outcome = self.run_prune(route, req, conv, limit).await;
+                route
+                    .prune_metrics
+                    .duration
+                    .observe(started.elapsed().as_secs_f64());
+                match outcome {
+                    PhaseOutcome::Forward => Either::Right(Full::new(bytes)),
+                    PhaseOutcome::Replace(body, summary) => {
+                        parts.headers.remove(header::CONTENT_LENGTH);
+                        parts
+                            .headers
+                            .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+                        pruned_headers = Some(summary);
+                        Either::Right(Full::new(Bytes::from(body)))
+                    }
+                    PhaseOutcome::Reject(e) => return Err(e),
+                }
+            }
+            Some((bytes, Some(_))) => Either::Right(Full::new(bytes)),
+        };
+        parts.headers.remove(TOKEN_LIMIT_HEADER);
 
         strip_hop_by_hop(&mut parts.headers);
         parts.headers.remove(header::HOST);
@@ -287,6 +348,18 @@ impl Proxy {
         // Stream back.
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
+        if let Some(s) = &pruned_headers {
+            let h = &mut parts.headers;
+            h.insert(
+                "x-ctxgate-tokens-before",
+                HeaderValue::from(s.tokens_before),
+            );
+            h.insert("x-ctxgate-tokens-after", HeaderValue::from(s.tokens_after));
+            h.insert(
+                "x-ctxgate-messages-dropped",
+                HeaderValue::from(s.messages_dropped),
+            );
+        }
         route.metrics.ttfb.observe(start.elapsed().as_secs_f64());
         self.metrics
             .requests
@@ -349,6 +422,171 @@ impl Proxy {
     }
 }
 
+/// What the prune phase decided for the proxy.
+enum PhaseOutcome {
+    /// Forward the original bytes.
+    Forward,
+    /// Forward this body instead.
+    Replace(Vec<u8>, Summary),
+    /// Answer with this error.
+    Reject(Error),
+}
+
+/// The request header with which a request lowers (never raises) its own token limit.
+pub const TOKEN_LIMIT_HEADER: &str = "x-ctxgate-token-limit";
+
+/// Bodies above this size are pruned on the blocking pool, so that counting a pathological
+/// prompt never stalls the async workers serving other conversations.
+const INLINE_PRUNE_BYTES: usize = 32 * 1024;
+
+fn token_limit_header(h: &HeaderMap) -> Result<Option<u64>, Error> {
+    let Some(v) = h.get(TOKEN_LIMIT_HEADER) else {
+        return Ok(None);
+    };
+    match v.to_str().ok().and_then(|s| s.trim().parse::<u64>().ok()) {
+        Some(n) if n > 0 => Ok(Some(n)),
+        _ => Err(Error::BadTarget(format!(
+            "{TOKEN_LIMIT_HEADER} must be a positive integer, got {:?}",
+            String::from_utf8_lossy(v.as_bytes())
+        ))),
+    }
+}
+
+/// The budget for one request: the route's (or its model's), lowered by the request's own
+/// `x-ctxgate-token-limit` if that is smaller. The target keeps its ratio to the limit.
+pub fn effective_budget(
+    route: &crate::config::RoutePrune,
+    model: Option<&str>,
+    limit: Option<u64>,
+) -> Budget {
+    let mut b = route.budget_for(model).clone();
+    if let Some(l) = limit {
+        if l < b.hard_token_limit {
+            b.target_tokens = (u128::from(b.target_tokens) * u128::from(l)
+                / u128::from(b.hard_token_limit.max(1))) as u64;
+            b.target_tokens = b.target_tokens.clamp(1, l);
+            b.hard_token_limit = l;
+        }
+    }
+    b
+}
+
+/// Runs the pure pruning function, catching a panic (a bug must cost one request its
+/// pruning, never the process or the connection).
+pub fn prune_guarded(
+    req: &ChatRequest,
+    budget: &Budget,
+    view: &View,
+    conversation: &str,
+    counter: &Counter,
+) -> Option<Outcome> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        prune::prune(req, budget, view, conversation, counter)
+    })) {
+        Ok(o) => Some(o),
+        Err(_) => {
+            tracing::error!("pruning panicked; the request is forwarded unchanged");
+            None
+        }
+    }
+}
+
+impl Proxy {
+    /// Phase 4, prune: decides what to forward and records the decision in metrics and logs.
+    async fn run_prune(
+        &self,
+        route: &RouteState,
+        req: ChatRequest,
+        conversation: String,
+        limit: Option<u64>,
+    ) -> PhaseOutcome {
+        let cfg = &route.config;
+        let budget = effective_budget(&cfg.prune, req.model(), limit);
+        let outcome = if req.body_len() > INLINE_PRUNE_BYTES {
+            let (view, counter, b) = (self.view.clone(), self.counter.clone(), budget.clone());
+            match tokio::task::spawn_blocking(move || {
+                prune_guarded(&req, &b, &view, &conversation, &counter)
+            })
+            .await
+            {
+                Ok(o) => o,
+                Err(e) => {
+                    tracing::error!(route = %cfg.name, error = %e, "pruning task failed; forwarded unchanged");
+                    None
+                }
+            }
+        } else {
+            prune_guarded(&req, &budget, &self.view, &conversation, &self.counter)
+        };
+        let m = &route.prune_metrics;
+        let Some(outcome) = outcome else {
+            m.action("skipped");
+            return PhaseOutcome::Forward;
+        };
+        if let Some(s) = outcome.summary() {
+            m.tokens_before.observe(s.tokens_before as f64);
+            m.tokens_after.observe(s.tokens_after as f64);
+            if s.cut_moved {
+                m.cut_moves.inc();
+            }
+        }
+        match outcome {
+            Outcome::Unchanged(_) => {
+                m.action("unchanged");
+                PhaseOutcome::Forward
+            }
+            Outcome::Shadow(s) => {
+                m.action("shadow");
+                log_pruned(&cfg.name, &s, true);
+                PhaseOutcome::Forward
+            }
+            Outcome::Pruned { body, summary } => {
+                m.action("pruned");
+                m.tokens_removed
+                    .inc_by(summary.tokens_before.saturating_sub(summary.tokens_after));
+                m.messages_dropped.inc_by(summary.messages_dropped as u64);
+                m.files_elided.inc_by(summary.files_elided as u64);
+                log_pruned(&cfg.name, &summary, false);
+                PhaseOutcome::Replace(body, summary)
+            }
+            Outcome::Rejected(r) => {
+                m.action("rejected");
+                tracing::warn!(route = %cfg.name, pinned_tokens = r.pinned_tokens, limit = r.limit, "request rejected: pinned part over the token limit");
+                PhaseOutcome::Reject(Error::ContextOverflow(r))
+            }
+        }
+    }
+}
+
+fn log_pruned(route: &str, s: &Summary, shadow: bool) {
+    let reduction = if s.tokens_before == 0 {
+        0.0
+    } else {
+        100.0 * (1.0 - s.tokens_after as f64 / s.tokens_before as f64)
+    };
+    tracing::info!(
+        route,
+        shadow,
+        messages_before = s.messages_before,
+        messages_after = s.messages_after,
+        chars_before = s.chars_before,
+        chars_after = s.chars_after,
+        tokens_before = s.tokens_before,
+        tokens_before_exact = s.tokens_before_exact,
+        tokens_after = s.tokens_after,
+        files_elided = s.files_elided,
+        cut_moved = s.cut_moved,
+        reduction_pct = (reduction * 10.0).round() / 10.0,
+        "{}: {} -> {} messages, ~{} -> {} tokens ({:.1}% reduction)",
+        if shadow { "shadow prune" } else { "pruned" },
+        s.messages_before,
+        s.messages_after,
+        s.tokens_before,
+        s.tokens_after,
+        reduction
+    );
+}
+
 /// Waits for the upstream's response headers, bounded by `timeouts.response_headers` and by
 /// the call's `total` deadline, whichever comes first; the error names the phase that fired.
 pub async fn await_headers<F: std::future::Future>(
@@ -367,20 +605,6 @@ pub async fn await_headers<F: std::future::Future>(
             phase: Phase::ResponseHeaders,
             after: timeouts.response_headers,
         }),
-    }
-}
-
-/// A string (or number) at a dotted path of a JSON body, for the conversation id.
-fn body_field(body: &[u8], path: &str) -> Option<String> {
-    let v: serde_json::Value = serde_json::from_slice(body).ok()?;
-    let mut cur = &v;
-    for seg in path.split('.') {
-        cur = cur.get(seg)?;
-    }
-    match cur {
-        serde_json::Value::String(s) => Some(s.clone()),
-        serde_json::Value::Number(n) => Some(n.to_string()),
-        _ => None,
     }
 }
 

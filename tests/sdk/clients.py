@@ -7,8 +7,24 @@ import anthropic
 import openai
 
 
+def long_conversation(base: str, fixture: str) -> None:
+    """Sends a long agent conversation through ctxgate with the openai SDK."""
+    with open(fixture, encoding="utf-8") as f:
+        body = json.load(f)
+    oa = openai.OpenAI(base_url=f"{base}/v1", api_key="sk-test-openai-0123456789", max_retries=0)
+    r = oa.chat.completions.with_raw_response.create(
+        model=body["model"], messages=body["messages"], tools=body.get("tools", [])
+    )
+    print(json.dumps({"tokens_before": r.headers.get("x-ctxgate-tokens-before"),
+                      "tokens_after": r.headers.get("x-ctxgate-tokens-after"),
+                      "text": r.parse().choices[0].message.content}))
+
+
 def main() -> None:
     base = sys.argv[1].rstrip("/")
+    if len(sys.argv) > 3 and sys.argv[2] == "long":
+        long_conversation(base, sys.argv[3])
+        return
     out = {}
     oa = openai.OpenAI(base_url=f"{base}/v1", api_key="sk-test-openai-0123456789", max_retries=0)
     r = oa.chat.completions.create(

@@ -1,0 +1,343 @@
+//! Pruning through the proxy: the seed-like conversation, the cache-stable prefix over a
+//! 40-turn agent conversation, rejection, the per-request limit header, shadow mode and
+//! bodies that are not chat requests.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use bytes::Bytes;
+use common::*;
+use ctxgate::dialect::Dialect;
+use ctxgate::prune::{ChatRequest, Counter, Encoding};
+use serde_json::value::RawValue;
+
+const SEED: &str = include_str!("fixtures/openai-seed.json");
+const SEED_ANTHROPIC: &str = include_str!("fixtures/anthropic-seed.json");
+
+fn cfg(up: &Mock, prune: &str) -> String {
+    format!(
+        "{prune}\n[[routes]]\nname = \"openai\"\nprefix = \"/v1/\"\nupstream = \"{u}v1/\"\ndialect = \"openai\"\nprewarm_connections = 0\n\
+         [[routes]]\nname = \"anthropic\"\nprefix = \"/anthropic/\"\nupstream = \"{u}\"\ndialect = \"anthropic\"\nprewarm_connections = 0\n",
+        u = up.url()
+    )
+}
+
+fn count(dialect: Dialect, body: &[u8]) -> u64 {
+    Counter::new(Encoding::O200kBase).count_request(&ChatRequest::parse(dialect, body).unwrap())
+}
+
+fn messages(body: &[u8]) -> Vec<String> {
+    #[derive(serde::Deserialize)]
+    struct B<'a> {
+        #[serde(borrow)]
+        messages: Vec<&'a RawValue>,
+    }
+    let b: B = serde_json::from_slice(body).unwrap();
+    b.messages.iter().map(|m| m.get().to_string()).collect()
+}
+
+#[tokio::test]
+async fn seed_conversation_is_pruned_to_the_budget() {
+    let up = mock(llm_reply).await;
+    let gate = start(&cfg(
+        &up,
+        "[prune]\nhard_token_limit = 4000\nmax_messages = 5\nkeep_file_content_turns = 1\n",
+    ))
+    .await;
+    let before = count(Dialect::OpenAi, SEED.as_bytes());
+    assert!(before > 50_000, "fixture has {before} tokens");
+    let (s, h, b) = send(
+        "POST",
+        &gate.url("/v1/chat/completions"),
+        &[("authorization", "Bearer sk-x")],
+        SEED,
+    )
+    .await;
+    assert_eq!(s, 200);
+    // The fixture asks for a stream: the SSE answer comes back whole.
+    assert_eq!(b, openai_sse().concat());
+    let got = up.requests();
+    let fwd = &got[0].body;
+    let after = count(Dialect::OpenAi, fwd);
+    assert!(after <= 4000, "forwarded {after} tokens");
+    assert!(messages(fwd).len() <= 5);
+    assert_eq!(
+        h["x-ctxgate-tokens-after"].to_str().unwrap(),
+        after.to_string()
+    );
+    let tb: u64 = h["x-ctxgate-tokens-before"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(tb > 50_000, "tokens-before {tb}");
+    assert_eq!(
+        h["x-ctxgate-messages-dropped"].to_str().unwrap(),
+        (messages(SEED.as_bytes()).len() - messages(fwd).len()).to_string()
+    );
+    assert_eq!(
+        got[0].headers["content-length"].to_str().unwrap(),
+        fwd.len().to_string()
+    );
+    // The system prompt and the newest message are kept byte for byte.
+    let orig = messages(SEED.as_bytes());
+    let kept = messages(fwd);
+    assert_eq!(kept[0], orig[0]);
+    assert_eq!(kept.last(), orig.last());
+    // Fields ctxgate does not know survive in their order.
+    let ov: serde_json::Value = serde_json::from_str(SEED).unwrap();
+    let fv: serde_json::Value = serde_json::from_slice(fwd).unwrap();
+    let keys = |v: &serde_json::Value| v.as_object().unwrap().keys().cloned().collect::<Vec<_>>();
+    assert_eq!(keys(&ov), keys(&fv));
+
+    // Anthropic: the same through its route.
+    let (s, h, _) = send(
+        "POST",
+        &gate.url("/anthropic/v1/messages"),
+        &[("x-api-key", "k")],
+        SEED_ANTHROPIC,
+    )
+    .await;
+    assert_eq!(s, 200);
+    let fwd = &up.requests()[1].body;
+    let v: serde_json::Value = serde_json::from_slice(fwd).unwrap();
+    assert_eq!(v["messages"][0]["role"], "user");
+    assert!(h.contains_key("x-ctxgate-tokens-after"));
+
+    let page = metrics(&gate).await;
+    assert_eq!(
+        sample(
+            &page,
+            "ctxgate_prune_actions_total{action=\"pruned\",route=\"openai\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &page,
+            "ctxgate_prune_actions_total{action=\"pruned\",route=\"anthropic\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &page,
+            "ctxgate_prune_prompt_tokens_count{route=\"openai\",stage=\"after\"}"
+        ),
+        1.0
+    );
+}
+
+/// A 40-turn agent conversation: each turn a task, a tool call, its result (a file), an answer.
+fn turn(i: usize) -> Vec<serde_json::Value> {
+    let file: String = (0..40)
+        .map(|l| format!("fn handler_{i}_{l}(x: u32) -> u32 {{ x * {l} + {i} }} // line {l}\n"))
+        .collect();
+    vec![
+        serde_json::json!({"role": "user", "content": format!("Step {i}: look at src/mod_{i}.rs and tell me what handler_{i}_3 returns for x = {i}. Be precise and brief.")}),
+        serde_json::json!({"role": "assistant", "content": null, "tool_calls": [{"id": format!("call_{i}"), "type": "function", "function": {"name": "read_file", "arguments": format!("{{\"path\":\"src/mod_{i}.rs\"}}")}}]}),
+        serde_json::json!({"role": "tool", "tool_call_id": format!("call_{i}"), "content": format!("```rust\n{file}```")}),
+        serde_json::json!({"role": "assistant", "content": format!("handler_{i}_3({i}) returns {} because it computes x * 3 + {i}.", i * 3 + i)}),
+    ]
+}
+
+#[tokio::test]
+async fn forty_turns_keep_a_byte_stable_prefix() {
+    let up = mock(llm_reply).await;
+    let gate = start(&cfg(
+        &up,
+        "[prune]\nhard_token_limit = 4000\nmax_messages = 0\nkeep_file_content_turns = 1\n",
+    ))
+    .await;
+    let tools = serde_json::json!([{"type": "function", "function": {"name": "read_file", "description": "Read a file.", "parameters": {"type": "object", "properties": {"path": {"type": "string", "description": "The path."}}, "required": ["path"]}}}]);
+    let mut history =
+        vec![serde_json::json!({"role": "system", "content": "You are a careful coding agent."})];
+    let mut forwarded: Vec<Vec<String>> = Vec::new();
+    for i in 0..40 {
+        let t = turn(i);
+        history.push(t[0].clone());
+        // The agent sends the task; then the tool loop; the final answer is the next turn's history.
+        let body =
+            serde_json::json!({"model": "gpt-4o", "messages": history, "tools": tools}).to_string();
+        let (s, _, _) = send(
+            "POST",
+            &gate.url("/v1/chat/completions"),
+            &[("x-conversation-id", "agent-40")],
+            &body,
+        )
+        .await;
+        assert_eq!(s, 200);
+        history.push(t[1].clone());
+        history.push(t[2].clone());
+        let body =
+            serde_json::json!({"model": "gpt-4o", "messages": history, "tools": tools}).to_string();
+        let (s, _, _) = send(
+            "POST",
+            &gate.url("/v1/chat/completions"),
+            &[("x-conversation-id", "agent-40")],
+            &body,
+        )
+        .await;
+        assert_eq!(s, 200);
+        history.push(t[3].clone());
+    }
+    for r in up.requests() {
+        assert!(count(Dialect::OpenAi, &r.body) <= 4000);
+        forwarded.push(messages(&r.body));
+    }
+    assert_eq!(forwarded.len(), 80);
+    // Turn by turn (each user task opens a turn): the previous turn's forwarded messages, all but
+    // its newest turn, must reappear byte-identical at the start of this turn's.
+    let mut stable = 0;
+    let mut turns = 0;
+    for pair in forwarded.chunks(2).collect::<Vec<_>>().windows(2) {
+        let prev = pair[0].last().unwrap();
+        let cur = &pair[1][0];
+        let newest_turn_start = prev
+            .iter()
+            .rposition(|m| m.contains("\"role\":\"user\""))
+            .unwrap();
+        let prefix = &prev[..newest_turn_start];
+        turns += 1;
+        if cur.len() >= prefix.len() && &cur[..prefix.len()] == prefix {
+            stable += 1;
+        }
+    }
+    assert!(
+        stable * 10 >= turns * 9,
+        "{stable}/{turns} turns kept the prefix"
+    );
+    let page = metrics(&gate).await;
+    let moves = sample(&page, "ctxgate_prune_cut_moves_total{route=\"openai\"}");
+    assert!(
+        moves >= 2.0,
+        "the limit was crossed several times: {moves} cut moves"
+    );
+    assert!(
+        moves <= 12.0,
+        "the cut moves in steps, not every turn: {moves}"
+    );
+    assert!(sample(&page, "ctxgate_view_hits_total") >= 70.0);
+}
+
+#[tokio::test]
+async fn rejection_limit_header_shadow_and_skips() {
+    let up = mock(llm_reply).await;
+    let gate = start(&cfg(&up, "[prune]\nhard_token_limit = 1000\n")).await;
+    // The newest message alone is over the limit: 400 at once, nothing sent upstream.
+    let huge = "word ".repeat(3000);
+    let body =
+        serde_json::json!({"model": "gpt-4o", "messages": [{"role": "user", "content": huge}]})
+            .to_string();
+    let (s, h, b) = send("POST", &gate.url("/v1/chat/completions"), &[], &body).await;
+    assert_eq!(s, 400);
+    assert_eq!(h["x-ctxgate-error"], "context_length_exceeded");
+    let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
+    assert_eq!(v["error"]["code"], "context_length_exceeded");
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("over the limit of 1000 (prune.hard_token_limit)"),
+        "{msg}"
+    );
+    let body_a = serde_json::json!({"model": "claude-sonnet-4-5", "max_tokens": 10, "messages": [{"role": "user", "content": huge}]}).to_string();
+    let (s, _, b) = send("POST", &gate.url("/anthropic/v1/messages"), &[], &body_a).await;
+    assert_eq!(s, 400);
+    let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
+    assert_eq!(v["type"], "error");
+    assert_eq!(v["error"]["type"], "invalid_request_error");
+    assert!(up.requests().is_empty());
+
+    // A request may lower its own limit, never raise it.
+    let small = serde_json::json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "word ".repeat(300)}]}).to_string();
+    let (s, _, _) = send(
+        "POST",
+        &gate.url("/v1/chat/completions"),
+        &[("x-ctxgate-token-limit", "100")],
+        &small,
+    )
+    .await;
+    assert_eq!(s, 400);
+    let (s, _, _) = send(
+        "POST",
+        &gate.url("/v1/chat/completions"),
+        &[("x-ctxgate-token-limit", "100000")],
+        &small,
+    )
+    .await;
+    assert_eq!(s, 200);
+    let r = up.requests();
+    assert_eq!(
+        r[0].body,
+        Bytes::from(small.clone()),
+        "within budget: forwarded byte for byte"
+    );
+    assert!(!r[0].headers.contains_key("x-ctxgate-token-limit"));
+    let (s, _, _) = send(
+        "POST",
+        &gate.url("/v1/chat/completions"),
+        &[("x-ctxgate-token-limit", "lots")],
+        &small,
+    )
+    .await;
+    assert_eq!(s, 400);
+
+    // Not JSON: forwarded unchanged, counted as skipped.
+    let (s, _, _) = send("POST", &gate.url("/v1/chat/completions"), &[], "not json {").await;
+    assert_eq!(s, 200);
+    assert_eq!(
+        up.requests().last().unwrap().body,
+        Bytes::from_static(b"not json {")
+    );
+    let page = metrics(&gate).await;
+    assert_eq!(
+        sample(
+            &page,
+            "ctxgate_prune_actions_total{action=\"skipped\",route=\"openai\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &page,
+            "ctxgate_prune_actions_total{action=\"rejected\",route=\"openai\"}"
+        ),
+        2.0
+    );
+    assert_eq!(
+        sample(
+            &page,
+            "ctxgate_prune_actions_total{action=\"unchanged\",route=\"openai\"}"
+        ),
+        1.0
+    );
+
+    // Shadow mode forwards the original bytes.
+    let up2 = mock(llm_reply).await;
+    let gate2 = start(&cfg(&up2, "[prune]\nmode = \"shadow\"\n")).await;
+    let (s, h, _) = send("POST", &gate2.url("/v1/chat/completions"), &[], SEED).await;
+    assert_eq!(s, 200);
+    assert!(!h.contains_key("x-ctxgate-tokens-after"));
+    assert_eq!(up2.requests()[0].body, Bytes::from_static(SEED.as_bytes()));
+    assert_eq!(
+        sample(
+            &metrics(&gate2).await,
+            "ctxgate_prune_actions_total{action=\"shadow\",route=\"openai\"}"
+        ),
+        1.0
+    );
+
+    // on_parse_error = "reject": 400 for a body that is not a chat request.
+    let up3 = mock(llm_reply).await;
+    let gate3 = start(&cfg(&up3, "[prune]\non_parse_error = \"reject\"\n")).await;
+    let (s, _, b) = send(
+        "POST",
+        &gate3.url("/v1/chat/completions"),
+        &[],
+        "{\"model\":\"x\"}",
+    )
+    .await;
+    assert_eq!(s, 400);
+    let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
+    assert_eq!(v["error"]["code"], "invalid_chat_body");
+    assert!(up3.requests().is_empty());
+}

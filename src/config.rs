@@ -90,6 +90,8 @@ pub struct Config {
     pub conversation: Conversation,
     /// Pruning defaults and the conversation view.
     pub prune: Prune,
+    /// Transcript records.
+    pub transcripts: crate::transcript::Settings,
     /// Routes, in file order. Matching picks the longest prefix.
     pub routes: Vec<Route>,
 }
@@ -318,8 +320,22 @@ struct RawConfig {
     gates: Option<RawGates>,
     conversation: Option<RawConversation>,
     prune: Option<RawPrune>,
+    transcripts: Option<RawTranscripts>,
     #[serde(default)]
     routes: Vec<RawRoute>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTranscripts {
+    sink: Option<crate::transcript::SinkKind>,
+    dir: Option<PathBuf>,
+    postgres_url: Option<String>,
+    queue_capacity: Option<usize>,
+    batch_size: Option<usize>,
+    flush_interval: Option<String>,
+    include_bodies: Option<bool>,
+    rotate_bytes: Option<u64>,
 }
 
 /// One `[prune]` table at any level; keys that only belong to one level are checked in
@@ -492,6 +508,7 @@ impl RawConfig {
         )?;
 
         let gates = validate_gates(self.gates.unwrap_or_default())?;
+        let transcripts = validate_transcripts(self.transcripts.unwrap_or_default())?;
         let conversation = validate_conversation(self.conversation.unwrap_or_default())?;
         let raw_prune = self.prune.unwrap_or_default();
         if raw_prune.models.is_some() {
@@ -608,6 +625,7 @@ impl RawConfig {
             gates,
             conversation,
             prune,
+            transcripts,
             routes,
         })
     }
@@ -711,6 +729,48 @@ fn validate_route_prune(
         on_parse_error: raw.on_parse_error.unwrap_or(global.on_parse_error),
         budget,
         models,
+    })
+}
+
+fn validate_transcripts(raw: RawTranscripts) -> Result<crate::transcript::Settings, ConfigError> {
+    use crate::transcript::{Settings, SinkKind};
+    let d = Settings::default();
+    let positive = |name: &str, v: Option<u64>, default: u64| match v {
+        Some(0) => Err(ConfigError::new(
+            format!("transcripts.{name}"),
+            "must be > 0, got 0",
+        )),
+        Some(n) => Ok(n),
+        None => Ok(default),
+    };
+    let sink = raw.sink.unwrap_or(d.sink);
+    let postgres_url = raw.postgres_url.filter(|u| !u.is_empty()).map(Secret::new);
+    if sink == SinkKind::Postgres && postgres_url.is_none() {
+        return Err(ConfigError::new(
+            "transcripts.postgres_url",
+            "required when transcripts.sink = \"postgres\" (e.g. set CTXGATE_TRANSCRIPTS__POSTGRES_URL)",
+        ));
+    }
+    Ok(Settings {
+        sink,
+        dir: raw.dir.unwrap_or(d.dir),
+        postgres_url,
+        queue_capacity: positive(
+            "queue_capacity",
+            raw.queue_capacity.map(|v| v as u64),
+            d.queue_capacity as u64,
+        )? as usize,
+        batch_size: positive(
+            "batch_size",
+            raw.batch_size.map(|v| v as u64),
+            d.batch_size as u64,
+        )? as usize,
+        flush_interval: match &raw.flush_interval {
+            Some(v) => parse_duration("transcripts.flush_interval", v)?,
+            None => d.flush_interval,
+        },
+        include_bodies: raw.include_bodies.unwrap_or(d.include_bodies),
+        rotate_bytes: positive("rotate_bytes", raw.rotate_bytes, d.rotate_bytes)?,
     })
 }
 
@@ -1148,6 +1208,29 @@ dialect = "openai"
         assert!(glob_match("glm-4", "glm-4"));
         assert!(!glob_match("glm-4", "glm-4.5"));
         assert!(!glob_match("a*a", "a"));
+    }
+
+    #[test]
+    fn transcripts_table() {
+        let c = load(MIN).unwrap();
+        assert_eq!(c.transcripts.sink, crate::transcript::SinkKind::Jsonl);
+        assert_eq!(c.transcripts.queue_capacity, 1000);
+        let e = load(&format!("[transcripts]\nsink = \"postgres\"\n{MIN}")).unwrap_err();
+        assert_eq!(e.key, "transcripts.postgres_url");
+        let e = load(&format!("[transcripts]\nsink = \"kafka\"\n{MIN}")).unwrap_err();
+        assert_eq!(e.key, "transcripts.sink");
+        let c = Config::from_toml(
+            &format!("[transcripts]\nsink = \"postgres\"\n{MIN}"),
+            vec![(
+                "CTXGATE_TRANSCRIPTS__POSTGRES_URL".into(),
+                "postgres://u:hunter2@db/x".into(),
+            )],
+        )
+        .unwrap();
+        let printed = c.to_toml();
+        assert!(printed.contains("postgres_url = \"*****\""), "{printed}");
+        assert!(!printed.contains("hunter2"));
+        assert!(!format!("{c:?}").contains("hunter2"));
     }
 
     #[test]

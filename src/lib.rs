@@ -11,6 +11,7 @@ pub mod metrics;
 pub mod proxy;
 pub mod prune;
 pub mod server;
+pub mod transcript;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -25,6 +26,9 @@ pub enum StartError {
     /// A route's upstream client could not be built (bad CA file, TLS setup).
     #[error(transparent)]
     Upstream(#[from] proxy::upstream::BuildError),
+    /// The transcript sink could not start (bad URL, directory not creatable).
+    #[error(transparent)]
+    Transcripts(#[from] transcript::StartError),
 }
 
 /// Runs ctxgate on the given listeners until `shutdown` resolves, then shuts down gracefully:
@@ -39,7 +43,10 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartError> {
     let metrics = metrics::Metrics::new();
-    let proxy = Arc::new(proxy::Proxy::new(&config, metrics.clone())?);
+    let transcript_metrics = transcript::TranscriptMetrics::register(metrics.registry());
+    let (transcripts, writer) =
+        transcript::Transcripts::start(config.transcripts.clone(), transcript_metrics).await?;
+    let proxy = Arc::new(proxy::Proxy::new(&config, metrics.clone(), transcripts)?);
     let readiness = proxy::upstream::Readiness::new(&config.routes);
 
     // Admin first, so /healthz and /readyz answer while warm-up runs.
@@ -82,6 +89,16 @@ pub async fn serve(
     let clean =
         server::serve_until(listener, handler, shutdown, config.shutdown_grace, "proxy").await;
     tracing::info!(clean, "proxy stopped");
+
+    // In-flight calls are done (or the grace period is over): drain and flush the records.
+    drop(proxy);
+    let report = writer.shutdown().await;
+    tracing::info!(
+        written = report.written,
+        dropped = report.dropped,
+        failed_writes = report.failed,
+        "transcripts flushed"
+    );
 
     let _ = admin_stop_tx.send(());
     let _ = admin_task.await;

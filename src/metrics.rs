@@ -93,6 +93,17 @@ pub struct Metrics {
     pub view_misses: IntCounter,
     /// `ctxgate_view_entries`: conversations in the view.
     pub view_entries: IntGauge,
+    /// `ctxgate_upstream_tokens_total{route,type}`: tokens the upstream reported (input,
+    /// output, cache_read, cache_write).
+    pub upstream_tokens: IntCounterVec,
+    /// `ctxgate_token_estimate_ratio{route}`: upstream-reported prompt tokens / ctxgate's count
+    /// of the forwarded prompt.
+    pub estimate_ratio: HistogramVec,
+    /// `gen_ai_client_token_usage{gen_ai_token_type,gen_ai_operation_name,gen_ai_provider_name}`
+    /// (OpenTelemetry GenAI semantic conventions).
+    pub genai_tokens: HistogramVec,
+    /// `gen_ai_client_operation_duration_seconds{gen_ai_operation_name,gen_ai_provider_name}`.
+    pub genai_duration: HistogramVec,
     /// `ctxgate_gate_wait_seconds{route}`: time a request waited for admission.
     pub gate_wait: HistogramVec,
     /// `ctxgate_gate_rejections_total{route,reason}`: 429s by reason (queue_full, queue_timeout).
@@ -157,6 +168,35 @@ impl Metrics {
             c
         };
         let m = Metrics {
+            upstream_tokens: counter(
+                "ctxgate_upstream_tokens_total",
+                "Tokens the upstream reported, by type: input, output, cache_read, cache_write.",
+                &["route", "type"],
+            ),
+            estimate_ratio: histogram(
+                "ctxgate_token_estimate_ratio",
+                "Upstream-reported prompt tokens divided by ctxgate's count of the forwarded prompt.",
+                &["route"],
+                &[0.5, 0.8, 0.9, 0.95, 0.98, 1.0, 1.02, 1.05, 1.1, 1.2, 1.5, 2.0],
+            ),
+            genai_tokens: histogram(
+                "gen_ai_client_token_usage",
+                "Tokens used per call (OpenTelemetry GenAI semantic conventions).",
+                &["gen_ai_token_type", "gen_ai_operation_name", "gen_ai_provider_name"],
+                &[
+                    1.0, 4.0, 16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0, 262144.0,
+                    1048576.0, 4194304.0, 16777216.0, 67108864.0,
+                ],
+            ),
+            genai_duration: histogram(
+                "gen_ai_client_operation_duration_seconds",
+                "Duration of GenAI calls (OpenTelemetry GenAI semantic conventions).",
+                &["gen_ai_operation_name", "gen_ai_provider_name"],
+                &[
+                    0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48,
+                    40.96, 81.92,
+                ],
+            ),
             prune_actions: counter(
                 "ctxgate_prune_actions_total",
                 "Chat requests by what pruning did: unchanged, pruned, rejected, skipped, shadow.",
@@ -292,6 +332,50 @@ impl Metrics {
             files_elided: self.prune_files_elided.with_label_values(&[route]),
             cut_moves: self.prune_cut_moves.with_label_values(&[route]),
             duration: self.prune_duration.with_label_values(&[route]),
+        }
+    }
+
+    /// Records a chat call's upstream usage and duration (ctxgate's and GenAI names).
+    pub fn observe_usage(
+        &self,
+        route: &str,
+        dialect: crate::dialect::Dialect,
+        t: &crate::proxy::usage::Tapped,
+        elapsed: std::time::Duration,
+        forwarded_tokens: Option<u64>,
+    ) {
+        let provider = dialect.as_str();
+        self.genai_duration
+            .with_label_values(&["chat", provider])
+            .observe(elapsed.as_secs_f64());
+        for (kind, v) in [
+            ("input", t.input_tokens),
+            ("output", t.output_tokens),
+            ("cache_read", t.cache_read_tokens),
+            ("cache_write", t.cache_write_tokens),
+        ] {
+            if let Some(n) = v {
+                self.upstream_tokens
+                    .with_label_values(&[route, kind])
+                    .inc_by(n);
+            }
+        }
+        if let Some(n) = t.input_tokens {
+            self.genai_tokens
+                .with_label_values(&["input", "chat", provider])
+                .observe(n as f64);
+        }
+        if let Some(n) = t.output_tokens {
+            self.genai_tokens
+                .with_label_values(&["output", "chat", provider])
+                .observe(n as f64);
+        }
+        if let (Some(up), Some(ours)) = (t.input_tokens, forwarded_tokens) {
+            if ours > 0 {
+                self.estimate_ratio
+                    .with_label_values(&[route])
+                    .observe(up as f64 / ours as f64);
+            }
         }
     }
 

@@ -98,14 +98,20 @@ fn version_help_and_check() {
 async fn serve_forwards_and_exits_zero_on_sigterm() {
     let up = mock(llm_reply).await;
     let (port, admin) = (free_port(), free_port());
+    let tdir =
+        std::env::temp_dir().join(format!("ctxgate-smoke-{}-transcripts", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tdir);
     let cfg = format!(
-        "listen = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin}\"\nshutdown_grace = \"5s\"\n{}",
+        "listen = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin}\"\nshutdown_grace = \"5s\"\n\
+         [transcripts]\ndir = {:?}\ninclude_bodies = true\nflush_interval = \"60s\"\n{}",
+        tdir.display().to_string(),
         one_route("/v1/", &format!("{}v1/", up.url()), "openai", "")
     );
     let path = temp_file("serve", &cfg);
     let mut child = tokio::process::Command::new(BIN)
         .args(["serve", "--config"])
         .arg(&path)
+        .env("CTXGATE_LOG", "debug")
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
@@ -121,10 +127,16 @@ async fn serve_forwards_and_exits_zero_on_sigterm() {
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     assert!(up_ok, "ctxgate did not start");
+    // Real-looking keys, which must reach neither a log line nor a transcript.
+    let keys = [
+        "sk-proj-Zx8d2kQ7mN4pL1vB9cR6tY3wE0aS5fG",
+        "sk-ant-api03-Hq7Lm2Nc9Xv4Bz8Kd1Wp6Ty3Rs0Ja5Fe",
+    ];
+    let bearer = format!("Bearer {}", keys[0]);
     let (s, _, b) = send(
         "POST",
         &format!("http://127.0.0.1:{port}/v1/chat/completions"),
-        &[("authorization", "Bearer sk-smoke")],
+        &[("authorization", bearer.as_str()), ("x-api-key", keys[1])],
         "{\"model\":\"gpt-4o\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}",
     )
     .await;
@@ -154,5 +166,21 @@ async fn serve_forwards_and_exits_zero_on_sigterm() {
         .await
         .unwrap();
     assert!(log.contains("SIGTERM received"), "{log}");
-    assert!(!log.contains("sk-smoke"), "a credential reached the log");
+    assert!(log.contains("transcripts flushed"), "{log}");
+    // The record queued at SIGTERM was flushed before exit: exactly one, with the body.
+    let files: Vec<_> = std::fs::read_dir(&tdir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(files.len(), 1);
+    let text = std::fs::read_to_string(&files[0]).unwrap();
+    assert_eq!(text.lines().count(), 1);
+    let rec: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
+    assert_eq!(rec["response_text"], "Hello from the mock.");
+    assert_eq!(rec["request_messages"][0]["content"], "hi");
+    for k in keys {
+        assert!(!log.contains(k), "a credential reached the log");
+        assert!(!text.contains(k), "a credential reached a transcript");
+    }
+    let _ = std::fs::remove_dir_all(&tdir);
 }

@@ -40,8 +40,10 @@ use crate::error::{Error, Phase};
 use crate::gate::{Gates, Permit};
 use crate::metrics::Metrics;
 use crate::prune::{self, Budget, ChatRequest, Counter, Outcome, Summary, View};
+use crate::transcript::{Record, Transcripts, Usage};
 use body::{CallEnd, CallGuard, End, ResponseBody, StreamBack, StreamTimers};
 use upstream::{RequestBody, UpstreamClient};
+use usage::{Tapped, UsageTap};
 
 /// A route with everything it needs at run time.
 pub struct RouteState {
@@ -85,11 +87,16 @@ pub struct Proxy {
     conversation: Conversation,
     counter: Arc<Counter>,
     view: Arc<View>,
+    transcripts: Transcripts,
 }
 
 impl Proxy {
     /// Builds the proxy and one pooled client per route.
-    pub fn new(config: &Config, metrics: Metrics) -> Result<Proxy, upstream::BuildError> {
+    pub fn new(
+        config: &Config,
+        metrics: Metrics,
+        transcripts: Transcripts,
+    ) -> Result<Proxy, upstream::BuildError> {
         let native = upstream::native_roots();
         let mut routes = Vec::with_capacity(config.routes.len());
         for r in &config.routes {
@@ -127,6 +134,7 @@ impl Proxy {
                 config.prune.view_max_bytes,
                 config.prune.view_idle_ttl,
             )),
+            transcripts,
         })
     }
 
@@ -164,11 +172,16 @@ impl Proxy {
                     Dialect::OpenAi
                 };
                 tracing::debug!(method = %req.method(), path = %req.uri().path(), "no route");
+                let mut info = CallInfo::new();
+                info.status = e.status().as_u16();
+                info.error_kind = Some(e.kind());
+                self.transcripts.submit(info.into_unrouted_record(start));
                 return Ok(self.error_response("none", dialect, e));
             }
         };
         let dialect = route.config.dialect;
-        match self.forward(&route, req, start).await {
+        let mut info = CallInfo::new();
+        match self.forward(&route, req, start, &mut info).await {
             Ok(resp) => Ok(resp),
             Err(e) => {
                 if let Error::Timeout { phase, .. } = &e {
@@ -189,11 +202,15 @@ impl Proxy {
                         .inc();
                 }
                 tracing::warn!(route = %route.config.name, kind = e.kind(), error = %e, "request failed");
+                info.status = e.status().as_u16();
+                info.error_kind = Some(e.kind());
                 let resp = self.error_response(&route.config.name, dialect, e);
                 route
                     .metrics
                     .duration
                     .observe(start.elapsed().as_secs_f64());
+                self.transcripts
+                    .submit(info.into_record(&route, start, &Tapped::default()));
                 Ok(resp)
             }
         }
@@ -242,6 +259,7 @@ impl Proxy {
         route: &Arc<RouteState>,
         req: Request<Incoming>,
         start: Instant,
+        info: &mut CallInfo,
     ) -> Result<Response<ResponseBody>, Error> {
         let cfg = &route.config;
         let (mut parts, body) = req.into_parts();
@@ -274,12 +292,19 @@ impl Proxy {
             (Some(body), None)
         };
         let parsed = chat.as_ref().and_then(|(_, p)| p.as_ref());
+        info.chat = chat.is_some();
+        if let Some(p) = parsed {
+            info.model = p.model().map(str::to_string);
+            info.stream = p.is_stream();
+        }
         let conversation = identify::conversation_id(
             &parts.headers,
             &self.conversation,
             |path| parsed.and_then(|p| p.field_str(path)),
             || parsed.map(|p| p.fingerprint(&cfg.name)),
         );
+
+        info.conversation = conversation.clone();
 
         // Gate.
         let permit = self.admit(route, conversation.as_deref()).await?;
@@ -297,6 +322,7 @@ impl Proxy {
             Some((bytes, None)) => {
                 if cfg.prune.enabled {
                     route.prune_metrics.action("skipped");
+                    info.action = "skipped";
                 }
                 Either::Right(Full::new(bytes))
             }
@@ -304,19 +330,27 @@ impl Proxy {
                 let limit = token_limit_header(&parts.headers)?;
                 let conv = conversation.clone().unwrap_or_default();
                 let started = Instant::now();
-                let outcome = self.run_prune(route, req, conv, limit).await;
+                let outcome = self.run_prune(route, req, conv, limit, info).await;
                 route
                     .prune_metrics
                     .duration
                     .observe(started.elapsed().as_secs_f64());
                 match outcome {
-                    PhaseOutcome::Forward => Either::Right(Full::new(bytes)),
+                    PhaseOutcome::Forward => {
+                        if self.transcripts.include_bodies() {
+                            info.request_messages = messages_of(&bytes);
+                        }
+                        Either::Right(Full::new(bytes))
+                    }
                     PhaseOutcome::Replace(body, summary) => {
                         parts.headers.remove(header::CONTENT_LENGTH);
                         parts
                             .headers
                             .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
                         pruned_headers = Some(summary);
+                        if self.transcripts.include_bodies() {
+                            info.request_messages = messages_of(&body);
+                        }
                         Either::Right(Full::new(Bytes::from(body)))
                     }
                     PhaseOutcome::Reject(e) => return Err(e),
@@ -348,6 +382,8 @@ impl Proxy {
         // Stream back.
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
+        info.status = parts.status.as_u16();
+        info.ttfb = Some(start.elapsed());
         if let Some(s) = &pruned_headers {
             let h = &mut parts.headers;
             h.insert(
@@ -370,10 +406,17 @@ impl Proxy {
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.starts_with("text/event-stream"));
+        // Usage is read from chat answers only: nothing else carries prompt usage.
+        let tap = info
+            .chat
+            .then(|| UsageTap::new(cfg.dialect, sse, self.transcripts.include_bodies()));
         let guard = CallGuard::new(Box::new(CallRecord {
             start,
             route: route.clone(),
             metrics: self.metrics.clone(),
+            info: std::mem::take(info),
+            tap,
+            transcripts: self.transcripts.clone(),
             _permit: permit,
         }));
         let timers = StreamTimers {
@@ -499,6 +542,7 @@ impl Proxy {
         req: ChatRequest,
         conversation: String,
         limit: Option<u64>,
+        info: &mut CallInfo,
     ) -> PhaseOutcome {
         let cfg = &route.config;
         let budget = effective_budget(&cfg.prune, req.model(), limit);
@@ -521,8 +565,10 @@ impl Proxy {
         let m = &route.prune_metrics;
         let Some(outcome) = outcome else {
             m.action("skipped");
+            info.action = "skipped";
             return PhaseOutcome::Forward;
         };
+        info.summary = outcome.summary().cloned();
         if let Some(s) = outcome.summary() {
             m.tokens_before.observe(s.tokens_before as f64);
             m.tokens_after.observe(s.tokens_after as f64);
@@ -533,15 +579,18 @@ impl Proxy {
         match outcome {
             Outcome::Unchanged(_) => {
                 m.action("unchanged");
+                info.action = "unchanged";
                 PhaseOutcome::Forward
             }
             Outcome::Shadow(s) => {
                 m.action("shadow");
+                info.action = "shadow";
                 log_pruned(&cfg.name, &s, true);
                 PhaseOutcome::Forward
             }
             Outcome::Pruned { body, summary } => {
                 m.action("pruned");
+                info.action = "pruned";
                 m.tokens_removed
                     .inc_by(summary.tokens_before.saturating_sub(summary.tokens_after));
                 m.messages_dropped.inc_by(summary.messages_dropped as u64);
@@ -551,6 +600,7 @@ impl Proxy {
             }
             Outcome::Rejected(r) => {
                 m.action("rejected");
+                info.action = "rejected";
                 tracing::warn!(route = %cfg.name, pinned_tokens = r.pinned_tokens, limit = r.limit, "request rejected: pinned part over the token limit");
                 PhaseOutcome::Reject(Error::ContextOverflow(r))
             }
@@ -608,25 +658,134 @@ pub async fn await_headers<F: std::future::Future>(
     }
 }
 
+/// What is learnt about a call phase by phase; at its end it becomes the transcript record.
+#[derive(Default)]
+pub struct CallInfo {
+    ts: String,
+    conversation: Option<String>,
+    model: Option<String>,
+    stream: bool,
+    chat: bool,
+    action: &'static str,
+    summary: Option<Summary>,
+    request_messages: Option<serde_json::Value>,
+    status: u16,
+    ttfb: Option<std::time::Duration>,
+    error_kind: Option<&'static str>,
+}
+
+impl CallInfo {
+    fn new() -> Self {
+        CallInfo {
+            ts: crate::transcript::now_ts(),
+            action: "none",
+            ..CallInfo::default()
+        }
+    }
+
+    fn into_record(self, route: &RouteState, start: Instant, tapped: &Tapped) -> Record {
+        let s = self.summary.as_ref();
+        let usage = Usage {
+            input_tokens: tapped.input_tokens,
+            output_tokens: tapped.output_tokens,
+            cache_read_tokens: tapped.cache_read_tokens,
+            cache_write_tokens: tapped.cache_write_tokens,
+        };
+        // The forwarded prompt as ctxgate counted it: the pruned count, or the whole count
+        // when it was forwarded unchanged.
+        let usage_ratio = match (tapped.input_tokens, s.map(|s| s.tokens_after)) {
+            (Some(up), Some(ours)) if ours > 0 => Some(up as f64 / ours as f64),
+            _ => None,
+        };
+        Record {
+            ts: self.ts,
+            conversation_id: self.conversation.unwrap_or_default(),
+            route: route.config.name.clone(),
+            upstream: route.config.target.authority.clone(),
+            model: self.model,
+            status: self.status,
+            latency_ms: start.elapsed().as_secs_f64() * 1e3,
+            ttfb_ms: self.ttfb.map(|d| d.as_secs_f64() * 1e3),
+            stream: self.stream,
+            tokens_before: s.map(|s| s.tokens_before),
+            tokens_before_exact: s.is_some_and(|s| s.tokens_before_exact),
+            tokens_after: s.map(|s| s.tokens_after),
+            messages_before: s.map(|s| s.messages_before as u64),
+            messages_after: s.map(|s| s.messages_after as u64),
+            files_elided: s.map(|s| s.files_elided as u64),
+            prune_action: self.action.to_string(),
+            usage,
+            usage_ratio,
+            error_kind: self.error_kind.map(str::to_string),
+            request_messages: self.request_messages,
+            response_text: tapped.text.clone(),
+        }
+    }
+
+    fn into_unrouted_record(self, start: Instant) -> Record {
+        Record {
+            ts: self.ts,
+            conversation_id: String::new(),
+            route: "none".into(),
+            upstream: String::new(),
+            model: None,
+            status: self.status,
+            latency_ms: start.elapsed().as_secs_f64() * 1e3,
+            ttfb_ms: None,
+            stream: false,
+            tokens_before: None,
+            tokens_before_exact: false,
+            tokens_after: None,
+            messages_before: None,
+            messages_after: None,
+            files_elided: None,
+            prune_action: "none".into(),
+            usage: Usage::default(),
+            usage_ratio: None,
+            error_kind: self.error_kind.map(str::to_string),
+            request_messages: None,
+            response_text: None,
+        }
+    }
+}
+
+/// The `messages` of a chat body, for transcripts with `include_bodies = true`.
+fn messages_of(body: &[u8]) -> Option<serde_json::Value> {
+    let mut v: serde_json::Value = serde_json::from_slice(body).ok()?;
+    Some(v.get_mut("messages")?.take())
+}
+
 /// Phase 7, record: what happens when a forwarded call's response ends.
 struct CallRecord {
     start: Instant,
     route: Arc<RouteState>,
     metrics: Metrics,
+    info: CallInfo,
+    tap: Option<UsageTap>,
+    transcripts: Transcripts,
     /// The gate permit, released when the response ends (on every path: this record lives in
     /// the response body's guard).
     _permit: Permit,
 }
 
 impl CallEnd for CallRecord {
+    fn on_data(&mut self, data: &Bytes) {
+        if let Some(t) = self.tap.as_mut() {
+            t.feed(data);
+        }
+    }
+
     fn finish(&mut self, end: End) {
         let m = &self.route.metrics;
-        m.duration.observe(self.start.elapsed().as_secs_f64());
+        let elapsed = self.start.elapsed();
+        m.duration.observe(elapsed.as_secs_f64());
         let name = self.route.config.name.as_str();
+        let mut error_kind = None;
         match end {
             End::Complete => {}
             End::ClientGone => {
                 m.disconnects.inc();
+                error_kind = Some("client_disconnect");
                 tracing::info!(
                     route = name,
                     "client went away before the end of the response"
@@ -637,6 +796,10 @@ impl CallEnd for CallRecord {
                     .timeouts
                     .with_label_values(&[name, phase.as_str()])
                     .inc();
+                error_kind = Some(match phase {
+                    Phase::StreamIdle => "timeout_stream_idle",
+                    _ => "timeout_total",
+                });
                 tracing::warn!(
                     route = name,
                     phase = phase.as_str(),
@@ -648,9 +811,26 @@ impl CallEnd for CallRecord {
                     .upstream_errors
                     .with_label_values(&[name, "upstream_body"])
                     .inc();
+                error_kind = Some("upstream_body");
                 tracing::warn!(route = name, "upstream failed during the response body");
             }
         }
+        let tapped = self.tap.take().map(UsageTap::finish).unwrap_or_default();
+        if self.info.chat {
+            self.metrics.observe_usage(
+                name,
+                self.route.config.dialect,
+                &tapped,
+                elapsed,
+                self.info.summary.as_ref().map(|s| s.tokens_after),
+            );
+        }
+        let mut info = std::mem::take(&mut self.info);
+        if info.error_kind.is_none() {
+            info.error_kind = error_kind;
+        }
+        self.transcripts
+            .submit(info.into_record(&self.route, self.start, &tapped));
     }
 }
 

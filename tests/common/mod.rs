@@ -265,7 +265,14 @@ impl Gate {
 
 /// Starts ctxgate with this TOML config on 127.0.0.1:0.
 pub async fn start(config_toml: &str) -> Gate {
-    let cfg = ctxgate::Config::from_toml(config_toml, Vec::new()).expect("test config");
+    // Tests that do not look at transcripts write none (instead of a transcripts/ directory
+    // in the working tree).
+    let env = if config_toml.contains("[transcripts]") {
+        Vec::new()
+    } else {
+        vec![("CTXGATE_TRANSCRIPTS__SINK".to_string(), "none".to_string())]
+    };
+    let cfg = ctxgate::Config::from_toml(config_toml, env).expect("test config");
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -352,7 +359,7 @@ pub fn sample(page: &str, series: &str) -> f64 {
 // ---------------------------------------------------------------------------------------------
 // Real wire formats of the two APIs, as the mock upstream sends them.
 
-pub const OPENAI_JSON: &str = r#"{"id":"chatcmpl-mock1","object":"chat.completion","created":1764000000,"model":"gpt-4o-mini-2024-07-18","choices":[{"index":0,"message":{"role":"assistant","content":"Hello from the mock.","refusal":null},"logprobs":null,"finish_reason":"stop"}],"usage":{"prompt_tokens":21,"completion_tokens":5,"total_tokens":26,"prompt_tokens_details":{"cached_tokens":0,"audio_tokens":0},"completion_tokens_details":{"reasoning_tokens":0,"audio_tokens":0,"accepted_prediction_tokens":0,"rejected_prediction_tokens":0}},"service_tier":"default","system_fingerprint":"fp_mock"}"#;
+pub const OPENAI_JSON: &str = r#"{"id":"chatcmpl-mock1","object":"chat.completion","created":1764000000,"model":"gpt-4o-mini-2024-07-18","choices":[{"index":0,"message":{"role":"assistant","content":"Hello from the mock.","refusal":null},"logprobs":null,"finish_reason":"stop"}],"usage":{"prompt_tokens":21,"completion_tokens":5,"total_tokens":26,"prompt_tokens_details":{"cached_tokens":8,"audio_tokens":0},"completion_tokens_details":{"reasoning_tokens":0,"audio_tokens":0,"accepted_prediction_tokens":0,"rejected_prediction_tokens":0}},"service_tier":"default","system_fingerprint":"fp_mock"}"#;
 
 /// An OpenAI chat completion stream: role, two content deltas, finish, usage chunk, [DONE].
 pub fn openai_sse() -> Vec<Bytes> {
@@ -362,7 +369,7 @@ pub fn openai_sse() -> Vec<Bytes> {
         format!("data: {{{head},\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"Hello\"}},\"logprobs\":null,\"finish_reason\":null}}],\"usage\":null}}\n\n"),
         format!("data: {{{head},\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\" stream.\"}},\"logprobs\":null,\"finish_reason\":null}}],\"usage\":null}}\n\n"),
         format!("data: {{{head},\"choices\":[{{\"index\":0,\"delta\":{{}},\"logprobs\":null,\"finish_reason\":\"stop\"}}],\"usage\":null}}\n\n"),
-        format!("data: {{{head},\"choices\":[],\"usage\":{{\"prompt_tokens\":21,\"completion_tokens\":3,\"total_tokens\":24,\"prompt_tokens_details\":{{\"cached_tokens\":0}}}}}}\n\n"),
+        format!("data: {{{head},\"choices\":[],\"usage\":{{\"prompt_tokens\":21,\"completion_tokens\":3,\"total_tokens\":24,\"prompt_tokens_details\":{{\"cached_tokens\":8}}}}}}\n\n"),
         "data: [DONE]\n\n".to_string(),
     ]
     .into_iter()
@@ -370,12 +377,12 @@ pub fn openai_sse() -> Vec<Bytes> {
     .collect()
 }
 
-pub const ANTHROPIC_JSON: &str = r#"{"id":"msg_mock1","type":"message","role":"assistant","model":"claude-sonnet-4-5-20250929","content":[{"type":"text","text":"Hello from the mock."}],"stop_reason":"end_turn","stop_sequence":null,"usage":{"input_tokens":21,"cache_creation_input_tokens":0,"cache_read_input_tokens":0,"output_tokens":5}}"#;
+pub const ANTHROPIC_JSON: &str = r#"{"id":"msg_mock1","type":"message","role":"assistant","model":"claude-sonnet-4-5-20250929","content":[{"type":"text","text":"Hello from the mock."}],"stop_reason":"end_turn","stop_sequence":null,"usage":{"input_tokens":21,"cache_creation_input_tokens":5,"cache_read_input_tokens":13,"output_tokens":5}}"#;
 
 /// An Anthropic Messages stream, event by event.
 pub fn anthropic_sse() -> Vec<Bytes> {
     [
-        "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_mock2\",\"type\":\"message\",\"role\":\"assistant\",\"model\":\"claude-sonnet-4-5-20250929\",\"content\":[],\"stop_reason\":null,\"stop_sequence\":null,\"usage\":{\"input_tokens\":21,\"cache_creation_input_tokens\":0,\"cache_read_input_tokens\":0,\"output_tokens\":1}}}\n\n",
+        "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_mock2\",\"type\":\"message\",\"role\":\"assistant\",\"model\":\"claude-sonnet-4-5-20250929\",\"content\":[],\"stop_reason\":null,\"stop_sequence\":null,\"usage\":{\"input_tokens\":21,\"cache_creation_input_tokens\":5,\"cache_read_input_tokens\":13,\"output_tokens\":1}}}\n\n",
         "event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"text\",\"text\":\"\"}}\n\n",
         "event: ping\ndata: {\"type\": \"ping\"}\n\n",
         "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"Hello\"}}\n\n",

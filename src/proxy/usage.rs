@@ -26,7 +26,10 @@ const MAX_LINE: usize = 1024 * 1024;
 /// What the tap found.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Tapped {
-    /// Prompt tokens the upstream counted (OpenAI `prompt_tokens`, Anthropic `input_tokens`).
+    /// All prompt tokens the upstream counted, cached ones included: OpenAI `prompt_tokens`;
+    /// Anthropic `input_tokens + cache_read_input_tokens + cache_creation_input_tokens`
+    /// (Anthropic's `input_tokens` leaves out the cached part, OpenAI's includes it; one
+    /// meaning for both keeps cache-hit shares and the estimate ratio comparable).
     pub input_tokens: Option<u64>,
     /// Completion tokens.
     pub output_tokens: Option<u64>,
@@ -103,6 +106,12 @@ impl UsageTap {
         } else if self.sse && !self.buf.is_empty() {
             let last = std::mem::take(&mut self.buf);
             self.line(&last);
+        }
+        if self.dialect == Dialect::Anthropic {
+            if let Some(n) = self.found.input_tokens.as_mut() {
+                *n += self.found.cache_read_tokens.unwrap_or(0)
+                    + self.found.cache_write_tokens.unwrap_or(0);
+            }
         }
         self.found
     }
@@ -261,7 +270,7 @@ mod tests {
         assert_eq!(
             t,
             Tapped {
-                input_tokens: Some(900),
+                input_tokens: Some(1700),
                 output_tokens: Some(12),
                 cache_read_tokens: Some(500),
                 cache_write_tokens: Some(300),

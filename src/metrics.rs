@@ -59,6 +59,9 @@ impl PruneMetrics {
 #[derive(Clone)]
 pub struct Metrics {
     registry: Registry,
+    /// Names of every family registered here, including those with no series yet (which
+    /// `Registry::gather` leaves out).
+    names: std::sync::Arc<Vec<String>>,
     /// `ctxgate_http_requests_total{route,status}`: responses sent, by route and status code.
     pub requests: IntCounterVec,
     /// `ctxgate_http_request_duration_seconds{route}`: arrival to last byte sent.
@@ -126,10 +129,11 @@ impl Metrics {
     /// Builds and registers every metric.
     pub fn new() -> Metrics {
         let registry = Registry::new();
+        let names = std::cell::RefCell::new(Vec::new());
         let counter = |name: &str, help: &str, labels: &[&str]| {
             let c = IntCounterVec::new(Opts::new(name, help), labels)
                 .unwrap_or_else(|e| unreachable_metric(name, e));
-            register(&registry, Box::new(c.clone()));
+            register(&registry, &names, Box::new(c.clone()));
             c
         };
         let histogram = |name: &str, help: &str, labels: &[&str], buckets: &[f64]| {
@@ -138,13 +142,13 @@ impl Metrics {
                 labels,
             )
             .unwrap_or_else(|e| unreachable_metric(name, e));
-            register(&registry, Box::new(h.clone()));
+            register(&registry, &names, Box::new(h.clone()));
             h
         };
         let gauge = |name: &str, help: &str, labels: &[&str]| {
             let g = IntGaugeVec::new(Opts::new(name, help), labels)
                 .unwrap_or_else(|e| unreachable_metric(name, e));
-            register(&registry, Box::new(g.clone()));
+            register(&registry, &names, Box::new(g.clone()));
             g
         };
         let warmup_seconds = prometheus::GaugeVec::new(
@@ -155,16 +159,16 @@ impl Metrics {
             &["upstream"],
         )
         .unwrap_or_else(|e| unreachable_metric("ctxgate_upstream_warmup_seconds", e));
-        register(&registry, Box::new(warmup_seconds.clone()));
+        register(&registry, &names, Box::new(warmup_seconds.clone()));
 
         let plain_gauge = |name: &str, help: &str| {
             let g = IntGauge::new(name, help).unwrap_or_else(|e| unreachable_metric(name, e));
-            register(&registry, Box::new(g.clone()));
+            register(&registry, &names, Box::new(g.clone()));
             g
         };
         let plain_counter = |name: &str, help: &str| {
             let c = IntCounter::new(name, help).unwrap_or_else(|e| unreachable_metric(name, e));
-            register(&registry, Box::new(c.clone()));
+            register(&registry, &names, Box::new(c.clone()));
             c
         };
         let m = Metrics {
@@ -313,6 +317,7 @@ impl Metrics {
                 &["version"],
             ),
             registry,
+            names: std::sync::Arc::new(names.take()),
         };
         m.build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
@@ -387,6 +392,12 @@ impl Metrics {
         }
     }
 
+    /// The name of every metric family registered through this struct (histograms without
+    /// their `_bucket`/`_sum`/`_count` suffixes), whether or not it has series yet.
+    pub fn names(&self) -> &[String] {
+        &self.names
+    }
+
     /// The registry, for modules that register their own collectors.
     pub fn registry(&self) -> &Registry {
         &self.registry
@@ -413,7 +424,14 @@ impl Default for Metrics {
     }
 }
 
-fn register(registry: &Registry, c: Box<dyn prometheus::core::Collector>) {
+fn register(
+    registry: &Registry,
+    names: &std::cell::RefCell<Vec<String>>,
+    c: Box<dyn prometheus::core::Collector>,
+) {
+    names
+        .borrow_mut()
+        .extend(c.desc().iter().map(|d| d.fq_name.clone()));
     if let Err(e) = registry.register(c) {
         // Only a programming error (a duplicate name) can get here; metrics are not worth a
         // crash, so it is logged.

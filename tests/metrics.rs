@@ -1,0 +1,166 @@
+//! /metrics after a known sequence of calls: exact counter values and histogram counts.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+
+const SEED: &str = include_str!("fixtures/openai-seed.json");
+
+#[tokio::test]
+async fn known_sequence_gives_exact_figures() {
+    let up = mock(|r| {
+        if String::from_utf8_lossy(&r.body).contains("\"slow\"") {
+            Reply::Delayed(Duration::from_secs(3), Box::new(Reply::json(OPENAI_JSON)))
+        } else {
+            llm_reply(r)
+        }
+    })
+    .await;
+    let cfg = one_route(
+        "/v1/",
+        &format!("{}v1/", up.url()),
+        "openai",
+        "[prune]\nhard_token_limit = 4000\n[timeouts]\nresponse_headers = \"300ms\"\n[gates]\nmax_queue_per_conversation = 0\n",
+    );
+    let gate = Arc::new(start(&cfg).await);
+    let chat = |content: &str| {
+        serde_json::json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": content}]}).to_string()
+    };
+    let post = |conv: &'static str, body: String| {
+        let g = gate.clone();
+        async move {
+            send(
+                "POST",
+                &g.url("/v1/chat/completions"),
+                &[("x-conversation-id", conv)],
+                &body,
+            )
+            .await
+            .0
+            .as_u16()
+        }
+    };
+
+    // 1 pruned, 2 unchanged, 1 rejected (pinned part over the limit), 1 timed out, 1 gated.
+    assert_eq!(post("a", SEED.to_string()).await, 200);
+    assert_eq!(post("b", chat("hello")).await, 200);
+    assert_eq!(post("b", chat("hello again")).await, 200);
+    assert_eq!(post("c", chat(&"word ".repeat(5000))).await, 400);
+    let slow = tokio::spawn(post("d", chat("slow")));
+    for _ in 0..400 {
+        if up
+            .requests()
+            .iter()
+            .any(|r| String::from_utf8_lossy(&r.body).contains("\"slow\""))
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Conversation d is busy and may not queue: 429 at once.
+    assert_eq!(post("d", chat("second")).await, 429);
+    assert_eq!(slow.await.unwrap(), 504);
+
+    let page = metrics(&gate).await;
+    let v = |series: &str| sample(&page, series);
+    let r = "route=\"test\"";
+    assert_eq!(
+        v(&format!(
+            "ctxgate_http_requests_total{{{r},status=\"200\"}}"
+        )),
+        3.0
+    );
+    assert_eq!(
+        v(&format!(
+            "ctxgate_http_requests_total{{{r},status=\"400\"}}"
+        )),
+        1.0
+    );
+    assert_eq!(
+        v(&format!(
+            "ctxgate_http_requests_total{{{r},status=\"429\"}}"
+        )),
+        1.0
+    );
+    assert_eq!(
+        v(&format!(
+            "ctxgate_http_requests_total{{{r},status=\"504\"}}"
+        )),
+        1.0
+    );
+    assert_eq!(
+        v("ctxgate_prune_actions_total{action=\"pruned\",route=\"test\"}"),
+        1.0
+    );
+    assert_eq!(
+        v("ctxgate_prune_actions_total{action=\"unchanged\",route=\"test\"}"),
+        3.0,
+        "b, b and the timed-out d"
+    );
+    assert_eq!(
+        v("ctxgate_prune_actions_total{action=\"rejected\",route=\"test\"}"),
+        1.0
+    );
+    assert_eq!(
+        v("ctxgate_prune_prompt_tokens_count{route=\"test\",stage=\"before\"}"),
+        4.0,
+        "pruned + 3 unchanged"
+    );
+    assert_eq!(
+        v("ctxgate_timeouts_total{phase=\"response_headers\",route=\"test\"}"),
+        1.0
+    );
+    assert_eq!(
+        v("ctxgate_upstream_errors_total{kind=\"timeout_response_headers\",route=\"test\"}"),
+        1.0
+    );
+    assert_eq!(
+        v("ctxgate_gate_rejections_total{reason=\"queue_full\",route=\"test\"}"),
+        1.0
+    );
+    assert_eq!(
+        v(&format!(
+            "ctxgate_http_time_to_first_byte_seconds_count{{{r}}}"
+        )),
+        3.0
+    );
+    assert_eq!(
+        v(&format!("ctxgate_gate_wait_seconds_count{{{r}}}")),
+        5.0,
+        "every admitted request"
+    );
+    // Usage of the three answered chat calls: the pruned one streamed, two JSON answers.
+    assert_eq!(
+        v("ctxgate_upstream_tokens_total{route=\"test\",type=\"input\"}"),
+        63.0
+    );
+    assert_eq!(
+        v("ctxgate_upstream_tokens_total{route=\"test\",type=\"output\"}"),
+        13.0
+    );
+    assert_eq!(
+        v("ctxgate_upstream_tokens_total{route=\"test\",type=\"cache_read\"}"),
+        24.0
+    );
+    assert_eq!(v("gen_ai_client_token_usage_count{gen_ai_operation_name=\"chat\",gen_ai_provider_name=\"openai\",gen_ai_token_type=\"input\"}"), 3.0);
+    assert_eq!(v("ctxgate_token_estimate_ratio_count{route=\"test\"}"), 3.0);
+    assert_eq!(v("ctxgate_build_info{version=\"0.1.0\"}"), 1.0);
+    // The whole-call duration is observed once per call, errors included, when its body ends —
+    // which can trail the client's last read by a moment, so this polls (bounded).
+    let mut dur = 0.0;
+    for _ in 0..200 {
+        dur = sample(
+            &metrics(&gate).await,
+            &format!("ctxgate_http_request_duration_seconds_count{{{r}}}"),
+        );
+        if dur >= 6.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(dur, 6.0);
+}

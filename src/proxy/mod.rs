@@ -1054,3 +1054,55 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod timing_tests {
+    use super::*;
+    use crate::config::Timeouts;
+    use std::time::Duration;
+    use tokio::time::Instant;
+
+    const T: Timeouts = Timeouts {
+        connect: Duration::from_secs(10),
+        response_headers: Duration::from_secs(120),
+        stream_idle: Duration::from_secs(60),
+        total: Duration::from_secs(300),
+    };
+
+    #[tokio::test(start_paused = true)]
+    async fn response_headers_fires_at_its_time() {
+        let t0 = Instant::now();
+        let e = await_headers(std::future::pending::<()>(), &T, t0 + T.total)
+            .await
+            .unwrap_err();
+        assert_eq!(t0.elapsed(), Duration::from_secs(120));
+        assert_eq!(e.kind(), "timeout_response_headers");
+        assert_eq!(e.status(), StatusCode::GATEWAY_TIMEOUT);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn total_fires_first_when_less_is_left() {
+        let t0 = Instant::now();
+        // 250 s of the call already spent (say, in a slow upload): 50 s are left of total.
+        let deadline = t0 + Duration::from_secs(50);
+        let e = await_headers(std::future::pending::<()>(), &T, deadline)
+            .await
+            .unwrap_err();
+        assert_eq!(t0.elapsed(), Duration::from_secs(50));
+        assert_eq!(e.kind(), "timeout_total");
+        assert_eq!(
+            e.to_string(),
+            "upstream call did not finish within 300s (timeouts.total)"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn headers_in_time_pass_through() {
+        let t0 = Instant::now();
+        let fut = async {
+            tokio::time::sleep(Duration::from_secs(119)).await;
+            7
+        };
+        assert_eq!(await_headers(fut, &T, t0 + T.total).await.unwrap(), 7);
+    }
+}

@@ -356,39 +356,39 @@ struct RawPrune {
     on_parse_error: Option<OnParseError>,
     view_max_bytes: Option<u64>,
     view_idle_ttl: Option<String>,
-    models: Option<Vec<RawModelPrune>>,
-}
-
-#[derive(Debug, Default, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawModelPrune {
+    models: Option<Vec<RawPrune>>,
+    /// Only in `[[routes.prune.models]]`: the model-name pattern.
     #[serde(rename = "match")]
-    pattern: String,
-    hard_token_limit: Option<u64>,
-    target_tokens: Option<u64>,
-    max_messages: Option<u64>,
-    keep_file_content_turns: Option<u64>,
-    min_file_lines: Option<u64>,
-    reserve_output: Option<bool>,
-    on_overflow: Option<OnOverflow>,
-    mode: Option<Mode>,
-    default_encoding: Option<String>,
+    pattern: Option<String>,
 }
 
-impl RawModelPrune {
-    fn as_prune(&self) -> RawPrune {
-        RawPrune {
-            hard_token_limit: self.hard_token_limit,
-            target_tokens: self.target_tokens,
-            max_messages: self.max_messages,
-            keep_file_content_turns: self.keep_file_content_turns,
-            min_file_lines: self.min_file_lines,
-            reserve_output: self.reserve_output,
-            on_overflow: self.on_overflow,
-            mode: self.mode,
-            default_encoding: self.default_encoding.clone(),
-            ..RawPrune::default()
-        }
+impl RawPrune {
+    /// Keys set here that do not belong at this level (`level` names it for the error).
+    fn misplaced(
+        &self,
+        allowed_view: bool,
+        allowed_models: bool,
+        allowed_match: bool,
+    ) -> Option<&'static str> {
+        let checks = [
+            (
+                "view_max_bytes",
+                self.view_max_bytes.is_some() && !allowed_view,
+            ),
+            (
+                "view_idle_ttl",
+                self.view_idle_ttl.is_some() && !allowed_view,
+            ),
+            ("models", self.models.is_some() && !allowed_models),
+            ("match", self.pattern.is_some() && !allowed_match),
+            // Model entries refine the budget only; these switches belong to the route.
+            ("enabled", self.enabled.is_some() && allowed_match),
+            (
+                "on_parse_error",
+                self.on_parse_error.is_some() && allowed_match,
+            ),
+        ];
+        checks.iter().find(|(_, bad)| *bad).map(|(k, _)| *k)
     }
 }
 
@@ -511,10 +511,10 @@ impl RawConfig {
         let transcripts = validate_transcripts(self.transcripts.unwrap_or_default())?;
         let conversation = validate_conversation(self.conversation.unwrap_or_default())?;
         let raw_prune = self.prune.unwrap_or_default();
-        if raw_prune.models.is_some() {
+        if let Some(k) = raw_prune.misplaced(true, false, false) {
             return Err(ConfigError::new(
-                "prune.models",
-                "model budgets belong to a route: use [[routes.prune.models]]",
+                format!("prune.{k}"),
+                "not allowed here: model budgets belong to a route ([[routes.prune.models]] with match = \"…\")",
             ));
         }
         let prune = Prune {
@@ -698,30 +698,34 @@ fn validate_route_prune(
     global: &Prune,
     raw: RawPrune,
 ) -> Result<RoutePrune, ConfigError> {
-    for (name, set) in [
-        ("view_max_bytes", raw.view_max_bytes.is_some()),
-        ("view_idle_ttl", raw.view_idle_ttl.is_some()),
-    ] {
-        if set {
-            return Err(ConfigError::new(
-                format!("{key}.{name}"),
-                "the conversation view is shared: set it in the top-level [prune] table",
-            ));
-        }
+    if let Some(k) = raw.misplaced(false, true, false) {
+        let why = if k.starts_with("view_") {
+            "the conversation view is shared: set it in the top-level [prune] table"
+        } else {
+            "only allowed in a [[routes.prune.models]] entry"
+        };
+        return Err(ConfigError::new(format!("{key}.{k}"), why));
     }
     let budget = refine_budget(key, global.budget.clone(), &raw)?;
     let mut models = Vec::new();
     for (i, m) in raw.models.iter().flatten().enumerate() {
         let mkey = format!("{key}.models[{i}]");
-        if m.pattern.is_empty() {
+        if let Some(k) = m.misplaced(false, false, true) {
+            return Err(ConfigError::new(
+                format!("{mkey}.{k}"),
+                "not allowed in a model entry: set it in the route's [routes.prune] table",
+            ));
+        }
+        let pattern = m.pattern.clone().unwrap_or_default();
+        if pattern.is_empty() {
             return Err(ConfigError::new(
                 format!("{mkey}.match"),
                 "must be a model name pattern such as \"gpt-4o*\", got \"\"",
             ));
         }
         models.push(ModelPrune {
-            pattern: m.pattern.clone(),
-            budget: refine_budget(&mkey, budget.clone(), &m.as_prune())?,
+            pattern,
+            budget: refine_budget(&mkey, budget.clone(), m)?,
         });
     }
     Ok(RoutePrune {
@@ -1190,6 +1194,18 @@ dialect = "openai"
         let e = load(&format!("[prune]\non_overflow = \"drop\"\n{MIN}")).unwrap_err();
         assert_eq!(e.key, "prune.on_overflow");
         assert!(e.problem.contains("`reject`, `truncate`, `forward`"), "{e}");
+        let e = load(&format!(
+            "{MIN}[[routes.prune.models]]\nhard_token_limit = 5\n"
+        ))
+        .unwrap_err();
+        assert_eq!(e.key, "routes[0].prune.models[0].match");
+        let e = load(&format!(
+            "{MIN}[[routes.prune.models]]\nmatch = \"x\"\nenabled = false\n"
+        ))
+        .unwrap_err();
+        assert_eq!(e.key, "routes[0].prune.models[0].enabled");
+        let e = load(&format!("[prune]\nmatch = \"x\"\n{MIN}")).unwrap_err();
+        assert_eq!(e.key, "prune.match");
         let e = load(&format!("{MIN}[routes.prune]\nview_max_bytes = 5\n")).unwrap_err();
         assert_eq!(e.key, "routes[0].prune.view_max_bytes");
         let e = load(&format!(

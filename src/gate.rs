@@ -222,24 +222,10 @@ impl Gates {
                 slot.ok_or_else(timed_out)?
             }
         };
-        let route_slot = match self.routes.get(route) {
-            Some(cap) => Some(
-                take(cap, deadline, &mut waiting, &self.waiters, route, "route")
-                    .await
-                    .ok_or_else(timed_out)?,
-            ),
-            None => None,
-        };
-        let global_slot = take(
-            &self.global,
-            deadline,
-            &mut waiting,
-            &self.waiters,
-            route,
-            "global",
-        )
-        .await
-        .ok_or_else(timed_out)?;
+        let (route_slot, global_slot) = self
+            .take_caps(route, deadline, &mut waiting)
+            .await
+            .ok_or_else(timed_out)?;
 
         registration.grant();
         Ok(Permit {
@@ -256,29 +242,14 @@ impl Gates {
     pub async fn acquire_shared(&self, route: &str) -> Result<Permit, Rejected> {
         let start = Instant::now();
         let deadline = start.checked_add(self.limits.queue_timeout);
-        let timed_out = || Rejected::QueueTimeout {
-            waited: start.elapsed(),
-            timeout: self.limits.queue_timeout,
-        };
         let mut waiting: Option<Waiting<'_>> = None;
-        let route_slot = match self.routes.get(route) {
-            Some(cap) => Some(
-                take(cap, deadline, &mut waiting, &self.waiters, route, "route")
-                    .await
-                    .ok_or_else(timed_out)?,
-            ),
-            None => None,
-        };
-        let global_slot = take(
-            &self.global,
-            deadline,
-            &mut waiting,
-            &self.waiters,
-            route,
-            "global",
-        )
-        .await
-        .ok_or_else(timed_out)?;
+        let (route_slot, global_slot) = self
+            .take_caps(route, deadline, &mut waiting)
+            .await
+            .ok_or_else(|| Rejected::QueueTimeout {
+                waited: start.elapsed(),
+                timeout: self.limits.queue_timeout,
+            })?;
         Ok(Permit {
             _global: global_slot,
             _route: route_slot,
@@ -286,6 +257,30 @@ impl Gates {
             _registration: None,
             waited: start.elapsed(),
         })
+    }
+
+    /// Takes a slot of the route's cap (if it has one), then of the global cap, before the
+    /// deadline; `None` when the deadline passed (whatever was taken is given back on drop).
+    async fn take_caps<'a>(
+        &'a self,
+        route: &str,
+        deadline: Option<Instant>,
+        waiting: &mut Option<Waiting<'a>>,
+    ) -> Option<(Option<OwnedSemaphorePermit>, OwnedSemaphorePermit)> {
+        let route_slot = match self.routes.get(route) {
+            Some(cap) => Some(take(cap, deadline, waiting, &self.waiters, route, "route").await?),
+            None => None,
+        };
+        let global_slot = take(
+            &self.global,
+            deadline,
+            waiting,
+            &self.waiters,
+            route,
+            "global",
+        )
+        .await?;
+        Some((route_slot, global_slot))
     }
 
     /// Under the shard lock: finds or creates the conversation's gate, counts the request as a

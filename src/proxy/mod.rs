@@ -39,7 +39,7 @@ use crate::dialect::Dialect;
 use crate::error::{Error, Phase};
 use crate::gate::{Gates, Permit};
 use crate::metrics::Metrics;
-use crate::prune::{self, Budget, ChatRequest, Counter, Outcome, Summary, View};
+use crate::prune::{self, Budget, ChatRequest, Counter, Outcome, ParseError, Summary, View};
 use crate::transcript::{Record, Transcripts, Usage};
 use body::{CallEnd, CallGuard, End, ResponseBody, StreamBack, StreamTimers};
 use upstream::{RequestBody, UpstreamClient};
@@ -273,10 +273,31 @@ impl Proxy {
         }
         let uri = upstream_uri(cfg, parts.uri.path(), parts.uri.query())?;
 
-        // Identify. Chat bodies are read whole: identify, gate and prune need them.
-        let (stream_body, chat) = if is_chat(cfg.dialect, &parts.method, parts.uri.path()) {
+        // Identify. Chat bodies are read whole: identify, gate and prune need them. Parsing
+        // and fingerprinting a large body runs on the blocking pool, like pruning it.
+        let (stream_body, chat, conversation) = if is_chat(
+            cfg.dialect,
+            &parts.method,
+            parts.uri.path(),
+        ) {
             let bytes = read_body(body, self.max_body_bytes).await?;
-            let parsed = match ChatRequest::parse(cfg.dialect, &bytes) {
+            let (parsed, conversation) = if bytes.len() > INLINE_PRUNE_BYTES {
+                let (b, h, c, r) = (
+                    bytes.clone(),
+                    parts.headers.clone(),
+                    self.conversation.clone(),
+                    route.clone(),
+                );
+                tokio::task::spawn_blocking(move || parse_and_identify(&r.config, &b, &h, &c))
+                    .await
+                    .unwrap_or_else(|e| {
+                        tracing::error!(route = %cfg.name, error = %e, "parsing task failed");
+                        (Err(ParseError::NotObject), None)
+                    })
+            } else {
+                parse_and_identify(cfg, &bytes, &parts.headers, &self.conversation)
+            };
+            let parsed = match parsed {
                 Ok(p) => Some(p),
                 Err(e) if cfg.prune.enabled && cfg.prune.on_parse_error == OnParseError::Reject => {
                     route.prune_metrics.action("rejected");
@@ -287,23 +308,17 @@ impl Proxy {
                     None
                 }
             };
-            (None, Some((bytes, parsed)))
+            (None, Some((bytes, parsed)), conversation)
         } else {
-            (Some(body), None)
+            let id =
+                identify::conversation_id(&parts.headers, &self.conversation, |_| None, || None);
+            (Some(body), None, id)
         };
-        let parsed = chat.as_ref().and_then(|(_, p)| p.as_ref());
         info.chat = chat.is_some();
-        if let Some(p) = parsed {
+        if let Some(p) = chat.as_ref().and_then(|(_, p)| p.as_ref()) {
             info.model = p.model().map(str::to_string);
             info.stream = p.is_stream();
         }
-        let conversation = identify::conversation_id(
-            &parts.headers,
-            &self.conversation,
-            |path| parsed.and_then(|p| p.field_str(path)),
-            || parsed.map(|p| p.fingerprint(&cfg.name)),
-        );
-
         info.conversation = conversation.clone();
 
         // Gate.
@@ -463,6 +478,24 @@ impl Proxy {
             }
         }
     }
+}
+
+/// Parses a chat body and finds its conversation id (header, body field, or fingerprint).
+fn parse_and_identify(
+    route: &Route,
+    body: &[u8],
+    headers: &HeaderMap,
+    conversation: &Conversation,
+) -> (Result<ChatRequest, prune::ParseError>, Option<String>) {
+    let parsed = ChatRequest::parse(route.dialect, body);
+    let p = parsed.as_ref().ok();
+    let id = identify::conversation_id(
+        headers,
+        conversation,
+        |path| p.and_then(|p| p.field_str(path)),
+        || p.map(|p| p.fingerprint(&route.name)),
+    );
+    (parsed, id)
 }
 
 /// What the prune phase decided for the proxy.

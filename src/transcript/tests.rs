@@ -846,3 +846,24 @@ fn postgres_migration_adds_missing_columns_to_an_older_table() {
     drop(rt);
     drop(server);
 }
+
+#[tokio::test]
+async fn postgres_sslmode_decides_tls() {
+    use super::sink::postgres::{parse_url, PostgresSink};
+    let server = PgServer::start();
+    // The test server offers no TLS: `require` must refuse to go on in plaintext…
+    let (config, redactor) =
+        parse_url(&Secret::new(format!("{}?sslmode=require", server.url()))).unwrap();
+    let err = PostgresSink::new(config, redactor)
+        .connect()
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.to_lowercase().contains("tls"), "{err}");
+    // …while `prefer` (the default) falls back to it, and `disable` never asks.
+    for mode in ["prefer", "disable"] {
+        let (config, redactor) =
+            parse_url(&Secret::new(format!("{}?sslmode={mode}", server.url()))).unwrap();
+        PostgresSink::new(config, redactor).connect().await.unwrap();
+    }
+}

@@ -14,7 +14,8 @@
 use std::time::{Duration, SystemTime};
 
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::{Sink, SinkError};
 use crate::config::Secret;
@@ -175,6 +176,29 @@ pub struct PostgresSink {
     config: tokio_postgres::Config,
     redactor: Redactor,
     client: Option<Client>,
+    /// TLS through rustls with the system's roots. The URL's `sslmode` decides whether it is
+    /// used: `prefer` (libpq's default) takes TLS when the server offers it, `require` insists
+    /// (managed databases such as Supabase), `disable` never asks.
+    tls: MakeRustlsConnect,
+}
+
+/// The rustls client configuration for PostgreSQL: the system's native roots.
+fn tls_connector() -> MakeRustlsConnect {
+    let mut roots = rustls::RootCertStore::empty();
+    let loaded = rustls_native_certs::load_native_certs();
+    roots.add_parsable_certificates(loaded.certs);
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = match rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+    {
+        Ok(b) => b.with_root_certificates(roots).with_no_client_auth(),
+        // ring supports the default versions; should that ever change, fall back to the
+        // process default provider rather than failing transcripts.
+        Err(_) => rustls::ClientConfig::builder()
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth(),
+    };
+    MakeRustlsConnect::new(config)
 }
 
 impl PostgresSink {
@@ -185,6 +209,7 @@ impl PostgresSink {
             config,
             redactor,
             client: None,
+            tls: tls_connector(),
         }
     }
 
@@ -195,13 +220,14 @@ impl PostgresSink {
         }
         self.client = None;
         let limit = CONNECT_TIMEOUT + SCHEMA_TIMEOUT;
-        let (mut client, connection) = tokio::time::timeout(limit, self.config.connect(NoTls))
-            .await
-            .map_err(|_| SinkError::Timeout {
-                what: "connecting to postgres",
-                after: limit,
-            })?
-            .map_err(|e| SinkError::Postgres(describe(&e, &self.redactor)))?;
+        let (mut client, connection) =
+            tokio::time::timeout(limit, self.config.connect(self.tls.clone()))
+                .await
+                .map_err(|_| SinkError::Timeout {
+                    what: "connecting to postgres",
+                    after: limit,
+                })?
+                .map_err(|e| SinkError::Postgres(describe(&e, &self.redactor)))?;
         let redactor = self.redactor.clone();
         tokio::spawn(async move {
             if let Err(e) = connection.await {

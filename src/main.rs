@@ -84,7 +84,7 @@ fn prune_cmd(config: &std::path::Path, route: &str) -> Result<ExitCode, ExitCode
     let body = read_stdin()?;
     let req = ChatRequest::parse(route.dialect, &body).map_err(|e| {
         eprintln!(
-            "ctxgate: stdin is not a {} chat request: {e}",
+            "ctxgate: stdin is not a chat request in the {} dialect: {e}",
             route.dialect.as_str()
         );
         ExitCode::FAILURE
@@ -158,7 +158,7 @@ fn count_cmd(config: Option<&std::path::Path>, route: Option<&str>) -> Result<Ex
     let body = read_stdin()?;
     let req = ChatRequest::parse(dialect, &body).map_err(|e| {
         eprintln!(
-            "ctxgate: stdin is not a {} chat request: {e}",
+            "ctxgate: stdin is not a chat request in the {} dialect: {e}",
             dialect.as_str()
         );
         ExitCode::FAILURE

@@ -19,6 +19,7 @@
 //!    the outcome.
 
 pub mod body;
+pub mod heavy;
 pub mod identify;
 pub mod upstream;
 pub mod usage;
@@ -88,6 +89,7 @@ pub struct Proxy {
     counter: Arc<Counter>,
     view: Arc<View>,
     transcripts: Transcripts,
+    heavy: heavy::Heavy,
 }
 
 impl Proxy {
@@ -135,6 +137,13 @@ impl Proxy {
                 config.prune.view_idle_ttl,
             )),
             transcripts,
+            // One low-priority thread per core: heavy requests use idle CPU in parallel, and
+            // yield it to the async workers whenever they need it.
+            heavy: heavy::Heavy::new(
+                std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(2),
+            ),
         })
     }
 
@@ -288,7 +297,8 @@ impl Proxy {
                     self.conversation.clone(),
                     route.clone(),
                 );
-                tokio::task::spawn_blocking(move || parse_and_identify(&r.config, &b, &h, &c))
+                self.heavy
+                    .run(move || parse_and_identify(&r.config, &b, &h, &c))
                     .await
                     .unwrap_or_else(|e| {
                         tracing::error!(route = %cfg.name, error = %e, "parsing task failed");
@@ -511,8 +521,8 @@ enum PhaseOutcome {
 /// The request header with which a request lowers (never raises) its own token limit.
 pub const TOKEN_LIMIT_HEADER: &str = "x-ctxgate-token-limit";
 
-/// Bodies above this size are pruned on the blocking pool, so that counting a pathological
-/// prompt never stalls the async workers serving other conversations.
+/// Bodies above this size are parsed and pruned on the low-priority heavy pool, so that
+/// counting a pathological prompt never stalls the async workers serving other conversations.
 const INLINE_PRUNE_BYTES: usize = 32 * 1024;
 
 fn token_limit_header(h: &HeaderMap) -> Result<Option<u64>, Error> {
@@ -581,10 +591,10 @@ impl Proxy {
         let budget = effective_budget(&cfg.prune, req.model(), limit);
         let outcome = if req.body_len() > INLINE_PRUNE_BYTES {
             let (view, counter, b) = (self.view.clone(), self.counter.clone(), budget.clone());
-            match tokio::task::spawn_blocking(move || {
-                prune_guarded(&req, &b, &view, &conversation, &counter)
-            })
-            .await
+            match self
+                .heavy
+                .run(move || prune_guarded(&req, &b, &view, &conversation, &counter))
+                .await
             {
                 Ok(o) => o,
                 Err(e) => {

@@ -58,6 +58,8 @@ struct Work<'a> {
     turns: usize,
     task_unit: Option<usize>,
     cut: Option<(usize, u64)>,
+    /// Whether the pinned figure in a rejection is exact (counting stops past the limit).
+    pinned_exact: bool,
 }
 
 impl<'a> Work<'a> {
@@ -116,6 +118,7 @@ impl<'a> Work<'a> {
             view_hit: reused > 0,
             fixed_fp,
             fixed_extra,
+            pinned_exact: true,
             sys_end: 0,
             units: Vec::new(),
             unit_of: vec![0; n],
@@ -367,13 +370,31 @@ impl<'a> Work<'a> {
 
         // 3–4. Pinned part, then the cut.
         let newest = self.units.len() - 1;
-        let mut pinned = fixed + self.unit_pruned(newest, u64::MAX).0;
+        // When an over-limit pinned part means rejection, counting stops as soon as the limit
+        // is passed: a pathological message (a million repeats of one character) then costs
+        // about as much as the budget, not as much as the message. Truncate and forward need
+        // the exact figure.
+        let reject = self.budget.on_overflow == OnOverflow::Reject;
+        let cap = |used: u64| {
+            if reject {
+                limit.saturating_sub(used)
+            } else {
+                u64::MAX
+            }
+        };
+        let (t, mut pinned_exact) = self.unit_pruned(newest, cap(fixed));
+        let mut pinned = fixed + t;
         let mut pinned_msgs = self.sys_end + self.unit_len(newest);
         if let Some(t) = self.task_unit.filter(|&t| t != newest) {
-            pinned += self.unit_pruned(t, u64::MAX).0;
+            if pinned_exact {
+                let (tt, exact) = self.unit_pruned(t, cap(pinned));
+                pinned += tt;
+                pinned_exact = exact;
+            }
             pinned_msgs += self.unit_len(t);
         }
         if pinned > limit {
+            self.pinned_exact = pinned_exact;
             return self.overflow(base, pinned, limit);
         }
 
@@ -506,6 +527,7 @@ impl<'a> Work<'a> {
 
     /// The pinned part alone is over the limit.
     fn overflow(&mut self, base: Summary, pinned: u64, limit: u64) -> Outcome {
+        let at_least = if self.pinned_exact { "" } else { "at least " };
         let reject = |pinned: u64| {
             let key = if self.budget.reserve_output && limit < self.budget.hard_token_limit {
                 "prune.hard_token_limit minus the request's max_tokens, prune.reserve_output"
@@ -516,7 +538,7 @@ impl<'a> Work<'a> {
                 pinned_tokens: pinned,
                 limit,
                 message: format!(
-                    "prompt needs {pinned} tokens for its pinned part (system, tools, task and newest message), over the limit of {limit} ({key})"
+                    "prompt needs {at_least}{pinned} tokens for its pinned part (system, tools, task and newest message), over the limit of {limit} ({key})"
                 ),
             })
         };

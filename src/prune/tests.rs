@@ -368,12 +368,36 @@ fn overflow_reject_message() {
             .into_bytes(),
     )
     .unwrap();
-    assert_eq!(r.pinned_tokens, c.count_request(&pinned_req));
+    // Counting stops once the limit is passed: the figure is a lower bound over the limit.
+    assert!(r.pinned_tokens > 4000 && r.pinned_tokens <= c.count_request(&pinned_req));
     assert!(r.pinned_tokens < total);
     assert_eq!(r.limit, 4000);
     assert_eq!(
         r.message,
-        format!("prompt needs {} tokens for its pinned part (system, tools, task and newest message), over the limit of 4000 (prune.hard_token_limit)", r.pinned_tokens)
+        format!("prompt needs at least {} tokens for its pinned part (system, tools, task and newest message), over the limit of 4000 (prune.hard_token_limit)", r.pinned_tokens)
+    );
+}
+
+#[test]
+fn rejecting_a_huge_message_counts_about_the_budget() {
+    // A million repeats of one character: the request is rejected after counting a few
+    // budgets' worth of it, not all of it.
+    let body = json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "a".repeat(1_000_000)}]})
+        .to_string()
+        .into_bytes();
+    let req = ChatRequest::parse(Dialect::OpenAi, &body).unwrap();
+    let Outcome::Rejected(r) = prune(&req, &seed_budget(), &view(), "huge", &counter()) else {
+        panic!("not rejected")
+    };
+    assert!(
+        r.pinned_tokens > 4000 && r.pinned_tokens < 40_000,
+        "{}",
+        r.pinned_tokens
+    );
+    assert!(
+        r.message.starts_with("prompt needs at least "),
+        "{}",
+        r.message
     );
 }
 

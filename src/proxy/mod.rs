@@ -465,7 +465,8 @@ impl Proxy {
             Ok(permit) => {
                 let waited = permit.waited();
                 route.metrics.gate_wait.observe(waited.as_secs_f64());
-                if !waited.is_zero() {
+                // Admission always takes a few microseconds; only a real wait is worth a line.
+                if waited >= std::time::Duration::from_millis(1) {
                     tracing::info!(
                         route = name,
                         waited_ms = waited.as_millis() as u64,

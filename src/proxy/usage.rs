@@ -23,6 +23,13 @@ const MAX_JSON_COPY: usize = 8 * 1024 * 1024;
 /// Longest SSE line the tap keeps while waiting for its end.
 const MAX_LINE: usize = 1024 * 1024;
 
+/// A response body of which only `usage` is wanted.
+#[derive(serde::Deserialize)]
+struct UsageOnly {
+    #[serde(default)]
+    usage: Value,
+}
+
 /// What the tap found.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Tapped {
@@ -100,8 +107,13 @@ impl UsageTap {
     /// What was found; call once the body has ended.
     pub fn finish(mut self) -> Tapped {
         if !self.sse && !self.overflow && !self.buf.is_empty() {
-            if let Ok(v) = serde_json::from_slice::<Value>(&self.buf) {
-                self.json_body(&v);
+            if self.collect_text {
+                if let Ok(v) = serde_json::from_slice::<Value>(&self.buf) {
+                    self.json_body(&v);
+                }
+            } else if let Ok(b) = serde_json::from_slice::<UsageOnly>(&self.buf) {
+                // Only `usage` is built; serde skips the rest without allocating it.
+                self.json_body(&serde_json::json!({ "usage": b.usage }));
             }
         } else if self.sse && !self.buf.is_empty() {
             let last = std::mem::take(&mut self.buf);
@@ -288,6 +300,31 @@ mod tests {
                 t.cache_write_tokens
             ),
             (Some(5), Some(6), Some(0), Some(0))
+        );
+    }
+
+    #[test]
+    fn usage_without_text_collection() {
+        let body = r#"{"id":"x","choices":[{"message":{"content":"Hi"}}],"usage":{"prompt_tokens":12,"completion_tokens":3,"prompt_tokens_details":{"cached_tokens":4}}}"#;
+        let mut t = UsageTap::new(Dialect::OpenAi, false, false);
+        t.feed(&Bytes::from_static(body.as_bytes()));
+        let t = t.finish();
+        assert_eq!(
+            (t.input_tokens, t.output_tokens, t.cache_read_tokens, t.text),
+            (Some(12), Some(3), Some(4), None)
+        );
+        let body = r#"{"content":[{"type":"text","text":"A"}],"usage":{"input_tokens":5,"output_tokens":6,"cache_read_input_tokens":2,"cache_creation_input_tokens":1}}"#;
+        let mut t = UsageTap::new(Dialect::Anthropic, false, false);
+        t.feed(&Bytes::from_static(body.as_bytes()));
+        let t = t.finish();
+        assert_eq!(
+            (
+                t.input_tokens,
+                t.output_tokens,
+                t.cache_read_tokens,
+                t.cache_write_tokens
+            ),
+            (Some(8), Some(6), Some(2), Some(1))
         );
     }
 

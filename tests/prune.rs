@@ -154,32 +154,22 @@ async fn forty_turns_keep_a_byte_stable_prefix() {
         vec![serde_json::json!({"role": "system", "content": "You are a careful coding agent."})];
     let mut forwarded: Vec<Vec<String>> = Vec::new();
     for i in 0..40 {
-        let t = turn(i);
-        history.push(t[0].clone());
-        // The agent sends the task; then the tool loop; the final answer is the next turn's history.
-        let body =
-            serde_json::json!({"model": "gpt-4o", "messages": history, "tools": tools}).to_string();
-        let (s, _, _) = send(
-            "POST",
-            &gate.url("/v1/chat/completions"),
-            &[("x-conversation-id", "agent-40")],
-            &body,
-        )
-        .await;
-        assert_eq!(s, 200);
-        history.push(t[1].clone());
-        history.push(t[2].clone());
-        let body =
-            serde_json::json!({"model": "gpt-4o", "messages": history, "tools": tools}).to_string();
-        let (s, _, _) = send(
-            "POST",
-            &gate.url("/v1/chat/completions"),
-            &[("x-conversation-id", "agent-40")],
-            &body,
-        )
-        .await;
-        assert_eq!(s, 200);
-        history.push(t[3].clone());
+        let [task, call, result, answer]: [serde_json::Value; 4] = turn(i).try_into().unwrap();
+        // The agent sends the task, then the tool result; its answer joins the history after.
+        for step in [vec![task], vec![call, result]] {
+            history.extend(step);
+            let body = serde_json::json!({"model": "gpt-4o", "messages": history, "tools": tools})
+                .to_string();
+            let (s, _, _) = send(
+                "POST",
+                &gate.url("/v1/chat/completions"),
+                &[("x-conversation-id", "agent-40")],
+                &body,
+            )
+            .await;
+            assert_eq!(s, 200);
+        }
+        history.push(answer);
     }
     for r in up.requests() {
         assert!(count(Dialect::OpenAi, &r.body) <= 4000);

@@ -183,9 +183,12 @@ fn init_tracing() {
     let json = std::env::var("CTXGATE_LOG_FORMAT")
         .map(|v| v == "json")
         .unwrap_or(false);
+    // Colours only on a terminal: logs collected from a container or a file stay plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
     if json {
         b.json().init();
     } else {

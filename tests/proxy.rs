@@ -361,7 +361,7 @@ async fn h2c_inbound() {
 async fn readyz_turns_200_after_warm_up() {
     let up = mock(|r| {
         if r.method == http::Method::HEAD {
-            Reply::Delayed(Duration::from_millis(400), Box::new(Reply::json("")))
+            Reply::Delayed(Duration::from_millis(1500), Box::new(Reply::json("")))
         } else {
             Reply::json("{}")
         }

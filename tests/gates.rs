@@ -13,7 +13,9 @@ use common::*;
 use http_body_util::BodyExt;
 use tokio::sync::mpsc;
 
-const D: Duration = Duration::from_millis(300);
+// Long enough that a loaded CI machine still sends the queued requests while the first is in
+// flight.
+const D: Duration = Duration::from_millis(800);
 
 /// A mock that answers after `D`, tracking how many requests it is serving at once.
 async fn slow_mock() -> (Mock, Arc<AtomicUsize>) {

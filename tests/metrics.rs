@@ -14,7 +14,7 @@ const SEED: &str = include_str!("fixtures/openai-seed.json");
 async fn known_sequence_gives_exact_figures() {
     let up = mock(|r| {
         if String::from_utf8_lossy(&r.body).contains("\"slow\"") {
-            Reply::Delayed(Duration::from_secs(3), Box::new(Reply::json(OPENAI_JSON)))
+            Reply::Delayed(Duration::from_secs(5), Box::new(Reply::json(OPENAI_JSON)))
         } else {
             llm_reply(r)
         }
@@ -24,7 +24,7 @@ async fn known_sequence_gives_exact_figures() {
         "/v1/",
         &format!("{}v1/", up.url()),
         "openai",
-        "[prune]\nhard_token_limit = 4000\n[timeouts]\nresponse_headers = \"300ms\"\n[gates]\nmax_queue_per_conversation = 0\n",
+        "[prune]\nhard_token_limit = 4000\n[timeouts]\nresponse_headers = \"1500ms\"\n[gates]\nmax_queue_per_conversation = 0\n",
     );
     let gate = Arc::new(start(&cfg).await);
     let chat = |content: &str| {

@@ -21,6 +21,24 @@ pub fn python() -> std::path::PathBuf {
     p
 }
 
+/// Runs tests/sdk/clients.py against ctxgate and returns the JSON it prints.
+async fn run_clients(gate: &Gate, args: &[&str]) -> serde_json::Value {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sdk/clients.py");
+    let out = tokio::process::Command::new(python())
+        .arg(script)
+        .arg(format!("http://{}", gate.addr))
+        .args(args)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "sdk script failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 #[tokio::test]
 async fn official_sdks_through_ctxgate() {
     let up = mock(llm_reply).await;
@@ -30,20 +48,7 @@ async fn official_sdks_through_ctxgate() {
         u = up.url()
     );
     let gate = start(&cfg).await;
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sdk/clients.py");
-    let base = format!("http://{}", gate.addr);
-    let out = tokio::process::Command::new(python())
-        .arg(script)
-        .arg(&base)
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "sdk script failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = run_clients(&gate, &[]).await;
     assert_eq!(
         v["openai"],
         serde_json::json!({"id": "chatcmpl-mock1", "text": "Hello from the mock.", "prompt_tokens": 21})
@@ -88,21 +93,11 @@ async fn openai_sdk_long_conversation_is_pruned() {
         up.url()
     );
     let gate = start(&cfg).await;
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let out = tokio::process::Command::new(python())
-        .arg(dir.join("tests/sdk/clients.py"))
-        .arg(format!("http://{}", gate.addr))
-        .arg("long")
-        .arg(dir.join("tests/fixtures/openai-seed.json"))
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "sdk script failed: {}",
-        String::from_utf8_lossy(&out.stderr)
+    let fixture = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/openai-seed.json"
     );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = run_clients(&gate, &["long", fixture]).await;
     assert_eq!(v["text"], "Hello from the mock.");
     let got = up.requests();
     assert_eq!(got.len(), 1);

@@ -4,9 +4,8 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::*;
@@ -17,34 +16,24 @@ use tokio::sync::mpsc;
 // flight.
 const D: Duration = Duration::from_millis(800);
 
-/// A mock that answers after `D`, tracking how many requests it is serving at once.
-async fn slow_mock() -> (Mock, Arc<AtomicUsize>) {
-    let now = Arc::new(AtomicUsize::new(0));
-    let max = Arc::new(AtomicUsize::new(0));
-    let (n, m) = (now.clone(), max.clone());
-    let up = mock(move |_| {
-        let cur = n.fetch_add(1, Ordering::SeqCst) + 1;
-        m.fetch_max(cur, Ordering::SeqCst);
-        let n = n.clone();
-        // Count down when the delayed answer is produced.
-        Reply::Delayed(
-            D,
-            Box::new(Reply::Full {
-                status: 200,
-                headers: vec![("content-type".into(), "application/json".into())],
-                body: {
-                    let n = n.clone();
-                    tokio::spawn(async move {
-                        tokio::time::sleep(D).await;
-                        n.fetch_sub(1, Ordering::SeqCst);
-                    });
-                    Bytes::from_static(b"{}")
-                },
-            }),
-        )
+/// When each request reached the mock, in arrival order, with the tag of its prompt.
+type Arrivals = Arc<Mutex<Vec<(Instant, String)>>>;
+
+/// A mock that answers every request `D` after it arrives, recording arrivals. Overlap is read
+/// from the arrival times: the answer to a request cannot exist before `arrival + D`, so a
+/// request that arrives less than `D` after another ran beside it upstream, and one that
+/// arrives `D` or more after the previous one could have waited for its answer.
+async fn slow_mock() -> (Mock, Arrivals) {
+    let arrivals: Arrivals = Arc::new(Mutex::new(Vec::new()));
+    let a = arrivals.clone();
+    let up = mock(move |r| {
+        let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap_or_default();
+        let tag = v["messages"][0]["content"].as_str().unwrap_or("").to_string();
+        a.lock().unwrap().push((Instant::now(), tag));
+        Reply::Delayed(D, Box::new(Reply::json("{}")))
     })
     .await;
-    (up, max)
+    (up, arrivals)
 }
 
 fn chat(conv: &str, tag: &str) -> (Vec<(String, String)>, String) {
@@ -95,20 +84,23 @@ fn cfg(up: &Mock, extra: &str) -> String {
 
 #[tokio::test]
 async fn different_conversations_run_in_parallel_one_conversation_in_order() {
-    let (up, max) = slow_mock().await;
+    let (up, arrivals) = slow_mock().await;
     let gate = Arc::new(start(&cfg(&up, "")).await);
     let (g1, g2) = (gate.clone(), gate.clone());
     let a = tokio::spawn(async move { post(&g1, "conv-a", "a1").await });
     let b = tokio::spawn(async move { post(&g2, "conv-b", "b1").await });
     assert_eq!(a.await.unwrap().0, 200);
     assert_eq!(b.await.unwrap().0, 200);
-    assert_eq!(
-        max.load(Ordering::SeqCst),
-        2,
-        "different conversations overlap upstream"
-    );
+    {
+        let seen = arrivals.lock().unwrap();
+        assert_eq!(seen.len(), 2);
+        assert!(
+            seen[1].0 - seen[0].0 < D,
+            "different conversations overlap upstream: {:?} apart",
+            seen[1].0 - seen[0].0
+        );
+    }
 
-    max.store(0, Ordering::SeqCst);
     let order = Arc::new(Mutex::new(Vec::new()));
     let mut tasks = Vec::new();
     for (i, tag) in ["c1", "c2", "c3"].into_iter().enumerate() {
@@ -138,23 +130,20 @@ async fn different_conversations_run_in_parallel_one_conversation_in_order() {
     for t in tasks {
         assert_eq!(t.await.unwrap().0, 200);
     }
-    assert_eq!(
-        max.load(Ordering::SeqCst),
-        1,
-        "one conversation never races itself"
-    );
-    let seen: Vec<String> = up
-        .requests()
-        .iter()
-        .filter_map(|r| {
-            let s = String::from_utf8_lossy(&r.body).into_owned();
-            ["c1", "c2", "c3"]
-                .into_iter()
-                .find(|t| s.contains(&format!("\"{t}\"")))
-                .map(str::to_string)
-        })
-        .collect();
-    assert_eq!(seen, ["c1", "c2", "c3"]);
+    // Each request of conv-c reached the upstream only after the previous one was answered,
+    // and in the order they arrived at ctxgate.
+    let seen: Vec<(Instant, String)> = arrivals.lock().unwrap()[2..].to_vec();
+    let tags: Vec<&str> = seen.iter().map(|(_, t)| t.as_str()).collect();
+    assert_eq!(tags, ["c1", "c2", "c3"]);
+    for w in seen.windows(2) {
+        assert!(
+            w[1].0 - w[0].0 >= D,
+            "one conversation never races itself: {} arrived {:?} after {}",
+            w[1].1,
+            w[1].0 - w[0].0,
+            w[0].1
+        );
+    }
     assert_eq!(*order.lock().unwrap(), ["c1", "c2", "c3"]);
     let page = metrics(&gate).await;
     assert_eq!(

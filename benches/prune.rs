@@ -3,6 +3,7 @@
 //! warm prune in a view holding 10,000 conversations.
 //!
 //! `cargo bench --bench prune`
+#![allow(clippy::unwrap_used)] // a benchmark that cannot load its counter has nothing to measure
 
 use std::time::Duration;
 
@@ -34,7 +35,7 @@ fn view() -> View {
 }
 
 fn counting(c: &mut Criterion) {
-    let counter = Counter::new(Encoding::O200kBase);
+    let counter = Counter::new(Encoding::O200kBase).unwrap();
     let text = String::from_utf8(fixture()).unwrap_or_default();
     let mut g = c.benchmark_group("count");
     g.throughput(Throughput::Bytes(text.len() as u64));
@@ -55,7 +56,7 @@ fn counting(c: &mut Criterion) {
 }
 
 fn pruning(c: &mut Criterion) {
-    let counter = Counter::new(Encoding::O200kBase);
+    let counter = Counter::new(Encoding::O200kBase).unwrap();
     let budget = Budget::default();
     let (base, grown) = bodies();
     let (Ok(base_req), Ok(grown_req)) = (

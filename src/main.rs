@@ -90,7 +90,10 @@ fn prune_cmd(config: &std::path::Path, route: &str) -> Result<ExitCode, ExitCode
         ExitCode::FAILURE
     })?;
     let budget = ctxgate::proxy::effective_budget(&route.prune, req.model(), None);
-    let counter = Counter::new(budget.default_encoding);
+    let counter = Counter::new(budget.default_encoding).map_err(|e| {
+        eprintln!("ctxgate: {e}");
+        ExitCode::FAILURE
+    })?;
     let view = View::new(cfg.prune.view_max_bytes, cfg.prune.view_idle_ttl);
     let conversation = req.fingerprint(&route.name);
     let Some(outcome) =
@@ -163,7 +166,11 @@ fn count_cmd(config: Option<&std::path::Path>, route: Option<&str>) -> Result<Ex
         );
         ExitCode::FAILURE
     })?;
-    println!("{}", Counter::new(encoding).count_request(&req));
+    let counter = Counter::new(encoding).map_err(|e| {
+        eprintln!("ctxgate: {e}");
+        ExitCode::FAILURE
+    })?;
+    println!("{}", counter.count_request(&req));
     Ok(ExitCode::SUCCESS)
 }
 

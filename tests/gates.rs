@@ -28,7 +28,10 @@ async fn slow_mock() -> (Mock, Arrivals) {
     let a = arrivals.clone();
     let up = mock(move |r| {
         let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap_or_default();
-        let tag = v["messages"][0]["content"].as_str().unwrap_or("").to_string();
+        let tag = v["messages"][0]["content"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
         a.lock().unwrap().push((Instant::now(), tag));
         Reply::Delayed(D, Box::new(Reply::json("{}")))
     })

@@ -23,7 +23,9 @@ fn cfg(up: &Mock, prune: &str) -> String {
 }
 
 fn count(dialect: Dialect, body: &[u8]) -> u64 {
-    Counter::new(Encoding::O200kBase).count_request(&ChatRequest::parse(dialect, body).unwrap())
+    Counter::new(Encoding::O200kBase)
+        .unwrap()
+        .count_request(&ChatRequest::parse(dialect, body).unwrap())
 }
 
 fn messages(body: &[u8]) -> Vec<String> {

@@ -131,7 +131,10 @@ impl Proxy {
             metrics,
             gates,
             conversation: config.conversation.clone(),
-            counter: Arc::new(Counter::new(config.prune.budget.default_encoding)),
+            counter: Arc::new(
+                Counter::new(config.prune.budget.default_encoding)
+                    .map_err(upstream::BuildError::Counter)?,
+            ),
             view: Arc::new(View::new(
                 config.prune.view_max_bytes,
                 config.prune.view_idle_ttl,

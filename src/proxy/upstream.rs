@@ -82,6 +82,9 @@ pub enum BuildError {
     /// rustls refused the configuration.
     #[error("route {route}: tls setup failed: {reason}")]
     Tls { route: String, reason: String },
+    /// The token vocabularies could not be loaded.
+    #[error("{0}")]
+    Counter(String),
 }
 
 /// The system's native roots, loaded once and shared by every route.

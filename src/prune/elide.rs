@@ -298,7 +298,7 @@ mod tests {
     use super::*;
 
     fn counter() -> Counter {
-        Counter::new(Encoding::O200kBase)
+        Counter::new(Encoding::O200kBase).unwrap()
     }
 
     #[test]

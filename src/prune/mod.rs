@@ -19,6 +19,7 @@
 //! `max_messages` counts entries of `messages` (leading system messages included; the
 //! pinned part is kept even when it alone is over the cap).
 
+mod bpe;
 mod elide;
 mod policy;
 mod request;

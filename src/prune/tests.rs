@@ -13,7 +13,7 @@ use super::*;
 use crate::dialect::Dialect;
 
 fn counter() -> Counter {
-    Counter::new(Encoding::O200kBase)
+    Counter::new(Encoding::O200kBase).unwrap()
 }
 
 fn view() -> View {
@@ -122,8 +122,18 @@ fn cookbook_tool_counts() {
 fn unknown_model_uses_default_encoding() {
     let body = cookbook_messages("glm-4.6");
     let req = ChatRequest::parse(Dialect::OpenAi, &body).unwrap();
-    assert_eq!(Counter::new(Encoding::O200kBase).count_request(&req), 124);
-    assert_eq!(Counter::new(Encoding::Cl100kBase).count_request(&req), 129);
+    assert_eq!(
+        Counter::new(Encoding::O200kBase)
+            .unwrap()
+            .count_request(&req),
+        124
+    );
+    assert_eq!(
+        Counter::new(Encoding::Cl100kBase)
+            .unwrap()
+            .count_request(&req),
+        129
+    );
 }
 
 // ---------------------------------------------------------------- parsing

@@ -26,13 +26,12 @@
 //! an estimate (bytes / 4) should the encoder still fail. Splitting can shift a count by a
 //! token per split, only for such pathological runs.
 
-use std::collections::HashSet;
 use std::str::FromStr;
 
 use serde::Deserialize;
 use serde_json::Value;
-use tiktoken_rs::CoreBPE;
 
+use super::bpe::{self, Bpe};
 use crate::dialect::Dialect;
 
 /// Tokens per message (the guide's `tokens_per_message`).
@@ -92,10 +91,10 @@ impl FromStr for Encoding {
     }
 }
 
-/// The token counter: both encoders, built once at start.
+/// The token counter: both vocabularies, built once per process (see `bpe`).
 pub struct Counter {
-    o200k: &'static CoreBPE,
-    cl100k: &'static CoreBPE,
+    o200k: &'static Bpe,
+    cl100k: &'static Bpe,
     default_encoding: Encoding,
 }
 
@@ -108,14 +107,16 @@ impl std::fmt::Debug for Counter {
 }
 
 impl Counter {
-    /// Builds (or reuses) the o200k and cl100k encoders; takes ~150 ms the first time, so
-    /// call it at start, not per request.
-    pub fn new(default_encoding: Encoding) -> Counter {
-        Counter {
-            o200k: tiktoken_rs::o200k_base_singleton(),
-            cl100k: tiktoken_rs::cl100k_base_singleton(),
+    /// Builds (or reuses) the o200k and cl100k vocabularies; takes ~0.5 s the first time, so
+    /// call it at start, not per request. Fails only if the loader thread cannot run.
+    pub fn new(default_encoding: Encoding) -> Result<Counter, String> {
+        let v =
+            bpe::vocabularies().map_err(|e| format!("cannot load the token vocabularies: {e}"))?;
+        Ok(Counter {
+            o200k: &v.o200k,
+            cl100k: &v.cl100k,
             default_encoding,
-        }
+        })
     }
 
     /// The encoding used for models the name does not identify.
@@ -129,7 +130,7 @@ impl Counter {
         model_encoding(model).unwrap_or(self.default_encoding)
     }
 
-    fn bpe(&self, enc: Encoding) -> &'static CoreBPE {
+    fn bpe(&self, enc: Encoding) -> &'static Bpe {
         match enc {
             Encoding::O200kBase => self.o200k,
             Encoding::Cl100kBase => self.cl100k,
@@ -330,13 +331,11 @@ fn scalar_text(v: &Value) -> String {
     }
 }
 
-fn count_piece(bpe: &CoreBPE, piece: &str) -> u64 {
-    let allowed: HashSet<&str> = HashSet::new();
-    // `count` with an (empty) allowed set returns Err instead of panicking on regex
-    // failures, and encodes special-token text as ordinary text, as the API does.
-    // catch_unwind is the last resort should the crate still panic on some input.
-    let counted =
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| bpe.count(piece, &allowed)));
+fn count_piece(bpe: &Bpe, piece: &str) -> u64 {
+    // `count` returns Err instead of panicking on regex failures (the backtrack limit), and
+    // encodes special-token text as ordinary text, as the API does. catch_unwind is the last
+    // resort should some input still panic.
+    let counted = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| bpe.count(piece)));
     match counted {
         Ok(Ok(n)) => n as u64,
         _ => estimate_bytes(piece.len()),
@@ -495,7 +494,7 @@ mod tests {
 
     #[test]
     fn model_encodings() {
-        let c = Counter::new(Encoding::Cl100kBase);
+        let c = Counter::new(Encoding::Cl100kBase).unwrap();
         assert_eq!(c.encoding_for_model("gpt-4o-mini"), Encoding::O200kBase);
         assert_eq!(c.encoding_for_model("gpt-4.1"), Encoding::O200kBase);
         assert_eq!(c.encoding_for_model("o3-mini"), Encoding::O200kBase);
@@ -503,7 +502,7 @@ mod tests {
         assert_eq!(c.encoding_for_model("gpt-4-0613"), Encoding::Cl100kBase);
         assert_eq!(c.encoding_for_model("gpt-3.5-turbo"), Encoding::Cl100kBase);
         assert_eq!(c.encoding_for_model("glm-4.6"), Encoding::Cl100kBase);
-        let d = Counter::new(Encoding::O200kBase);
+        let d = Counter::new(Encoding::O200kBase).unwrap();
         assert_eq!(d.encoding_for_model("claude-sonnet-4"), Encoding::O200kBase);
         assert_eq!("o200k_base".parse::<Encoding>(), Ok(Encoding::O200kBase));
         assert_eq!("cl100k_base".parse::<Encoding>(), Ok(Encoding::Cl100kBase));
@@ -512,7 +511,7 @@ mod tests {
 
     #[test]
     fn plain_counts() {
-        let c = Counter::new(Encoding::O200kBase);
+        let c = Counter::new(Encoding::O200kBase).unwrap();
         assert_eq!(c.count_text(Encoding::Cl100kBase, "hello world"), 2);
         assert_eq!(c.count_text(Encoding::O200kBase, ""), 0);
         assert!(c.count_text(Encoding::Cl100kBase, "<|endoftext|>") > 1);
@@ -520,7 +519,7 @@ mod tests {
 
     #[test]
     fn pathological_inputs_do_not_panic() {
-        let c = Counter::new(Encoding::O200kBase);
+        let c = Counter::new(Encoding::O200kBase).unwrap();
         for enc in [Encoding::O200kBase, Encoding::Cl100kBase] {
             let spaces = " ".repeat(1_000_000);
             let n = c.count_text(enc, &spaces);
@@ -546,7 +545,7 @@ mod tests {
 
     #[test]
     fn capped_count_stops_early() {
-        let c = Counter::new(Encoding::O200kBase);
+        let c = Counter::new(Encoding::O200kBase).unwrap();
         let text = "word ".repeat(100_000);
         let (n, exact) = c.count_text_capped(Encoding::O200kBase, &text, 100);
         assert!(!exact);

@@ -235,21 +235,87 @@ async fn send_chunked(
     path: &str,
     n: usize,
 ) -> (http::StatusCode, http::HeaderMap, Bytes) {
+    send_frames(
+        gate,
+        path,
+        vec![Bytes::from(vec![b'a'; 100]); n / 100],
+        None,
+    )
+    .await
+}
+
+/// POSTs `frames` as separate body frames: chunked, or with `Content-Length` when given.
+async fn send_frames(
+    gate: &Gate,
+    path: &str,
+    frames: Vec<Bytes>,
+    content_length: Option<usize>,
+) -> (http::StatusCode, http::HeaderMap, Bytes) {
     let (tx, rx) = mpsc::channel::<Bytes>(16);
     let body = http_body_util::StreamBody::new(ChunkStreamOk { rx });
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build_http();
-    let req = http::Request::post(gate.url(path)).body(body).unwrap();
+    let mut req = http::Request::post(gate.url(path));
+    if let Some(n) = content_length {
+        req = req.header("content-length", n);
+    }
+    let req = req.body(body).unwrap();
     tokio::spawn(async move {
-        for _ in 0..(n / 100) {
-            if tx.send(Bytes::from(vec![b'a'; 100])).await.is_err() {
+        for f in frames {
+            if tx.send(f).await.is_err() {
                 break;
             }
+            // Let each frame go out on its own.
+            tokio::task::yield_now().await;
         }
     });
     let resp = client.request(req).await.unwrap();
     let (p, b) = resp.into_parts();
     (p.status, p.headers, b.collect().await.unwrap().to_bytes())
+}
+
+#[tokio::test]
+async fn chat_body_in_many_frames_is_read_whole_and_limited() {
+    let up = mock(|_| Reply::json("{}")).await;
+    let gate = start(&one_route(
+        "/v1/",
+        &format!("{}v1/", up.url()),
+        "openai",
+        "max_body_bytes = 6000",
+    ))
+    .await;
+    let body = serde_json::json!({
+        "model": "gpt-4o",
+        "messages": [{"role": "user", "content": "ab ".repeat(1500)}],
+    })
+    .to_string();
+    assert!(body.len() > 4500 && body.len() < 6000);
+    let frames: Vec<Bytes> = body
+        .as_bytes()
+        .chunks(97)
+        .map(Bytes::copy_from_slice)
+        .collect();
+    // Chunked, then with a length: the upstream gets the exact bytes both times.
+    for length in [None, Some(body.len())] {
+        let (s, _, _) = send_frames(&gate, "/v1/chat/completions", frames.clone(), length).await;
+        assert_eq!(s, 200, "length {length:?}");
+    }
+    let got = up.requests();
+    assert_eq!(got.len(), 2);
+    for r in &got {
+        assert_eq!(r.body, body.as_bytes());
+    }
+    // Over the limit without a length: 413, and nothing reaches the upstream.
+    let mut big = frames.clone();
+    big.extend(frames);
+    let (s, _, b) = send_frames(&gate, "/v1/chat/completions", big, None).await;
+    assert_eq!(s, 413);
+    let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
+    assert_eq!(
+        v["error"]["message"],
+        "request body is larger than 6000 bytes (max_body_bytes)"
+    );
+    assert_eq!(up.requests().len(), 2);
 }
 
 struct ChunkStreamOk {

@@ -69,7 +69,18 @@ fn pruning(c: &mut Criterion) {
     g.bench_function("parse_fixture", |b| {
         b.iter(|| ChatRequest::parse(Dialect::OpenAi, black_box(&grown)))
     });
+    // Cold: neither the view nor the counter's memo has seen any of it.
     g.bench_function("fixture_cold", |b| {
+        b.iter_batched_ref(
+            || (view(), Counter::new(Encoding::O200kBase).unwrap()),
+            |(v, c)| prune(&base_req, &budget, v, "conv", c),
+            BatchSize::SmallInput,
+        )
+    });
+    // A new conversation whose long parts the memo saw in another conversation (an agent
+    // resending its system prompt and tools).
+    prune(&base_req, &budget, &view(), "another", &counter);
+    g.bench_function("fixture_cold_memoised", |b| {
         b.iter_batched_ref(
             view,
             |v: &mut View| prune(&base_req, &budget, v, "conv", &counter),

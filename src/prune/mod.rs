@@ -21,6 +21,7 @@
 
 mod bpe;
 mod elide;
+mod memo;
 mod policy;
 mod request;
 mod tokens;

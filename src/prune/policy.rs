@@ -8,6 +8,7 @@ use serde_json::Value;
 
 use crate::dialect::Dialect;
 use crate::prune::elide::elide_message;
+use crate::prune::memo::Tag;
 use crate::prune::request::{count_chars, ChatRequest, Meta};
 use crate::prune::tokens::{estimate_bytes, Counter, Encoding};
 use crate::prune::view::{ConvState, Elided, Entry, StateKey, View};
@@ -105,7 +106,19 @@ impl<'a> Work<'a> {
         let fixed_fp = req.fixed_fp();
         let fixed_extra = match prev.and_then(|p| p.fixed) {
             Some((fp, t)) if fp == fixed_fp => t,
-            _ => req.fixed_extra_tokens(counter, enc),
+            _ => {
+                let tag = Tag {
+                    enc,
+                    dialect: req.dialect(),
+                    fixed: true,
+                };
+                let bytes = req.fixed_bytes();
+                counter
+                    .memoised(fixed_fp, tag, &bytes, || {
+                        (req.fixed_extra_tokens(counter, enc), true)
+                    })
+                    .0
+            }
         };
         let mut w = Work {
             req,
@@ -199,7 +212,16 @@ impl<'a> Work<'a> {
             return (t, true);
         }
         let (counter, enc, dialect) = (self.counter, self.enc, self.req.dialect());
-        let (t, exact) = counter.count_message(enc, dialect, self.value(i), cap);
+        let tag = Tag {
+            enc,
+            dialect,
+            fixed: false,
+        };
+        let req = self.req;
+        let m = &req.messages[i];
+        let (t, exact) = counter.memoised(m.fp, tag, m.raw.get().as_bytes(), || {
+            counter.count_message(enc, dialect, self.value(i), cap)
+        });
         if exact {
             self.entries[i].tokens = Some(t);
         }

@@ -220,6 +220,22 @@ impl ChatRequest {
         h
     }
 
+    /// The bytes [`ChatRequest::fixed_fp`] hashes, joined by a byte that JSON text never holds
+    /// (0xFF), with each field's name: what a memoised count of the fixed part is checked
+    /// against.
+    pub(crate) fn fixed_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        for k in ["tools", "functions", "system"] {
+            if let Some(r) = self.raw_field(k) {
+                out.extend_from_slice(k.as_bytes());
+                out.push(0xFF);
+                out.extend_from_slice(r.get().as_bytes());
+                out.push(0xFF);
+            }
+        }
+        out
+    }
+
     /// Tokens of the parts that are never pruned: tool / function definitions, Anthropic
     /// `system`, reply priming, plus the first `system_msgs` messages.
     pub(crate) fn fixed_tokens(&self, counter: &Counter, enc: Encoding, system_msgs: usize) -> u64 {

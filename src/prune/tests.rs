@@ -347,6 +347,39 @@ fn within_budget_is_unchanged_and_exact() {
     );
 }
 
+#[test]
+fn a_new_conversation_reuses_counts_of_parts_seen_in_another() {
+    // An agent's long system prompt and tool definitions, in two conversations.
+    let system = "You are a careful coding agent. Read the code before you change it. ".repeat(20);
+    let tools = json!([{"type": "function", "function": {
+        "name": "read_file",
+        "description": "Reads a file of the repository and returns its text. ".repeat(8),
+        "parameters": {"type": "object", "properties": {"path": {"type": "string"}}}}}]);
+    let body = |task: &str| {
+        json!({"model": "gpt-4o", "tools": tools, "messages": [
+            {"role": "system", "content": system},
+            {"role": "user", "content": task}]})
+        .to_string()
+        .into_bytes()
+    };
+    let (c, v) = (counter(), view());
+    let a = ChatRequest::parse(Dialect::OpenAi, &body("fix the parser")).unwrap();
+    prune(&a, &seed_budget(), &v, "conv-a", &c);
+    assert_eq!(c.memo_hits(), 0);
+    let b = ChatRequest::parse(Dialect::OpenAi, &body("write the docs")).unwrap();
+    let out = prune(&b, &seed_budget(), &v, "conv-b", &c);
+    // The system message and the tools came from the memo; the task was counted.
+    assert_eq!(c.memo_hits(), 2);
+    // Same figures as a counter that never saw the first conversation.
+    let fresh = prune(&b, &seed_budget(), &view(), "conv-b", &counter());
+    let (s, f) = (out.summary().unwrap(), fresh.summary().unwrap());
+    assert_eq!(
+        (s.tokens_before, s.tokens_after, s.tokens_before_exact),
+        (f.tokens_before, f.tokens_after, f.tokens_before_exact)
+    );
+    assert_eq!(s.tokens_before, c.count_request(&b));
+}
+
 // ---------------------------------------------------------------- overflow
 
 fn big_task_body(words: usize) -> Vec<u8> {

@@ -32,6 +32,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::bpe::{self, Bpe};
+use super::memo::{Memo, Tag, MEMO_BYTES};
 use crate::dialect::Dialect;
 
 /// Tokens per message (the guide's `tokens_per_message`).
@@ -96,6 +97,8 @@ pub struct Counter {
     o200k: &'static Bpe,
     cl100k: &'static Bpe,
     default_encoding: Encoding,
+    /// Counts of long parts seen in other conversations (see `memo`).
+    memo: Memo,
 }
 
 impl std::fmt::Debug for Counter {
@@ -116,7 +119,32 @@ impl Counter {
             o200k: &v.o200k,
             cl100k: &v.cl100k,
             default_encoding,
+            memo: Memo::new(MEMO_BYTES),
         })
+    }
+
+    /// The memoised count of a part (a message, or a request's fixed part) with exactly
+    /// these bytes, else `count()` — whose result is memoised when `exact`.
+    pub(crate) fn memoised(
+        &self,
+        fp: u64,
+        tag: Tag,
+        bytes: &[u8],
+        count: impl FnOnce() -> (u64, bool),
+    ) -> (u64, bool) {
+        if let Some(t) = self.memo.get(fp, tag, bytes) {
+            return (t, true);
+        }
+        let (t, exact) = count();
+        if exact {
+            self.memo.put(fp, tag, bytes, t);
+        }
+        (t, exact)
+    }
+
+    /// Counts served from the memo so far.
+    pub fn memo_hits(&self) -> u64 {
+        self.memo.hits()
     }
 
     /// The encoding used for models the name does not identify.

@@ -990,8 +990,21 @@ pub async fn read_body(
     })
 }
 
+/// Whether a header name (lowercase, as `http` keeps them) is always hop-by-hop.
+fn is_hop_by_hop(name: &str) -> bool {
+    matches!(
+        name,
+        "connection" | "keep-alive" | "te" | "trailer" | "transfer-encoding" | "upgrade"
+    ) || name.starts_with("proxy-")
+}
+
 /// Removes hop-by-hop headers: those `Connection` names, then the fixed list of RFC 9110.
 pub fn strip_hop_by_hop(h: &mut HeaderMap) {
+    // Most messages carry none: one pass over the names decides (a header `Connection`
+    // names is only hop-by-hop when `Connection` itself is present).
+    if !h.keys().any(|k| is_hop_by_hop(k.as_str())) {
+        return;
+    }
     let named: Vec<HeaderName> = h
         .get_all(header::CONNECTION)
         .iter()
@@ -1109,6 +1122,27 @@ mod tests {
         let mut keys: Vec<_> = h.keys().map(|k| k.as_str().to_string()).collect();
         keys.sort();
         assert_eq!(keys, ["authorization", "x-api-key"]);
+
+        // Each hop-by-hop header alone is removed; a name that only `Connection` could make
+        // hop-by-hop stays when there is no `Connection`.
+        for name in [
+            "connection",
+            "keep-alive",
+            "te",
+            "trailer",
+            "transfer-encoding",
+            "upgrade",
+            "proxy-authorization",
+            "proxy-connection",
+            "proxy-anything",
+        ] {
+            let mut h = HeaderMap::new();
+            h.insert(HeaderName::from_static(name), HeaderValue::from_static("1"));
+            h.insert("x-secret-hop", HeaderValue::from_static("1"));
+            strip_hop_by_hop(&mut h);
+            let keys: Vec<_> = h.keys().map(|k| k.as_str().to_string()).collect();
+            assert_eq!(keys, ["x-secret-hop"], "{name}");
+        }
     }
 
     #[test]

@@ -1,6 +1,6 @@
-//! Token counting: the tiktoken encoders (loaded once), a panic-free text count, and the
-//! per-message / per-tool formulas of OpenAI's token-counting guide (openai-cookbook,
-//! "How to count tokens with tiktoken").
+//! Token counting: the tiktoken vocabularies (packed, loaded once: see `bpe`), a panic-free
+//! text count, and the per-message / per-tool formulas of OpenAI's token-counting guide
+//! (openai-cookbook, "How to count tokens with tiktoken").
 //!
 //! What is counted, and how:
 //! - A message costs 3 tokens, plus the tokens of every string value in it (`role`,
@@ -19,11 +19,11 @@
 //!   func_end 12). Anthropic requests are counted with the same formulas and the configured
 //!   default encoding: an estimate, since Claude's tokenizer is not public.
 //!
-//! tiktoken panics (fancy-regex backtrack limit) on whitespace runs near a million
-//! characters, and its BPE slows down on very long runs without whitespace. [`Counter`]
-//! therefore splits whitespace runs longer than 256 characters and other runs longer than
-//! 4096 bytes into separate pieces before encoding, uses the `Result` API, and falls back to
-//! an estimate (bytes / 4) should the encoder still fail. Splitting can shift a count by a
+//! tiktoken's split regex fails (fancy-regex backtrack limit; tiktoken-rs panics) on
+//! whitespace runs near a million characters, and BPE slows down on very long runs without
+//! whitespace. [`Counter`] therefore splits whitespace runs longer than 256 characters and
+//! other runs longer than 4096 bytes into separate pieces before encoding, takes a regex
+//! failure as an error, and falls back to an estimate (bytes / 4) should the count still fail. Splitting can shift a count by a
 //! token per split, only for such pathological runs.
 
 use std::str::FromStr;

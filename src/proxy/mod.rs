@@ -292,24 +292,30 @@ impl Proxy {
             &parts.method,
             parts.uri.path(),
         ) {
-            let bytes =
-                read_body(body, self.max_body_bytes, content_length(&parts.headers)).await?;
-            let (parsed, conversation) = if bytes.len() > INLINE_PRUNE_BYTES {
-                let (b, h, c, r) = (
-                    bytes.clone(),
+            let frames = read_body(body, self.max_body_bytes).await?;
+            let (bytes, parsed, conversation) = if frames.len() > INLINE_PRUNE_BYTES {
+                let (f, h, c, r) = (
+                    frames.clone(),
                     parts.headers.clone(),
                     self.conversation.clone(),
                     route.clone(),
                 );
                 self.heavy
-                    .run(move || parse_and_identify(&r.config, &b, &h, &c))
+                    .run(move || {
+                        let bytes = f.join();
+                        let (parsed, id) = parse_and_identify(&r.config, &bytes, &h, &c);
+                        (bytes, parsed, id)
+                    })
                     .await
                     .unwrap_or_else(|e| {
                         tracing::error!(route = %cfg.name, error = %e, "parsing task failed");
-                        (Err(ParseError::NotObject), None)
+                        (frames.join(), Err(ParseError::NotObject), None)
                     })
             } else {
-                parse_and_identify(cfg, &bytes, &parts.headers, &self.conversation)
+                let bytes = frames.join();
+                let (parsed, id) =
+                    parse_and_identify(cfg, &bytes, &parts.headers, &self.conversation);
+                (bytes, parsed, id)
             };
             let parsed = match parsed {
                 Ok(p) => Some(p),
@@ -949,45 +955,57 @@ fn content_length(h: &HeaderMap) -> Option<u64> {
     h.get(header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
 }
 
-/// Reads a whole request body, refusing more than `limit` bytes. A body that arrives in one
-/// frame is returned as it is; a longer one is copied frame by frame into one buffer sized
-/// from `Content-Length` (capped at the limit). There is no list of frames to join at the
-/// end: joining a 20 MB body in one copy would hold an async worker for milliseconds, while a
-/// frame's copy is over in microseconds.
-pub async fn read_body(
-    mut body: Incoming,
-    limit: u64,
-    length: Option<u64>,
-) -> Result<Bytes, Error> {
-    let too_large = || Error::BodyTooLarge { limit };
-    let mut first: Option<Bytes> = None;
-    let mut buf: Option<BytesMut> = None;
-    let mut total: u64 = 0;
+/// A request body read whole, as the frames it arrived in.
+#[derive(Clone, Default)]
+pub struct Frames {
+    frames: Vec<Bytes>,
+    len: usize,
+}
+
+impl Frames {
+    /// Total bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether there are no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The body as one buffer: the frame itself when there is one, else one copy of all.
+    pub fn join(mut self) -> Bytes {
+        match self.frames.len() {
+            0 => Bytes::new(),
+            1 => self.frames.pop().unwrap_or_default(),
+            _ => {
+                let mut b = BytesMut::with_capacity(self.len);
+                for f in &self.frames {
+                    b.extend_from_slice(f);
+                }
+                b.freeze()
+            }
+        }
+    }
+}
+
+/// Reads a whole request body, refusing more than `limit` bytes. The frames are kept as they
+/// are, not joined: a large body is joined (one copy) on the low-priority pool that parses
+/// it, not on an async worker, where copying 20 MB would hold the worker for milliseconds.
+pub async fn read_body(mut body: Incoming, limit: u64) -> Result<Frames, Error> {
+    let mut out = Frames::default();
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| Error::BodyRead(e.to_string()))?;
         let Ok(data) = frame.into_data() else {
             continue; // trailers: nothing ctxgate forwards for a chat body
         };
-        total = total.saturating_add(data.len() as u64);
-        if total > limit {
-            return Err(too_large());
+        out.len = out.len.saturating_add(data.len());
+        if out.len as u64 > limit {
+            return Err(Error::BodyTooLarge { limit });
         }
-        match (&mut buf, first.take()) {
-            (Some(b), _) => b.extend_from_slice(&data),
-            (None, None) => first = Some(data),
-            (None, Some(f)) => {
-                let want = length.unwrap_or(0).clamp(total, limit);
-                let mut b = BytesMut::with_capacity(usize::try_from(want).unwrap_or(0));
-                b.extend_from_slice(&f);
-                b.extend_from_slice(&data);
-                buf = Some(b);
-            }
-        }
+        out.frames.push(data);
     }
-    Ok(match buf {
-        Some(b) => b.freeze(),
-        None => first.unwrap_or_default(),
-    })
+    Ok(out)
 }
 
 /// Whether a header name (lowercase, as `http` keeps them) is always hop-by-hop.

@@ -23,11 +23,61 @@ const MAX_JSON_COPY: usize = 8 * 1024 * 1024;
 /// Longest SSE line the tap keeps while waiting for its end.
 const MAX_LINE: usize = 1024 * 1024;
 
-/// A response body of which only `usage` is wanted.
+/// A response body of which only `usage` is wanted, as plain numbers: serde skips every other
+/// field without building it, and builds no map for `usage` either. A body whose usage has
+/// an unexpected shape fails this parse and is read as a `Value` instead.
 #[derive(serde::Deserialize)]
 struct UsageOnly {
     #[serde(default)]
-    usage: Value,
+    usage: Option<UsageNumbers>,
+}
+
+/// The usage figures of both dialects (each absent from the other's bodies).
+#[derive(serde::Deserialize)]
+struct UsageNumbers {
+    prompt_tokens: Option<Count>,
+    completion_tokens: Option<Count>,
+    prompt_tokens_details: Option<Details>,
+    input_tokens: Option<Count>,
+    output_tokens: Option<Count>,
+    cache_read_input_tokens: Option<Count>,
+    cache_creation_input_tokens: Option<Count>,
+}
+
+#[derive(serde::Deserialize)]
+struct Details {
+    cached_tokens: Option<Count>,
+}
+
+/// A token count: an unsigned integer, or (like `Value::as_u64`) nothing.
+struct Count(Option<u64>);
+
+impl<'de> serde::Deserialize<'de> for Count {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Count;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a token count")
+            }
+            fn visit_u64<E>(self, n: u64) -> Result<Count, E> {
+                Ok(Count(Some(n)))
+            }
+            fn visit_i64<E>(self, n: i64) -> Result<Count, E> {
+                Ok(Count(u64::try_from(n).ok()))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Count, E> {
+                Ok(Count(None))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+fn put(slot: &mut Option<u64>, c: Option<Count>) {
+    if let Some(Count(Some(n))) = c {
+        *slot = Some(n);
+    }
 }
 
 /// What the tap found.
@@ -111,9 +161,15 @@ impl UsageTap {
                 if let Ok(v) = serde_json::from_slice::<Value>(&self.buf) {
                     self.json_body(&v);
                 }
-            } else if let Ok(b) = serde_json::from_slice::<UsageOnly>(&self.buf) {
-                // Only `usage` is built; serde skips the rest without allocating it.
-                self.json_body(&serde_json::json!({ "usage": b.usage }));
+            } else {
+                match serde_json::from_slice::<UsageOnly>(&self.buf) {
+                    Ok(b) => self.usage_numbers(b.usage),
+                    Err(_) => {
+                        if let Ok(v) = serde_json::from_slice::<Value>(&self.buf) {
+                            self.json_body(&v);
+                        }
+                    }
+                }
             }
         } else if self.sse && !self.buf.is_empty() {
             let last = std::mem::take(&mut self.buf);
@@ -189,6 +245,27 @@ impl UsageTap {
                         }
                     }
                 }
+            }
+        }
+    }
+
+    fn usage_numbers(&mut self, u: Option<UsageNumbers>) {
+        let Some(u) = u else { return };
+        let f = &mut self.found;
+        match self.dialect {
+            Dialect::OpenAi => {
+                put(&mut f.input_tokens, u.prompt_tokens);
+                put(&mut f.output_tokens, u.completion_tokens);
+                put(
+                    &mut f.cache_read_tokens,
+                    u.prompt_tokens_details.and_then(|d| d.cached_tokens),
+                );
+            }
+            Dialect::Anthropic => {
+                put(&mut f.input_tokens, u.input_tokens);
+                put(&mut f.output_tokens, u.output_tokens);
+                put(&mut f.cache_read_tokens, u.cache_read_input_tokens);
+                put(&mut f.cache_write_tokens, u.cache_creation_input_tokens);
             }
         }
     }
@@ -326,6 +403,32 @@ mod tests {
             ),
             (Some(8), Some(6), Some(2), Some(1))
         );
+        // Odd shapes: a count as a string fails the typed parse and is read as a `Value`
+        // (the string ignored, the number kept); floats, negatives and nulls count as absent.
+        for (body, want) in [
+            (
+                r#"{"usage":{"prompt_tokens":"12","completion_tokens":5}}"#,
+                (None, Some(5), None),
+            ),
+            (
+                r#"{"usage":{"prompt_tokens":12.5,"completion_tokens":-1,"prompt_tokens_details":null}}"#,
+                (None, None, None),
+            ),
+            (
+                r#"{"usage":{"prompt_tokens":7,"prompt_tokens_details":{"cached_tokens":"x"}}}"#,
+                (Some(7), None, None),
+            ),
+            (r#"{"usage":null,"id":"x"}"#, (None, None, None)),
+        ] {
+            let mut t = UsageTap::new(Dialect::OpenAi, false, false);
+            t.feed(&Bytes::from_static(body.as_bytes()));
+            let t = t.finish();
+            assert_eq!(
+                (t.input_tokens, t.output_tokens, t.cache_read_tokens),
+                want,
+                "{body}"
+            );
+        }
     }
 
     #[test]

@@ -31,6 +31,9 @@ struct Args {
     /// Upstream origin, `http://host:port` (the request's path and query are kept).
     #[arg(long)]
     upstream: String,
+    /// Run on tokio's current-thread runtime (one thread) instead of the multi-thread one.
+    #[arg(long)]
+    current_thread: bool,
 }
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
@@ -74,10 +77,12 @@ fn bad_gateway() -> Response<Body> {
 
 fn main() -> Result<(), Error> {
     let args = Args::parse();
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?
-        .block_on(run(args))
+    let mut rt = if args.current_thread {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    rt.enable_all().build()?.block_on(run(args))
 }
 
 async fn run(args: Args) -> Result<(), Error> {

@@ -462,30 +462,23 @@ mod tests {
         // And whitespace-heavy strings: runs of spaces, tabs, no-break and ideographic spaces
         // and line ends before letters, digits and punctuation (o200k's look-ahead case).
         let spaces: Vec<char> = "   \t\t\u{a0}\u{3000}\r\n\n a1.Z".chars().collect();
+        // xorshift64: the same strings on every run.
         let mut x = 0x2545_f491_4f6c_dd1d_u64;
-        for i in 0..2000 {
-            let len = i % 40;
-            let s: String = (0..len)
-                .map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    spaces[(x % spaces.len() as u64) as usize]
-                })
-                .collect();
-            texts.push(s);
-        }
-        for i in 0..2000 {
-            let len = i % 300;
-            let s: String = (0..len)
+        let mut random = |alphabet: &[char], len: usize| -> String {
+            (0..len)
                 .map(|_| {
                     x ^= x << 13;
                     x ^= x >> 7;
                     x ^= x << 17;
                     alphabet[(x % alphabet.len() as u64) as usize]
                 })
-                .collect();
-            texts.push(s);
+                .collect()
+        };
+        for i in 0..2000 {
+            texts.push(random(&spaces, i % 40));
+        }
+        for i in 0..2000 {
+            texts.push(random(&alphabet, i % 300));
         }
         texts
     }

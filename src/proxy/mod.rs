@@ -160,33 +160,6 @@ impl Proxy {
         &self.gates
     }
 
-    /// Another shard of this proxy, for one more event-loop thread: the same routes, gates,
-    /// counter, view, transcripts, metrics and low-priority pool, with upstream clients of its
-    /// own, so the connections a shard's requests use are driven by the shard's own thread.
-    pub fn shard(&self) -> Result<Proxy, upstream::BuildError> {
-        let native = upstream::native_roots();
-        let mut routes = Vec::with_capacity(self.routes.len());
-        for r in &self.routes {
-            routes.push(Arc::new(RouteState {
-                config: r.config.clone(),
-                client: upstream::build_client(&r.config, &native)?,
-                metrics: r.metrics.clone(),
-                prune_metrics: r.prune_metrics.clone(),
-            }));
-        }
-        Ok(Proxy {
-            routes,
-            max_body_bytes: self.max_body_bytes,
-            metrics: self.metrics.clone(),
-            gates: self.gates.clone(),
-            conversation: self.conversation.clone(),
-            counter: self.counter.clone(),
-            view: self.view.clone(),
-            transcripts: self.transcripts.clone(),
-            heavy: self.heavy.clone(),
-        })
-    }
-
     /// The routes, longest prefix first.
     pub fn routes(&self) -> &[Arc<RouteState>] {
         &self.routes

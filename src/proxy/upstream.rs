@@ -155,36 +155,16 @@ pub fn build_client(route: &Route, native: &RootCertStore) -> Result<UpstreamCli
 }
 
 /// Readiness of every upstream: `/readyz` answers 200 once each has finished its warm-up.
-/// Each event-loop thread warms its own share of a route's connections and reports a part;
-/// the route's outcome is set when all its parts are in.
 #[derive(Default)]
 pub struct Readiness {
     state: Mutex<Vec<(String, Option<String>)>>,
-    parts: Mutex<Vec<(String, Parts)>>,
-    threads: usize,
-}
-
-/// A route's warm-up parts so far.
-#[derive(Default, Clone)]
-struct Parts {
-    reported: usize,
-    connections: usize,
-    slowest: Duration,
-    failure: Option<String>,
 }
 
 impl Readiness {
-    /// One pending entry per route, each warmed by `threads` event-loop threads.
-    pub fn new(routes: &[Route], threads: usize) -> Arc<Readiness> {
+    /// One pending entry per route.
+    pub fn new(routes: &[Route]) -> Arc<Readiness> {
         Arc::new(Readiness {
             state: Mutex::new(routes.iter().map(|r| (r.name.clone(), None)).collect()),
-            parts: Mutex::new(
-                routes
-                    .iter()
-                    .map(|r| (r.name.clone(), Parts::default()))
-                    .collect(),
-            ),
-            threads: threads.max(1),
         })
     }
 
@@ -194,25 +174,6 @@ impl Readiness {
                 e.1 = Some(outcome);
             }
         }
-    }
-
-    /// Adds one thread's part; returns the route's totals once every part is in.
-    fn part(
-        &self,
-        route: &str,
-        connections: usize,
-        took: Duration,
-        failure: Option<String>,
-    ) -> Option<Parts> {
-        let mut parts = self.parts.lock().ok()?;
-        let (_, p) = parts.iter_mut().find(|(n, _)| n == route)?;
-        p.reported += 1;
-        p.connections += connections;
-        p.slowest = p.slowest.max(took);
-        if p.failure.is_none() {
-            p.failure = failure;
-        }
-        (p.reported == self.threads).then(|| p.clone())
     }
 
     /// Whether every upstream finished its warm-up (successfully or not), and a report with
@@ -236,26 +197,18 @@ impl Readiness {
     }
 }
 
-/// The connections event-loop thread `index` of `threads` opens for a route that warms `n`:
-/// an even share, the first threads taking one more when `n` does not divide.
-pub fn warm_share(n: usize, threads: usize, index: usize) -> usize {
-    let t = threads.max(1);
-    n / t + usize::from(index < n % t)
-}
-
-/// Opens `share` of the route's `prewarm_connections` connections (this thread's part, see
-/// [`warm_share`]) by sending that many concurrent `HEAD` requests to its base URL (any HTTP
-/// answer means the connection is up and now pooled). Reports the part to `readiness`; the
-/// last part of a route sets its outcome and the metrics.
+/// Opens `prewarm_connections` connections to the route's upstream by sending that many
+/// concurrent `HEAD` requests to its base URL (any HTTP answer means the connection is up and
+/// now pooled). Records the outcome in `readiness` and the metrics.
 pub async fn warm_up(
     route: Route,
-    share: usize,
     client: UpstreamClient,
     readiness: Arc<Readiness>,
     metrics: crate::metrics::Metrics,
 ) {
+    let n = route.prewarm_connections;
     let label = route.name.as_str();
-    if route.prewarm_connections == 0 {
+    if n == 0 {
         readiness.set(label, "ok (warm-up disabled)".into());
         metrics.upstream_ready.with_label_values(&[label]).set(1);
         return;
@@ -265,8 +218,8 @@ pub async fn warm_up(
         "{}://{}{}",
         route.target.scheme, route.target.authority, route.target.base_path
     );
-    let mut tasks = Vec::with_capacity(share);
-    for _ in 0..share {
+    let mut tasks = Vec::with_capacity(n);
+    for _ in 0..n {
         let client = client.clone();
         let uri = uri.clone();
         tasks.push(tokio::spawn(async move {
@@ -290,15 +243,12 @@ pub async fn warm_up(
             Err(e) => failure = Some(e.to_string()),
         }
     }
-    let Some(all) = readiness.part(label, share, start.elapsed(), failure) else {
-        return;
-    };
-    let (n, took) = (all.connections, all.slowest);
+    let took = start.elapsed();
     metrics
         .warmup_seconds
         .with_label_values(&[label])
         .set(took.as_secs_f64());
-    match all.failure {
+    match failure {
         None => {
             tracing::info!(route = label, upstream = %route.target.authority, connections = n,
                 ms = took.as_secs_f64() * 1e3, "upstream warmed up");
@@ -320,23 +270,6 @@ pub async fn warm_up(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn warm_shares_add_up_and_differ_by_at_most_one() {
-        assert_eq!(
-            (0..2).map(|i| warm_share(3, 2, i)).collect::<Vec<_>>(),
-            [2, 1]
-        );
-        assert_eq!(warm_share(4, 1, 0), 4);
-        for n in 0..20 {
-            for t in 1..6 {
-                let shares: Vec<usize> = (0..t).map(|i| warm_share(n, t, i)).collect();
-                assert_eq!(shares.iter().sum::<usize>(), n, "n={n} t={t}");
-                let (lo, hi) = (shares.iter().min(), shares.iter().max());
-                assert!(hi.unwrap() - lo.unwrap() <= 1, "n={n} t={t}: {shares:?}");
-            }
-        }
-    }
 
     /// A connector whose connection attempts never finish (a black-holed host).
     #[derive(Clone)]

@@ -1016,43 +1016,24 @@ fn is_hop_by_hop(name: &str) -> bool {
     ) || name.starts_with("proxy-")
 }
 
-/// Removes hop-by-hop headers: those `Connection` names, then the fixed list of RFC 9110.
+/// Removes hop-by-hop headers: those `Connection` names, then the fixed list of RFC 9110
+/// (see [`is_hop_by_hop`]; any other `Proxy-*` header is meant for a proxy, i.e. for ctxgate,
+/// not the upstream).
 pub fn strip_hop_by_hop(h: &mut HeaderMap) {
     // Most messages carry none: one pass over the names decides (a header `Connection`
     // names is only hop-by-hop when `Connection` itself is present).
     if !h.keys().any(|k| is_hop_by_hop(k.as_str())) {
         return;
     }
-    let named: Vec<HeaderName> = h
+    let mut hop: Vec<HeaderName> = h
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
         .collect();
-    for n in named {
-        h.remove(n);
-    }
-    for n in [
-        header::CONNECTION,
-        HeaderName::from_static("keep-alive"),
-        header::TE,
-        header::TRAILER,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-        header::PROXY_AUTHORIZATION,
-        header::PROXY_AUTHENTICATE,
-        HeaderName::from_static("proxy-connection"),
-    ] {
-        h.remove(n);
-    }
-    // Any other Proxy-* header is meant for a proxy, i.e. for ctxgate, not the upstream.
-    let proxy_named: Vec<HeaderName> = h
-        .keys()
-        .filter(|k| k.as_str().starts_with("proxy-"))
-        .cloned()
-        .collect();
-    for n in proxy_named {
+    hop.extend(h.keys().filter(|k| is_hop_by_hop(k.as_str())).cloned());
+    for n in hop {
         h.remove(n);
     }
 }

@@ -10,8 +10,7 @@ use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
 use crate::metrics::Metrics;
-use crate::proxy::body::ResponseBody;
-use crate::proxy::simple_response;
+use crate::proxy::stream::{simple_response, ResponseBody};
 use crate::proxy::upstream::Readiness;
 
 /// What the admin endpoints read.

@@ -7,7 +7,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
 
-use crate::dialect::Dialect;
+use crate::dialect::{Dialect, ErrorClass};
 
 /// A timed phase of an upstream call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -136,58 +136,41 @@ impl Error {
         }
     }
 
-    /// (OpenAI `type`, OpenAI `code`, Anthropic `error.type`) for this error.
-    fn wire_types(&self) -> (&'static str, &'static str, &'static str) {
+    /// The error's class (each dialect spells it its own way) and its machine-readable code.
+    fn wire(&self) -> (ErrorClass, &'static str) {
         match self {
-            Error::NoRoute { .. } => (
-                "invalid_request_error",
-                "route_not_found",
-                "not_found_error",
-            ),
-            Error::BadTarget(_) => (
-                "invalid_request_error",
-                "bad_target",
-                "invalid_request_error",
-            ),
-            Error::BodyTooLarge { .. } => (
-                "invalid_request_error",
-                "request_too_large",
-                "request_too_large",
-            ),
-            Error::BodyRead(_) => (
-                "invalid_request_error",
-                "body_read",
-                "invalid_request_error",
-            ),
-            Error::UpstreamConnect { .. } => ("server_error", "upstream_unreachable", "api_error"),
-            Error::UpstreamReset { .. } => ("server_error", "upstream_reset", "api_error"),
-            Error::Gate(r) => ("rate_limit_error", r.reason(), "rate_limit_error"),
-            Error::BadChatBody(_) => (
-                "invalid_request_error",
-                "invalid_chat_body",
-                "invalid_request_error",
-            ),
-            Error::ContextOverflow(_) => (
-                "invalid_request_error",
-                "context_length_exceeded",
-                "invalid_request_error",
-            ),
-            Error::Timeout { .. } => ("server_error", "upstream_timeout", "timeout_error"),
+            Error::NoRoute { .. } => (ErrorClass::NotFound, "route_not_found"),
+            Error::BadTarget(_) => (ErrorClass::InvalidRequest, "bad_target"),
+            Error::BodyTooLarge { .. } => (ErrorClass::TooLarge, "request_too_large"),
+            Error::BodyRead(_) => (ErrorClass::InvalidRequest, "body_read"),
+            Error::UpstreamConnect { .. } => (ErrorClass::Upstream, "upstream_unreachable"),
+            Error::UpstreamReset { .. } => (ErrorClass::Upstream, "upstream_reset"),
+            Error::Gate(r) => (ErrorClass::RateLimit, r.reason()),
+            Error::BadChatBody(_) => (ErrorClass::InvalidRequest, "invalid_chat_body"),
+            Error::ContextOverflow(_) => (ErrorClass::InvalidRequest, "context_length_exceeded"),
+            Error::Timeout { .. } => (ErrorClass::Timeout, "upstream_timeout"),
         }
     }
 
     /// The JSON body in `dialect`'s error shape.
     pub fn body(&self, dialect: Dialect) -> String {
-        let (oa_type, oa_code, an_type) = self.wire_types();
-        let message = self.to_string();
-        match dialect {
-            Dialect::OpenAi => dialect.error_body(oa_type, oa_code, &message),
-            Dialect::Anthropic => dialect.error_body(an_type, oa_code, &message),
-        }
+        let (class, code) = self.wire();
+        dialect.wire().error_body(class, code, &self.to_string())
+    }
+
+    /// The SSE event that ends a stream this error broke off mid-body, in `dialect`'s format.
+    pub fn sse_event(&self, dialect: Dialect) -> String {
+        let (class, code) = match self {
+            Error::Timeout { .. } => (ErrorClass::Timeout, "upstream_timeout"),
+            _ => (ErrorClass::Upstream, "upstream_error"),
+        };
+        dialect
+            .wire()
+            .sse_error_event(class, code, &self.to_string())
     }
 
     /// The full response: status, JSON body, and `x-ctxgate-error` naming the kind.
-    pub fn into_response<B: From<Bytes>>(self, dialect: Dialect) -> Response<B> {
+    pub fn to_response<B: From<Bytes>>(&self, dialect: Dialect) -> Response<B> {
         let body = Bytes::from(self.body(dialect));
         let mut resp = Response::new(B::from(body));
         *resp.status_mut() = self.status();
@@ -197,7 +180,7 @@ impl Error {
             HeaderValue::from_static("application/json"),
         );
         h.insert("x-ctxgate-error", HeaderValue::from_static(self.kind()));
-        if let Error::Gate(r) = &self {
+        if let Error::Gate(r) = self {
             h.insert(
                 header::RETRY_AFTER,
                 HeaderValue::from(r.retry_after().as_secs().max(1)),

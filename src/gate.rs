@@ -1,4 +1,4 @@
-//! Gate: phase 3 of the life of a request (see DESIGN.md, "Gate").
+//! Gate: phase 3 of the life of a request (docs/ARCHITECTURE.md, "admit").
 //!
 //! Owns admission. A request enters only with a [`Permit`] that holds, in this order, a slot of
 //! its conversation's semaphore, a slot of its route's cap (if the route has one) and a slot of

@@ -1,6 +1,7 @@
 //! ctxgate: a sidecar HTTP proxy in front of LLM APIs that keeps chat prompts inside a token
 //! budget, gates concurrency per conversation, bounds every phase with a timeout, records
-//! each call and exports Prometheus metrics. See `proxy` for the life of a request.
+//! each call and exports Prometheus metrics. See `proxy` for the life of a request and
+//! docs/ARCHITECTURE.md for the map of the code.
 
 pub mod admin;
 pub mod config;
@@ -10,6 +11,7 @@ pub mod gate;
 pub mod metrics;
 pub mod proxy;
 pub mod prune;
+pub mod secret;
 pub mod server;
 pub mod transcript;
 
@@ -46,41 +48,20 @@ pub async fn serve(
     let transcript_metrics = transcript::TranscriptMetrics::register(metrics.registry());
     let (transcripts, writer) =
         transcript::Transcripts::start(config.transcripts.clone(), transcript_metrics).await?;
-    let proxy = Arc::new(proxy::Proxy::new(&config, metrics.clone(), transcripts)?);
+    let proxy = Arc::new(proxy::Proxy::new(&config, &metrics, transcripts)?);
     let readiness = proxy::upstream::Readiness::new(&config.routes);
 
     // Admin first, so /healthz and /readyz answer while warm-up runs.
     let (admin_stop_tx, admin_stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let gates = proxy.gates().clone();
-    let sweeper = gates.spawn_sweeper();
-    let m = metrics.clone();
-    let view = proxy.view().clone();
-    let before_scrape: Box<dyn Fn() + Send + Sync> = Box::new(move || {
-        metrics::Metrics::sync_counter(&m.view_hits, view.hits());
-        metrics::Metrics::sync_counter(&m.view_misses, view.misses());
-        m.view_entries
-            .set(i64::try_from(view.entry_count()).unwrap_or(i64::MAX));
-        m.gate_waiters.set(gates.waiters() as i64);
-        m.gate_active.set(gates.active_gates() as i64);
-        m.gate_known.set(gates.known_gates() as i64);
-    });
     let admin = Arc::new(admin::Admin {
         metrics: metrics.clone(),
         readiness: readiness.clone(),
-        before_scrape: Some(before_scrape),
+        before_scrape: Some(proxy.gauge_refresher()),
     });
     let admin_task = tokio::spawn(server::serve_admin(admin_listener, admin, async {
         let _ = admin_stop_rx.await;
     }));
-
-    for r in proxy.routes() {
-        tokio::spawn(proxy::upstream::warm_up(
-            r.config.clone(),
-            r.client.clone(),
-            readiness.clone(),
-            metrics.clone(),
-        ));
-    }
+    proxy.warm_up(&readiness);
 
     tracing::info!(listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
         routes = config.routes.len(), "ctxgate serving");
@@ -102,6 +83,5 @@ pub async fn serve(
 
     let _ = admin_stop_tx.send(());
     let _ = admin_task.await;
-    sweeper.abort();
     Ok(())
 }

@@ -89,7 +89,7 @@ fn prune_cmd(config: &std::path::Path, route: &str) -> Result<ExitCode, ExitCode
         );
         ExitCode::FAILURE
     })?;
-    let budget = ctxgate::proxy::effective_budget(&route.prune, req.model(), None);
+    let budget = ctxgate::prune::Budget::for_request(&route.prune, req.model(), None);
     let counter = Counter::new(budget.default_encoding).map_err(|e| {
         eprintln!("ctxgate: {e}");
         ExitCode::FAILURE

@@ -16,7 +16,7 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
-use crate::proxy::body::ResponseBody;
+use crate::proxy::stream::ResponseBody;
 
 /// The connection builder: HTTP/1.1 with keep-alive, and HTTP/2 with prior knowledge (h2c).
 fn builder() -> auto::Builder<TokioExecutor> {

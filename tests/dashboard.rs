@@ -110,6 +110,7 @@ fn every_dashboard_metric_is_exported() {
     assert!(all.len() >= 30, "only {} queries found", all.len());
 
     let m = ctxgate::metrics::Metrics::new();
+    ctxgate::proxy::ProxyMetrics::register(&m, &[]);
     let t = ctxgate::transcript::TranscriptMetrics::register(m.registry());
     let mut exported: BTreeSet<String> = m.names().iter().cloned().collect();
     let transcript: [&dyn Collector; 5] = [

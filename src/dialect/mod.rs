@@ -1,57 +1,87 @@
-//! The two API dialects ctxgate speaks: OpenAI-compatible chat completions and Anthropic
-//! Messages. This module owns what differs between them on the wire: the JSON shape of an
-//! error, the SSE event that ends a stream in error, and (in `openai`/`anthropic`) how a chat
-//! body is parsed and serialised for pruning.
+//! The wire formats ctxgate speaks, one file each, behind one trait ([`Wire`]):
+//!
+//! - [`openai_chat`]: OpenAI-compatible chat completions (OpenAI, GLM, Kimi, DeepSeek, …);
+//! - [`anthropic`]: Anthropic's Messages API.
+//!
+//! A dialect owns what differs on the wire: which requests it prunes, the JSON shape of an
+//! error and of the SSE event that ends a stream in error, and where an answer carries its
+//! token usage (read by the [`tap::UsageTap`]). The route's `dialect` key names one
+//! ([`Dialect`], a config value); [`Dialect::wire`] gives its implementation. How a chat body
+//! is split into messages, counted and pruned per dialect lives with pruning (`prune::request`,
+//! `prune::tokens`, `prune::elide`), which asks [`Dialect`] for the format.
+//!
+//! Adding a dialect: a file here implementing [`Wire`], a variant of [`Dialect`] in `config`,
+//! and one arm in [`Dialect::wire`] (see docs/ARCHITECTURE.md).
 
-use serde::{Deserialize, Serialize};
+pub mod anthropic;
+pub mod openai_chat;
+pub mod tap;
 
-/// Which wire format a route speaks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Dialect {
-    /// OpenAI-compatible APIs: OpenAI, GLM, Kimi, DeepSeek, ….
-    #[serde(rename = "openai")]
-    OpenAi,
-    /// Anthropic's Messages API.
-    Anthropic,
+use http::{HeaderMap, Method};
+
+pub use crate::config::Dialect;
+pub use tap::{Tapped, UsageTap};
+
+/// What kind of error the client is told about, in the vocabulary both APIs share. Each
+/// dialect spells it its own way (OpenAI `error.type`, Anthropic `error.type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// The request is malformed or cannot be served as sent.
+    InvalidRequest,
+    /// Nothing serves the path.
+    NotFound,
+    /// The request body is too large.
+    TooLarge,
+    /// Too many requests: the gate refused it.
+    RateLimit,
+    /// The upstream failed (refused, reset, broke off).
+    Upstream,
+    /// A timer fired.
+    Timeout,
+}
+
+/// One wire format. Implementations are stateless unit structs.
+pub trait Wire: Sync {
+    /// Whether a request is a chat request of this format: read whole, identified by its
+    /// body and pruned. Every other request streams through untouched.
+    fn is_chat(&self, method: &Method, path: &str) -> bool;
+
+    /// An error body in the format's own shape; `code` is a short machine-readable reason.
+    fn error_body(&self, class: ErrorClass, code: &str, message: &str) -> String;
+
+    /// The SSE bytes that end a stream in error.
+    fn sse_error_event(&self, class: ErrorClass, code: &str, message: &str) -> String;
+
+    /// Reads usage (and, when `found.text` is `Some`, the answer text) from a whole JSON
+    /// answer.
+    fn tap_json(&self, body: &[u8], found: &mut Tapped);
+
+    /// Reads usage (and text) from the `data:` payload of one SSE event; only called for
+    /// payloads that mention `usage` (or text, when collecting it).
+    fn tap_event(&self, data: &serde_json::Value, found: &mut Tapped);
+
+    /// Brings the usage found to ctxgate's meaning once the answer has ended (input tokens
+    /// always include the cached part).
+    fn finish_usage(&self, _found: &mut Tapped) {}
 }
 
 impl Dialect {
-    /// The config spelling (`"openai"` / `"anthropic"`), also used as a metric label.
-    pub fn as_str(self) -> &'static str {
+    /// The implementation of this dialect.
+    pub fn wire(self) -> &'static dyn Wire {
         match self {
-            Dialect::OpenAi => "openai",
-            Dialect::Anthropic => "anthropic",
+            Dialect::OpenAi => &openai_chat::OpenAiChat,
+            Dialect::Anthropic => &anthropic::Anthropic,
         }
     }
 
-    /// An error body in the dialect's own shape.
-    ///
-    /// OpenAI: `{"error":{"message","type","code"}}`;
-    /// Anthropic: `{"type":"error","error":{"type","message"}}`.
-    /// `kind` is the OpenAI `type` / Anthropic `error.type`; `code` only appears in OpenAI's.
-    pub fn error_body(self, kind: &str, code: &str, message: &str) -> String {
-        let v = match self {
-            Dialect::OpenAi => serde_json::json!({
-                "error": { "message": message, "type": kind, "param": null, "code": code }
-            }),
-            Dialect::Anthropic => serde_json::json!({
-                "type": "error",
-                "error": { "type": kind, "message": message }
-            }),
-        };
-        v.to_string()
-    }
-
-    /// The SSE bytes that end a stream in error, in the dialect's format.
-    ///
-    /// OpenAI streams carry `data: {"error":…}` events; Anthropic streams carry an
-    /// `event: error` event whose data is the error object.
-    pub fn sse_error_event(self, kind: &str, code: &str, message: &str) -> String {
-        let body = self.error_body(kind, code, message);
-        match self {
-            Dialect::OpenAi => format!("data: {body}\n\n"),
-            Dialect::Anthropic => format!("event: error\ndata: {body}\n\n"),
+    /// The dialect a request that matched no route most likely speaks: Anthropic clients are
+    /// recognised by their path or their `anthropic-version` header; OpenAI's shape is the
+    /// common one.
+    pub fn guess(path: &str, headers: &HeaderMap) -> Dialect {
+        if path.ends_with("/v1/messages") || headers.contains_key("anthropic-version") {
+            Dialect::Anthropic
+        } else {
+            Dialect::OpenAi
         }
     }
 }
@@ -62,21 +92,38 @@ mod tests {
 
     #[test]
     fn error_shapes() {
-        let o: serde_json::Value =
-            serde_json::from_str(&Dialect::OpenAi.error_body("invalid_request_error", "x", "m"))
-                .unwrap();
+        let o: serde_json::Value = serde_json::from_str(&Dialect::OpenAi.wire().error_body(
+            ErrorClass::InvalidRequest,
+            "x",
+            "m",
+        ))
+        .unwrap();
         assert_eq!(o["error"]["message"], "m");
         assert_eq!(o["error"]["type"], "invalid_request_error");
         assert_eq!(o["error"]["code"], "x");
-        let a: serde_json::Value =
-            serde_json::from_str(&Dialect::Anthropic.error_body("not_found_error", "x", "m"))
-                .unwrap();
+        let a: serde_json::Value = serde_json::from_str(&Dialect::Anthropic.wire().error_body(
+            ErrorClass::NotFound,
+            "x",
+            "m",
+        ))
+        .unwrap();
         assert_eq!(a["type"], "error");
         assert_eq!(a["error"]["type"], "not_found_error");
         assert_eq!(a["error"]["message"], "m");
         assert_eq!(
-            Dialect::Anthropic.sse_error_event("timeout_error", "c", "m"),
+            Dialect::Anthropic
+                .wire()
+                .sse_error_event(ErrorClass::Timeout, "c", "m"),
             "event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"timeout_error\",\"message\":\"m\"}}\n\n"
         );
+    }
+
+    #[test]
+    fn guess_for_unrouted_requests() {
+        let mut h = HeaderMap::new();
+        assert_eq!(Dialect::guess("/x/v1/messages", &h), Dialect::Anthropic);
+        assert_eq!(Dialect::guess("/v1/chat/completions", &h), Dialect::OpenAi);
+        h.insert("anthropic-version", "2023-06-01".parse().unwrap());
+        assert_eq!(Dialect::guess("/other", &h), Dialect::Anthropic);
     }
 }

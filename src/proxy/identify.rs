@@ -1,12 +1,162 @@
-//! Phase 2, identify: which conversation a request belongs to. First match wins:
-//! a configured header (`x-conversation-id` by default), a configured body field (e.g.
-//! `metadata.conversation_id`), else a fingerprint of route + system prompt + first user
-//! message, which stays the same as a conversation grows. The id keys the gate and the
-//! conversation view; it is never a metric label and never logged in full.
+//! Phase 2, identify: which conversation a request belongs to. A chat request (as its dialect
+//! says: [`crate::dialect::Wire::is_chat`]) is read whole here, within `max_body_bytes`, and
+//! parsed, because identify, admit and prune all need its body; every other request keeps its
+//! body streaming. First match wins for the id: a configured header (`x-conversation-id` by
+//! default), a configured body field (e.g. `metadata.conversation_id`), else a fingerprint of
+//! route + system prompt + first user message, which stays the same as a conversation grows.
+//! The id keys the gate and the conversation view; it is never a metric label and never
+//! logged in full.
+//!
+//! Reading and parsing a large body (over [`INLINE_BYTES`]) runs on the heavy pool, not on an
+//! async worker.
 
+use bytes::{Bytes, BytesMut};
 use http::HeaderMap;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
 
-use crate::config::Conversation;
+use crate::config::{Conversation, OnParseError, Route};
+use crate::error::Error;
+use crate::prune::{ChatRequest, ParseError};
+
+use super::call::{Call, Payload, PruneAction};
+use super::Proxy;
+
+/// Bodies above this size are joined, parsed and pruned on the low-priority heavy pool, so
+/// that a pathological prompt never stalls the async workers serving other conversations.
+pub const INLINE_BYTES: usize = 32 * 1024;
+
+impl Proxy {
+    /// Finds the call's conversation; reads and parses a chat body on the way.
+    pub(super) async fn identify(&self, call: &mut Call) -> Result<(), Error> {
+        let Some(route) = call.route.clone() else {
+            return Ok(());
+        };
+        let cfg = &route.config;
+        let req = &call.request;
+        if !cfg.dialect.wire().is_chat(&req.method, req.uri.path()) {
+            call.conversation =
+                conversation_id(&req.headers, &self.conversation, |_| None, || None);
+            return Ok(());
+        }
+        call.chat = true;
+        let Payload::Stream(body) = std::mem::take(&mut call.payload) else {
+            return Ok(());
+        };
+        let frames = read_body(body, self.max_body_bytes).await?;
+        let (bytes, parsed, id) = if frames.len() > INLINE_BYTES {
+            let (f, h, c, r) = (
+                frames.clone(),
+                req.headers.clone(),
+                self.conversation.clone(),
+                cfg.clone(),
+            );
+            self.heavy
+                .run(move || {
+                    let bytes = f.join();
+                    let (parsed, id) = parse_and_identify(&r, &bytes, &h, &c);
+                    (bytes, parsed, id)
+                })
+                .await
+                .unwrap_or_else(|e| {
+                    tracing::error!(route = %cfg.name, error = %e, "parsing task failed");
+                    (frames.join(), Err(ParseError::NotObject), None)
+                })
+        } else {
+            let bytes = frames.join();
+            let (parsed, id) = parse_and_identify(cfg, &bytes, &req.headers, &self.conversation);
+            (bytes, parsed, id)
+        };
+        call.conversation = id;
+        match parsed {
+            Ok(p) => {
+                call.model = p.model().map(str::to_string);
+                call.stream = p.is_stream();
+                call.payload = Payload::Chat(bytes, Box::new(p));
+            }
+            Err(e) if cfg.prune.enabled && cfg.prune.on_parse_error == OnParseError::Reject => {
+                call.action = PruneAction::Rejected;
+                return Err(Error::BadChatBody(e.to_string()));
+            }
+            Err(e) => {
+                tracing::debug!(route = %cfg.name, error = %e, "chat body not parseable; forwarded unchanged");
+                call.payload = Payload::Opaque(bytes);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Parses a chat body and finds its conversation id (header, body field, or fingerprint).
+fn parse_and_identify(
+    route: &Route,
+    body: &[u8],
+    headers: &HeaderMap,
+    conversation: &Conversation,
+) -> (Result<ChatRequest, ParseError>, Option<String>) {
+    let parsed = ChatRequest::parse(route.dialect, body);
+    let p = parsed.as_ref().ok();
+    let id = conversation_id(
+        headers,
+        conversation,
+        |path| p.and_then(|p| p.field_str(path)),
+        || p.map(|p| p.fingerprint(&route.name)),
+    );
+    (parsed, id)
+}
+
+/// A request body read whole, as the frames it arrived in.
+#[derive(Clone, Default)]
+pub struct Frames {
+    frames: Vec<Bytes>,
+    len: usize,
+}
+
+impl Frames {
+    /// Total bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether there are no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The body as one buffer: the frame itself when there is one, else one copy of all.
+    pub fn join(mut self) -> Bytes {
+        match self.frames.len() {
+            0 => Bytes::new(),
+            1 => self.frames.pop().unwrap_or_default(),
+            _ => {
+                let mut b = BytesMut::with_capacity(self.len);
+                for f in &self.frames {
+                    b.extend_from_slice(f);
+                }
+                b.freeze()
+            }
+        }
+    }
+}
+
+/// Reads a whole request body, refusing more than `limit` bytes. The frames are kept as they
+/// are, not joined: a large body is joined (one copy) on the low-priority pool that parses
+/// it, not on an async worker, where copying 20 MB would hold the worker for milliseconds.
+pub async fn read_body(mut body: Incoming, limit: u64) -> Result<Frames, Error> {
+    let mut out = Frames::default();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| Error::BodyRead(e.to_string()))?;
+        let Ok(data) = frame.into_data() else {
+            continue; // trailers: nothing ctxgate forwards for a chat body
+        };
+        out.len = out.len.saturating_add(data.len());
+        if out.len as u64 > limit {
+            return Err(Error::BodyTooLarge { limit });
+        }
+        out.frames.push(data);
+    }
+    Ok(out)
+}
 
 /// Longest id accepted from a client; longer ones are hashed, so a client cannot make the
 /// gate table hold arbitrarily large keys.

@@ -204,13 +204,13 @@ pub async fn warm_up(
     route: Route,
     client: UpstreamClient,
     readiness: Arc<Readiness>,
-    metrics: crate::metrics::Metrics,
+    metrics: WarmupMetrics,
 ) {
     let n = route.prewarm_connections;
     let label = route.name.as_str();
     if n == 0 {
         readiness.set(label, "ok (warm-up disabled)".into());
-        metrics.upstream_ready.with_label_values(&[label]).set(1);
+        metrics.ready.with_label_values(&[label]).set(1);
         return;
     }
     let start = Instant::now();
@@ -229,7 +229,7 @@ pub async fn warm_up(
             let resp = client
                 .request(req)
                 .await
-                .map_err(|e| crate::proxy::error_chain(&e))?;
+                .map_err(|e| super::forward::error_chain(&e))?;
             // Drain so the connection goes back to the pool.
             let _ = http_body_util::BodyExt::collect(resp.into_body()).await;
             Ok::<(), String>(())
@@ -245,7 +245,7 @@ pub async fn warm_up(
     }
     let took = start.elapsed();
     metrics
-        .warmup_seconds
+        .seconds
         .with_label_values(&[label])
         .set(took.as_secs_f64());
     match failure {
@@ -256,14 +256,46 @@ pub async fn warm_up(
                 label,
                 format!("ok ({n} connections in {} ms)", took.as_millis()),
             );
-            metrics.upstream_ready.with_label_values(&[label]).set(1);
+            metrics.ready.with_label_values(&[label]).set(1);
         }
         Some(reason) => {
             tracing::warn!(route = label, upstream = %route.target.authority, %reason,
                 "upstream warm-up failed");
             readiness.set(label, format!("warm-up failed: {reason}"));
-            metrics.upstream_ready.with_label_values(&[label]).set(0);
+            metrics.ready.with_label_values(&[label]).set(0);
         }
+    }
+}
+
+/// The warm-up's metric families.
+#[derive(Clone)]
+pub struct WarmupMetrics {
+    /// `ctxgate_upstream_warmup_seconds{upstream}`: time the start-up warm-up took.
+    pub seconds: prometheus::GaugeVec,
+    /// `ctxgate_upstream_ready{upstream}`: 1 once warm-up succeeded, 0 before or on failure.
+    pub ready: prometheus::IntGaugeVec,
+}
+
+impl WarmupMetrics {
+    /// Registers the families, every route's series at 0.
+    pub fn register(m: &crate::metrics::Metrics, routes: &[&str]) -> WarmupMetrics {
+        let w = WarmupMetrics {
+            seconds: m.float_gauge_vec(
+                "ctxgate_upstream_warmup_seconds",
+                "Time the start-up warm-up took.",
+                &["upstream"],
+            ),
+            ready: m.gauge_vec(
+                "ctxgate_upstream_ready",
+                "1 once the upstream's warm-up succeeded.",
+                &["upstream"],
+            ),
+        };
+        for r in routes {
+            w.seconds.with_label_values(&[r]);
+            w.ready.with_label_values(&[r]);
+        }
+        w
     }
 }
 

@@ -2,7 +2,7 @@
 //! budget, conversation view, token counter) — no I/O — so it can be unit-tested,
 //! property-tested and benchmarked alone.
 //!
-//! Terms (DESIGN.md, "Pruning"). A *turn* starts at a genuine user message (a tool result,
+//! Terms (docs/ARCHITECTURE.md, "Pruning"). A *turn* starts at a genuine user message (a tool result,
 //! or an Anthropic user message holding only `tool_result` blocks, does not start one). A
 //! *unit* is what stays or goes together: a message, or an assistant message with tool calls
 //! plus the results answering them. *Pinned*: leading system/developer messages (Anthropic:
@@ -17,9 +17,11 @@
 //! move it in one step down to `target_tokens`; pinned part over the limit → `on_overflow`.
 //!
 //! `max_messages` counts entries of `messages` (leading system messages included; the
-//! pinned part is kept even when it alone is over the cap).
+//! pinned part is kept even when it alone is over the cap). The budget itself is decided in
+//! [`budget`].
 
 mod bpe;
+pub mod budget;
 mod elide;
 mod memo;
 mod policy;
@@ -30,78 +32,12 @@ mod view;
 #[cfg(test)]
 mod tests;
 
-use serde::Deserialize;
-
 pub use policy::prune;
 pub use request::{ChatRequest, ParseError};
 pub use tokens::{Counter, Encoding, UnknownEncoding};
 pub use view::View;
 
-/// The budget one request is pruned to (config `[prune]`, already resolved per route and
-/// model).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Budget {
-    /// Hard limit on prompt tokens (`prune.hard_token_limit`).
-    pub hard_token_limit: u64,
-    /// Low-water mark the cut moves down to when the limit is crossed (resolved; config
-    /// default 60% of the hard limit).
-    pub target_tokens: u64,
-    /// Cap on entries of `messages`; 0 = none.
-    pub max_messages: u64,
-    /// Turns (newest first) whose file contents are kept; older ones are elided.
-    pub keep_file_content_turns: u64,
-    /// Fenced code blocks shorter than this many lines are not elided.
-    pub min_file_lines: u64,
-    /// Subtract the request's `max_tokens` / `max_completion_tokens` from the hard limit.
-    pub reserve_output: bool,
-    /// What to do when the pinned part alone is over the limit.
-    pub on_overflow: OnOverflow,
-    /// Enforce, or only report.
-    pub mode: Mode,
-    /// Encoding for models whose name does not identify one (and all Anthropic requests).
-    pub default_encoding: Encoding,
-}
-
-impl Default for Budget {
-    /// The seed values: 4000 tokens, target 2400, 5 messages, file contents kept 1 turn.
-    fn default() -> Self {
-        Budget {
-            hard_token_limit: 4000,
-            target_tokens: 2400,
-            max_messages: 5,
-            keep_file_content_turns: 1,
-            min_file_lines: 20,
-            reserve_output: false,
-            on_overflow: OnOverflow::Reject,
-            mode: Mode::Enforce,
-            default_encoding: Encoding::O200kBase,
-        }
-    }
-}
-
-/// What to do when the pinned part alone is over the hard limit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum OnOverflow {
-    /// Answer 400 `context_length_exceeded` with the numbers.
-    #[default]
-    Reject,
-    /// Cut the largest pinned text from the middle (marker inserted) until it fits.
-    Truncate,
-    /// Send the request as it came (counted in metrics).
-    Forward,
-}
-
-/// Whether pruning is applied or only reported.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Mode {
-    /// Forward the pruned body.
-    #[default]
-    Enforce,
-    /// Compute and report; forward the original bytes.
-    Shadow,
-}
+pub use crate::config::{Budget, Mode, OnOverflow};
 
 /// What to do with a request.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -334,12 +334,7 @@ impl<'a> Work<'a> {
 
     fn run(&mut self, prev_cut: Option<(usize, u64)>) -> Outcome {
         let n = self.entries.len();
-        let reserve = if self.budget.reserve_output {
-            self.req.max_output_tokens().unwrap_or(0)
-        } else {
-            0
-        };
-        let limit = self.budget.hard_token_limit.saturating_sub(reserve);
+        let limit = self.budget.limit(self.req).tokens;
         let cap_msgs = match self.budget.max_messages {
             0 => usize::MAX,
             m => usize::try_from(m).unwrap_or(usize::MAX),
@@ -551,7 +546,7 @@ impl<'a> Work<'a> {
     fn overflow(&mut self, base: Summary, pinned: u64, limit: u64) -> Outcome {
         let at_least = if self.pinned_exact { "" } else { "at least " };
         let reject = |pinned: u64| {
-            let key = if self.budget.reserve_output && limit < self.budget.hard_token_limit {
+            let key = if self.budget.limit(self.req).reserved {
                 "prune.hard_token_limit minus the request's max_tokens, prune.reserve_output"
             } else {
                 "prune.hard_token_limit"

@@ -26,9 +26,6 @@
 //! failure as an error, and falls back to an estimate (bytes / 4) should the count still fail. Splitting can shift a count by a
 //! token per split, only for such pathological runs.
 
-use std::str::FromStr;
-
-use serde::Deserialize;
 use serde_json::Value;
 
 use super::bpe::{self, Bpe};
@@ -54,43 +51,7 @@ const MAX_WS_RUN_CHARS: usize = 256;
 /// Longest run without whitespace encoded in one piece.
 const MAX_WORD_RUN_BYTES: usize = 4096;
 
-/// A tiktoken encoding ctxgate can count with.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
-pub enum Encoding {
-    /// `o200k_base`: gpt-4o, gpt-4.1, o-series, gpt-5.
-    #[serde(rename = "o200k_base")]
-    O200kBase,
-    /// `cl100k_base`: gpt-4, gpt-3.5-turbo.
-    #[serde(rename = "cl100k_base")]
-    Cl100kBase,
-}
-
-impl Encoding {
-    /// The tiktoken name (`"o200k_base"` / `"cl100k_base"`).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Encoding::O200kBase => "o200k_base",
-            Encoding::Cl100kBase => "cl100k_base",
-        }
-    }
-}
-
-/// The error of parsing an unknown encoding name.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown encoding {0:?}: expected \"o200k_base\" or \"cl100k_base\"")]
-pub struct UnknownEncoding(pub String);
-
-impl FromStr for Encoding {
-    type Err = UnknownEncoding;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "o200k_base" => Ok(Encoding::O200kBase),
-            "cl100k_base" => Ok(Encoding::Cl100kBase),
-            other => Err(UnknownEncoding(other.to_string())),
-        }
-    }
-}
+pub use crate::config::{Encoding, UnknownEncoding};
 
 /// The token counter: both vocabularies, built once per process (see `bpe`).
 pub struct Counter {

@@ -25,14 +25,9 @@ mod writer;
 #[cfg(test)]
 mod tests;
 
-use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
-
-use serde::{Deserialize, Serialize};
-
-use crate::config::Secret;
 
 pub use metrics::TranscriptMetrics;
 pub use record::{now_ts, Record, Usage};
@@ -46,62 +41,7 @@ use writer::Tuning;
 /// down.
 pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Where records go: `transcripts.sink`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum SinkKind {
-    /// JSON lines in rotated files under `transcripts.dir` (the default).
-    #[default]
-    Jsonl,
-    /// Rows in the `ctxgate_transcripts` table at `transcripts.postgres_url`.
-    Postgres,
-    /// JSON lines on standard output.
-    Stdout,
-    /// Nowhere: records are discarded.
-    None,
-}
-
-/// The validated `[transcripts]` table.
-#[derive(Debug, Clone, Serialize)]
-pub struct Settings {
-    /// Where records go.
-    pub sink: SinkKind,
-    /// Directory of the JSONL files (default `transcripts`).
-    pub dir: PathBuf,
-    /// PostgreSQL URL, required when `sink = "postgres"`; never printed.
-    pub postgres_url: Option<Secret>,
-    /// Records held at most before new ones are dropped (default 1000).
-    pub queue_capacity: usize,
-    /// Records written at most per batch (default 100).
-    pub batch_size: usize,
-    /// How long a partial batch waits for more records before it is written (default 1 s).
-    #[serde(serialize_with = "ser_duration")]
-    pub flush_interval: Duration,
-    /// Whether records carry the pruned request messages and the response text.
-    pub include_bodies: bool,
-    /// Size at which a JSONL file is rotated (default 64 MiB).
-    pub rotate_bytes: u64,
-}
-
-impl Default for Settings {
-    fn default() -> Self {
-        Settings {
-            sink: SinkKind::Jsonl,
-            dir: PathBuf::from("transcripts"),
-            postgres_url: None,
-            queue_capacity: 1000,
-            batch_size: 100,
-            flush_interval: Duration::from_secs(1),
-            include_bodies: false,
-            rotate_bytes: 64 * 1024 * 1024,
-        }
-    }
-}
-
-/// Serialises a duration the way the config file writes it (`"1s"`).
-fn ser_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(&humantime::format_duration(*d).to_string())
-}
+pub use crate::config::{SinkKind, TranscriptSettings as Settings};
 
 /// Why transcripts could not start. The messages never contain the PostgreSQL URL.
 #[derive(Debug, thiserror::Error)]

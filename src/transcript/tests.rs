@@ -4,6 +4,7 @@
 //! directories; the PostgreSQL test starts its own server from Debian's binaries
 //! (`scripts/ensure-postgres` installs them) in a temporary data directory on a free port.
 
+use crate::secret::Secret;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};

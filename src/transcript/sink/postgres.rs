@@ -18,7 +18,7 @@ use tokio_postgres::Client;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::{Sink, SinkError};
-use crate::config::Secret;
+use crate::secret::Secret;
 use crate::transcript::record::Record;
 
 /// The table records go to.

@@ -1,17 +1,18 @@
-//! Stream back: the response body ctxgate sends to the client.
+//! Phase 6, stream back: the response ctxgate sends to the client.
 //!
-//! [`StreamBack`] passes the upstream's frames through as they arrive (no buffering) and
-//! enforces two timers while doing so: `stream_idle` (longest gap between chunks) and `total`
-//! (the whole call). Both are real timers registered with tokio, so they fire on time even
-//! when no chunk arrives. When one fires, an SSE response ends with an error event in the
-//! dialect's format and then closes; any other body is cut with an error, which makes hyper
-//! close the connection so the client cannot mistake it for a complete answer.
+//! [`Proxy::stream_back`] sets the response headers (hop-by-hop removed, the pruning summary
+//! added) and wraps the upstream body in a [`StreamBack`], which passes the upstream's frames
+//! through as they arrive (no buffering) and enforces two timers while doing so:
+//! `stream_idle` (longest gap between chunks) and `total` (the whole call). Both are real
+//! timers registered with tokio, so they fire on time even when no chunk arrives. When one
+//! fires, an SSE response ends with an error event in the dialect's format and then closes;
+//! any other body is cut with an error, which makes hyper close the connection so the client
+//! cannot mistake it for a complete answer.
 //!
-//! The body also carries the call's [`CallGuard`]: whatever must be released or recorded when
-//! the response ends (metrics now; the gate permit and transcript record as they land). It
-//! runs exactly once, on the last byte, on an error, or when the client goes away and hyper
-//! drops the body — the same drop also drops the upstream body, which cancels the upstream
-//! request.
+//! The body carries the [`Call`] as its [`CallGuard`]: it feeds the usage tap with each chunk
+//! and ends the call exactly once — on the last byte, on an error or timeout, or when the
+//! client goes away and hyper drops the body (the same drop also drops the upstream body,
+//! which cancels the upstream request).
 
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
@@ -23,12 +24,18 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
-use crate::dialect::Dialect;
+use http::{header, HeaderValue, Response, StatusCode};
+
+use crate::dialect::{Dialect, UsageTap};
 use crate::error::{Error, Phase};
+
+use super::call::{Call, PruneAction};
+use super::forward::{error_chain, strip_hop_by_hop};
+use super::Proxy;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// Hooks run when a response ends; implemented by the proxy's per-call state.
+/// Hooks run when a response ends; implemented by [`Call`].
 pub trait CallEnd: Send + Sync + 'static {
     /// Called once, with how the response ended.
     fn finish(&mut self, end: End);
@@ -36,11 +43,13 @@ pub trait CallEnd: Send + Sync + 'static {
     fn on_data(&mut self, _data: &Bytes) {}
 }
 
-/// How a response body ended.
+/// How a call ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum End {
     /// The last byte was sent.
     Complete,
+    /// ctxgate answered with the error in `Call::failure` (before any upstream response).
+    Failed,
     /// A timer fired: the body was ended early.
     Timeout(Phase),
     /// The upstream failed mid-body.
@@ -157,20 +166,11 @@ where
 
     fn end_with(&mut self, end: End, err: Error) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         self.guard.finish(end);
+        self.state = State::Done;
         if self.sse {
-            let (oa_type, code, an_type) = match &err {
-                Error::Timeout { .. } => ("server_error", "upstream_timeout", "timeout_error"),
-                _ => ("server_error", "upstream_error", "api_error"),
-            };
-            let kind = match self.dialect {
-                Dialect::OpenAi => oa_type,
-                Dialect::Anthropic => an_type,
-            };
-            let event = self.dialect.sse_error_event(kind, code, &err.to_string());
-            self.state = State::Done;
+            let event = err.sse_event(self.dialect);
             Poll::Ready(Some(Ok(Frame::data(Bytes::from(event)))))
         } else {
-            self.state = State::Done;
             Poll::Ready(Some(Err(Box::new(err))))
         }
     }
@@ -208,7 +208,7 @@ where
                 Poll::Ready(None)
             }
             Poll::Ready(Some(Err(e))) => {
-                let reason = crate::proxy::error_chain(&e);
+                let reason = error_chain(&e);
                 this.end_with(
                     End::UpstreamError,
                     Error::UpstreamReset {
@@ -315,6 +315,67 @@ impl Drop for ResponseBody {
             }
         }
     }
+}
+
+impl Proxy {
+    /// Sends the upstream's response on: its headers now, its body as it streams, the call
+    /// riding in the body until it ends.
+    pub(super) fn stream_back(
+        &self,
+        mut call: Call,
+        resp: Response<Incoming>,
+    ) -> Response<ResponseBody> {
+        let (mut parts, body) = resp.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        if call.action == PruneAction::Pruned {
+            if let Some(s) = &call.summary {
+                super::prune::summary_headers(&mut parts.headers, s);
+            }
+        }
+        let sse = parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/event-stream"));
+        // Usage is read from chat answers only: nothing else carries prompt usage.
+        if call.chat {
+            call.tap = Some(UsageTap::new(
+                call.dialect.wire(),
+                sse,
+                self.transcripts.include_bodies(),
+            ));
+        }
+        call.status = Some(parts.status.as_u16());
+        call.ttfb = Some(call.start.elapsed());
+        self.recorder.responded(&call);
+        let (timeouts, dialect) = match &call.route {
+            Some(r) => (r.config.timeouts, r.config.dialect),
+            None => (crate::config::Timeouts::default(), call.dialect),
+        };
+        let timers = StreamTimers {
+            stream_idle: timeouts.stream_idle,
+            deadline: call
+                .deadline
+                .unwrap_or_else(|| Instant::now() + timeouts.total),
+            total: timeouts.total,
+        };
+        let guard = CallGuard::new(Box::new(call));
+        let body = StreamBack::new(body, timers, sse, dialect, guard);
+        Response::from_parts(parts, ResponseBody::Stream(body))
+    }
+}
+
+/// A plain response ctxgate makes itself (admin pages).
+pub fn simple_response(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<ResponseBody> {
+    let mut r = Response::new(ResponseBody::from(body.into()));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r
 }
 
 #[cfg(test)]

@@ -1,84 +1,19 @@
 //! The usage tap: reads the upstream's token usage (and, when asked, the assembled answer text)
-//! from the response as it streams through. It sees a reference to each chunk after it has
-//! been handed on, copies only what it must (a non-streamed JSON body, up to a cap; the current
+//! from a response as it streams through. It sees a reference to each chunk after it has been
+//! handed on, copies only what it must (a non-streamed JSON body, up to a cap; the current
 //! partial SSE line), and parses only the events that can carry what it looks for, so it never
-//! delays a byte.
-//!
-//! - OpenAI, non-streaming: `usage.prompt_tokens`, `completion_tokens`,
-//!   `prompt_tokens_details.cached_tokens`; text from `choices[0].message.content`.
-//! - OpenAI, streaming: the chunk with `usage` (sent last when `stream_options.include_usage`
-//!   is set); text from `choices[0].delta.content`.
-//! - Anthropic, non-streaming: `usage.input_tokens`, `output_tokens`,
-//!   `cache_read_input_tokens`, `cache_creation_input_tokens`; text from `content[].text`.
-//! - Anthropic, streaming: `message_start.message.usage`, then `message_delta.usage`
-//!   (cumulative output tokens); text from `content_block_delta` `text_delta`s.
+//! delays a byte. Where each dialect keeps its usage is the dialect's own business
+//! ([`Wire::tap_json`], [`Wire::tap_event`]); this file is the machinery they share.
 
 use bytes::Bytes;
 use serde_json::Value;
 
-use crate::dialect::Dialect;
+use super::Wire;
 
 /// Largest non-streamed body the tap copies to parse; beyond it, usage is not read.
 const MAX_JSON_COPY: usize = 8 * 1024 * 1024;
 /// Longest SSE line the tap keeps while waiting for its end.
 const MAX_LINE: usize = 1024 * 1024;
-
-/// A response body of which only `usage` is wanted, as plain numbers: serde skips every other
-/// field without building it, and builds no map for `usage` either. A body whose usage has
-/// an unexpected shape fails this parse and is read as a `Value` instead.
-#[derive(serde::Deserialize)]
-struct UsageOnly {
-    #[serde(default)]
-    usage: Option<UsageNumbers>,
-}
-
-/// The usage figures of both dialects (each absent from the other's bodies).
-#[derive(serde::Deserialize)]
-struct UsageNumbers {
-    prompt_tokens: Option<Count>,
-    completion_tokens: Option<Count>,
-    prompt_tokens_details: Option<Details>,
-    input_tokens: Option<Count>,
-    output_tokens: Option<Count>,
-    cache_read_input_tokens: Option<Count>,
-    cache_creation_input_tokens: Option<Count>,
-}
-
-#[derive(serde::Deserialize)]
-struct Details {
-    cached_tokens: Option<Count>,
-}
-
-/// A token count: an unsigned integer, or (like `Value::as_u64`) nothing.
-struct Count(Option<u64>);
-
-impl<'de> serde::Deserialize<'de> for Count {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> serde::de::Visitor<'de> for V {
-            type Value = Count;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("a token count")
-            }
-            fn visit_u64<E>(self, n: u64) -> Result<Count, E> {
-                Ok(Count(Some(n)))
-            }
-            fn visit_i64<E>(self, n: i64) -> Result<Count, E> {
-                Ok(Count(u64::try_from(n).ok()))
-            }
-            fn visit_f64<E>(self, _: f64) -> Result<Count, E> {
-                Ok(Count(None))
-            }
-        }
-        d.deserialize_any(V)
-    }
-}
-
-fn put(slot: &mut Option<u64>, c: Option<Count>) {
-    if let Some(Count(Some(n))) = c {
-        *slot = Some(n);
-    }
-}
 
 /// What the tap found.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -98,11 +33,19 @@ pub struct Tapped {
     pub text: Option<String>,
 }
 
+impl Tapped {
+    /// Appends answer text, when text is being collected.
+    pub(crate) fn push_text(&mut self, t: &str) {
+        if let Some(text) = self.text.as_mut() {
+            text.push_str(t);
+        }
+    }
+}
+
 /// An incremental reader of one response.
 pub struct UsageTap {
-    dialect: Dialect,
+    wire: &'static dyn Wire,
     sse: bool,
-    collect_text: bool,
     /// Non-streamed body copy, or the current partial SSE line.
     buf: Vec<u8>,
     overflow: bool,
@@ -110,12 +53,12 @@ pub struct UsageTap {
 }
 
 impl UsageTap {
-    /// A tap for a response of this dialect; `sse` when its content type is an event stream.
-    pub fn new(dialect: Dialect, sse: bool, collect_text: bool) -> Self {
+    /// A tap for a response in `wire`'s format; `sse` when its content type is an event
+    /// stream; `collect_text` to assemble the answer text too.
+    pub fn new(wire: &'static dyn Wire, sse: bool, collect_text: bool) -> Self {
         UsageTap {
-            dialect,
+            wire,
             sse,
-            collect_text,
             buf: Vec::new(),
             overflow: false,
             found: Tapped {
@@ -157,30 +100,13 @@ impl UsageTap {
     /// What was found; call once the body has ended.
     pub fn finish(mut self) -> Tapped {
         if !self.sse && !self.overflow && !self.buf.is_empty() {
-            if self.collect_text {
-                if let Ok(v) = serde_json::from_slice::<Value>(&self.buf) {
-                    self.json_body(&v);
-                }
-            } else {
-                match serde_json::from_slice::<UsageOnly>(&self.buf) {
-                    Ok(b) => self.usage_numbers(b.usage),
-                    Err(_) => {
-                        if let Ok(v) = serde_json::from_slice::<Value>(&self.buf) {
-                            self.json_body(&v);
-                        }
-                    }
-                }
-            }
+            let body = std::mem::take(&mut self.buf);
+            self.wire.tap_json(&body, &mut self.found);
         } else if self.sse && !self.buf.is_empty() {
             let last = std::mem::take(&mut self.buf);
             self.line(&last);
         }
-        if self.dialect == Dialect::Anthropic {
-            if let Some(n) = self.found.input_tokens.as_mut() {
-                *n += self.found.cache_read_tokens.unwrap_or(0)
-                    + self.found.cache_write_tokens.unwrap_or(0);
-            }
-        }
+        self.wire.finish_usage(&mut self.found);
         self.found
     }
 
@@ -192,116 +118,53 @@ impl UsageTap {
         let data = data.strip_prefix(b" ").unwrap_or(data);
         // Only parse events that can carry usage or (when collecting) text.
         let wanted = contains(data, b"usage")
-            || (self.collect_text
+            || (self.found.text.is_some()
                 && (contains(data, b"\"text\"") || contains(data, b"\"content\"")));
         if !wanted {
             return;
         }
-        let Ok(v) = serde_json::from_slice::<Value>(data) else {
-            return;
-        };
-        match self.dialect {
-            Dialect::OpenAi => {
-                if v.get("usage").is_some_and(|u| !u.is_null()) {
-                    self.openai_usage(&v["usage"]);
-                }
-                if let Some(t) = v
-                    .pointer("/choices/0/delta/content")
-                    .and_then(Value::as_str)
-                {
-                    self.push_text(t);
-                }
-            }
-            Dialect::Anthropic => match v.get("type").and_then(Value::as_str) {
-                Some("message_start") => self.anthropic_usage(&v["message"]["usage"]),
-                Some("message_delta") => self.anthropic_usage(&v["usage"]),
-                Some("content_block_delta") => {
-                    if let Some(t) = v.pointer("/delta/text").and_then(Value::as_str) {
-                        self.push_text(t);
-                    }
-                }
-                _ => {}
-            },
-        }
-    }
-
-    fn json_body(&mut self, v: &Value) {
-        match self.dialect {
-            Dialect::OpenAi => {
-                self.openai_usage(&v["usage"]);
-                if let Some(t) = v
-                    .pointer("/choices/0/message/content")
-                    .and_then(Value::as_str)
-                {
-                    self.push_text(t);
-                }
-            }
-            Dialect::Anthropic => {
-                self.anthropic_usage(&v["usage"]);
-                if let Some(blocks) = v["content"].as_array() {
-                    for b in blocks {
-                        if let Some(t) = b["text"].as_str() {
-                            self.push_text(t);
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    fn usage_numbers(&mut self, u: Option<UsageNumbers>) {
-        let Some(u) = u else { return };
-        let f = &mut self.found;
-        match self.dialect {
-            Dialect::OpenAi => {
-                put(&mut f.input_tokens, u.prompt_tokens);
-                put(&mut f.output_tokens, u.completion_tokens);
-                put(
-                    &mut f.cache_read_tokens,
-                    u.prompt_tokens_details.and_then(|d| d.cached_tokens),
-                );
-            }
-            Dialect::Anthropic => {
-                put(&mut f.input_tokens, u.input_tokens);
-                put(&mut f.output_tokens, u.output_tokens);
-                put(&mut f.cache_read_tokens, u.cache_read_input_tokens);
-                put(&mut f.cache_write_tokens, u.cache_creation_input_tokens);
-            }
-        }
-    }
-
-    fn openai_usage(&mut self, u: &Value) {
-        set(&mut self.found.input_tokens, &u["prompt_tokens"]);
-        set(&mut self.found.output_tokens, &u["completion_tokens"]);
-        set(
-            &mut self.found.cache_read_tokens,
-            &u["prompt_tokens_details"]["cached_tokens"],
-        );
-    }
-
-    fn anthropic_usage(&mut self, u: &Value) {
-        // message_delta repeats output_tokens cumulatively; later values win.
-        set(&mut self.found.input_tokens, &u["input_tokens"]);
-        set(&mut self.found.output_tokens, &u["output_tokens"]);
-        set(
-            &mut self.found.cache_read_tokens,
-            &u["cache_read_input_tokens"],
-        );
-        set(
-            &mut self.found.cache_write_tokens,
-            &u["cache_creation_input_tokens"],
-        );
-    }
-
-    fn push_text(&mut self, t: &str) {
-        if let Some(text) = self.found.text.as_mut() {
-            text.push_str(t);
+        if let Ok(v) = serde_json::from_slice::<Value>(data) {
+            self.wire.tap_event(&v, &mut self.found);
         }
     }
 }
 
-fn set(slot: &mut Option<u64>, v: &Value) {
+/// Sets `slot` when `v` is an unsigned integer (floats, negatives, strings, null: absent).
+pub(crate) fn set(slot: &mut Option<u64>, v: &Value) {
     if let Some(n) = v.as_u64() {
+        *slot = Some(n);
+    }
+}
+
+/// A token count in a typed usage parse: an unsigned integer, or (like `Value::as_u64`)
+/// nothing. A string fails the typed parse, which then falls back to reading a `Value`.
+pub(crate) struct Count(pub(crate) Option<u64>);
+
+impl<'de> serde::Deserialize<'de> for Count {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Count;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a token count")
+            }
+            fn visit_u64<E>(self, n: u64) -> Result<Count, E> {
+                Ok(Count(Some(n)))
+            }
+            fn visit_i64<E>(self, n: i64) -> Result<Count, E> {
+                Ok(Count(u64::try_from(n).ok()))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Count, E> {
+                Ok(Count(None))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// Sets `slot` from a typed count, when there is one.
+pub(crate) fn put(slot: &mut Option<u64>, c: Option<Count>) {
+    if let Some(Count(Some(n))) = c {
         *slot = Some(n);
     }
 }
@@ -313,9 +176,10 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::dialect::Dialect;
 
     fn run(dialect: Dialect, sse: bool, chunks: &[&str]) -> Tapped {
-        let mut t = UsageTap::new(dialect, sse, true);
+        let mut t = UsageTap::new(dialect.wire(), sse, true);
         for c in chunks {
             t.feed(&Bytes::from(c.to_string()));
         }
@@ -383,7 +247,7 @@ mod tests {
     #[test]
     fn usage_without_text_collection() {
         let body = r#"{"id":"x","choices":[{"message":{"content":"Hi"}}],"usage":{"prompt_tokens":12,"completion_tokens":3,"prompt_tokens_details":{"cached_tokens":4}}}"#;
-        let mut t = UsageTap::new(Dialect::OpenAi, false, false);
+        let mut t = UsageTap::new(Dialect::OpenAi.wire(), false, false);
         t.feed(&Bytes::from_static(body.as_bytes()));
         let t = t.finish();
         assert_eq!(
@@ -391,7 +255,7 @@ mod tests {
             (Some(12), Some(3), Some(4), None)
         );
         let body = r#"{"content":[{"type":"text","text":"A"}],"usage":{"input_tokens":5,"output_tokens":6,"cache_read_input_tokens":2,"cache_creation_input_tokens":1}}"#;
-        let mut t = UsageTap::new(Dialect::Anthropic, false, false);
+        let mut t = UsageTap::new(Dialect::Anthropic.wire(), false, false);
         t.feed(&Bytes::from_static(body.as_bytes()));
         let t = t.finish();
         assert_eq!(
@@ -420,7 +284,7 @@ mod tests {
             ),
             (r#"{"usage":null,"id":"x"}"#, (None, None, None)),
         ] {
-            let mut t = UsageTap::new(Dialect::OpenAi, false, false);
+            let mut t = UsageTap::new(Dialect::OpenAi.wire(), false, false);
             t.feed(&Bytes::from_static(body.as_bytes()));
             let t = t.finish();
             assert_eq!(

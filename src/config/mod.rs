@@ -1,0 +1,496 @@
+//! Configuration: `config.toml` → raw structs (`deny_unknown_fields`) → a validated [`Config`].
+//!
+//! Loading has three steps, each with errors that name the dotted key:
+//! 1. the file is parsed as TOML into a tree;
+//! 2. `CTXGATE_…` environment overrides are applied to that tree (see [`apply_env`]); the
+//!    environment is passed in, so tests never touch the process environment;
+//! 3. the tree is deserialised into `Raw*` structs (unknown keys are errors, reported with
+//!    their path by `serde_path_to_error`) and validated into the typed [`Config`].
+//!
+//! Every error is a [`ConfigError`] whose message reads `key: problem, got value`; `main`
+//! prints it and exits with code 64.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+pub use crate::secret::Secret;
+
+mod env;
+mod raw;
+#[cfg(test)]
+mod tests;
+
+pub use env::{apply_env, ENV_PREFIX};
+use raw::RawConfig;
+pub use raw::DEFAULT_MAX_BODY_BYTES;
+
+/// A configuration problem: the dotted key, what is wrong, and what was given.
+#[derive(Debug, thiserror::Error)]
+#[error("{key}: {problem}")]
+pub struct ConfigError {
+    /// Dotted path of the offending key, e.g. `routes[1].dialect`.
+    pub key: String,
+    /// What is wrong and what is allowed, including the value that was given.
+    pub problem: String,
+}
+
+impl ConfigError {
+    pub(crate) fn new(key: impl Into<String>, problem: impl Into<String>) -> Self {
+        ConfigError {
+            key: key.into(),
+            problem: problem.into(),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Typed, validated configuration.
+
+/// The validated configuration the proxy runs with.
+#[derive(Debug, Clone, Serialize)]
+pub struct Config {
+    /// Address the proxy listens on.
+    pub listen: SocketAddr,
+    /// Address of the admin listener (`/metrics`, `/healthz`, `/readyz`).
+    pub admin_listen: SocketAddr,
+    /// Largest request body accepted; larger ones get 413.
+    pub max_body_bytes: u64,
+    /// How long in-flight requests may run after SIGTERM/SIGINT before the process exits.
+    #[serde(serialize_with = "ser_duration")]
+    pub shutdown_grace: Duration,
+    /// Default timeouts; each route may override them.
+    pub timeouts: Timeouts,
+    /// Per-conversation gates and in-flight caps.
+    pub gates: Gates,
+    /// How a request's conversation is identified.
+    pub conversation: Conversation,
+    /// Pruning defaults and the conversation view.
+    pub prune: Prune,
+    /// Transcript records.
+    pub transcripts: TranscriptSettings,
+    /// Routes, in file order. Matching picks the longest prefix.
+    pub routes: Vec<Route>,
+}
+
+/// The top-level `[prune]` table, resolved (routes and models refine it).
+#[derive(Debug, Clone, Serialize)]
+pub struct Prune {
+    /// The default budget of every route.
+    #[serde(flatten)]
+    pub budget: Budget,
+    /// Whether chat requests are pruned at all (per route overridable).
+    pub enabled: bool,
+    /// What to do with a chat request whose body is not a parseable chat body.
+    pub on_parse_error: OnParseError,
+    /// Memory bound of the conversation view (approximate bytes).
+    pub view_max_bytes: u64,
+    /// A conversation unused this long is dropped from the view.
+    #[serde(serialize_with = "ser_duration")]
+    pub view_idle_ttl: Duration,
+}
+
+/// A route's pruning: its budget and per-model budgets (first matching pattern wins).
+#[derive(Debug, Clone, Serialize)]
+pub struct RoutePrune {
+    /// Whether chat requests of this route are pruned.
+    pub enabled: bool,
+    /// What to do with an unparseable chat body.
+    pub on_parse_error: OnParseError,
+    /// The route's budget.
+    #[serde(flatten)]
+    pub budget: Budget,
+    /// `[[routes.prune.models]]`: budgets for models matching a pattern.
+    pub models: Vec<ModelPrune>,
+}
+
+/// One `[[routes.prune.models]]` entry.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelPrune {
+    /// A model-name pattern: `*` matches any run of characters (`"gpt-4o*"`).
+    #[serde(rename = "match")]
+    pub pattern: String,
+    /// The budget for matching models.
+    #[serde(flatten)]
+    pub budget: Budget,
+}
+
+/// What happens to a chat request whose body cannot be parsed as one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnParseError {
+    /// Forward it unchanged (counted as `skipped`).
+    Forward,
+    /// Answer 400.
+    Reject,
+}
+
+impl Serialize for Budget {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(Some(9))?;
+        m.serialize_entry("hard_token_limit", &self.hard_token_limit)?;
+        m.serialize_entry("target_tokens", &self.target_tokens)?;
+        m.serialize_entry("max_messages", &self.max_messages)?;
+        m.serialize_entry("keep_file_content_turns", &self.keep_file_content_turns)?;
+        m.serialize_entry("min_file_lines", &self.min_file_lines)?;
+        m.serialize_entry("reserve_output", &self.reserve_output)?;
+        let overflow = match self.on_overflow {
+            OnOverflow::Reject => "reject",
+            OnOverflow::Truncate => "truncate",
+            OnOverflow::Forward => "forward",
+        };
+        m.serialize_entry("on_overflow", overflow)?;
+        let mode = match self.mode {
+            Mode::Enforce => "enforce",
+            Mode::Shadow => "shadow",
+        };
+        m.serialize_entry("mode", mode)?;
+        m.serialize_entry("default_encoding", self.default_encoding.as_str())?;
+        m.end()
+    }
+}
+
+/// The `[gates]` table.
+#[derive(Debug, Clone, Serialize)]
+pub struct Gates {
+    /// Calls of one conversation in flight at once.
+    pub max_concurrent_per_conversation: usize,
+    /// Calls of one conversation waiting behind those in flight; more get 429 at once.
+    pub max_queue_per_conversation: usize,
+    /// Longest wait for admission; past it, 429.
+    #[serde(serialize_with = "ser_duration")]
+    pub queue_timeout: Duration,
+    /// Calls in flight across all conversations and routes.
+    pub max_inflight: usize,
+    /// A conversation's gate is forgotten after this long unused (never while in use).
+    #[serde(serialize_with = "ser_duration")]
+    pub idle_ttl: Duration,
+}
+
+/// The `[conversation]` table: where the conversation id comes from, first match wins.
+#[derive(Debug, Clone, Serialize)]
+pub struct Conversation {
+    /// Request headers that carry a conversation id, in order of preference.
+    pub headers: Vec<String>,
+    /// A dotted path into the request body holding the id (e.g. `metadata.conversation_id`).
+    pub body_field: Option<String>,
+}
+
+/// Per-phase timeouts of one upstream call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Timeouts {
+    /// TCP + TLS connect.
+    #[serde(serialize_with = "ser_duration")]
+    pub connect: Duration,
+    /// From sending the request to the response headers (time to first byte).
+    #[serde(serialize_with = "ser_duration")]
+    pub response_headers: Duration,
+    /// Longest gap between two body chunks of the response.
+    #[serde(serialize_with = "ser_duration")]
+    pub stream_idle: Duration,
+    /// The whole call, from the request's arrival to the response's last byte.
+    #[serde(serialize_with = "ser_duration")]
+    pub total: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            connect: Duration::from_secs(10),
+            response_headers: Duration::from_secs(120),
+            stream_idle: Duration::from_secs(60),
+            total: Duration::from_secs(300),
+        }
+    }
+}
+
+/// One `[[routes]]` entry: a path prefix served by one upstream.
+#[derive(Debug, Clone, Serialize)]
+pub struct Route {
+    /// Short label for metrics, logs and `--route`.
+    pub name: String,
+    /// Path prefix, starting and ending with `/`.
+    pub prefix: String,
+    /// The upstream base URL, as written.
+    pub upstream: String,
+    /// The upstream's parts, split once at load.
+    #[serde(skip)]
+    pub target: Upstream,
+    /// The wire format the upstream speaks.
+    pub dialect: Dialect,
+    /// Connections opened at start so the first call pays no handshake.
+    pub prewarm_connections: usize,
+    /// TLS settings for this upstream.
+    pub tls: Tls,
+    /// This route's timeouts (the global ones with the route's overrides applied).
+    pub timeouts: Timeouts,
+    /// Cap on this route's calls in flight (none: only the global cap applies).
+    pub max_inflight: Option<usize>,
+    /// This route's pruning.
+    pub prune: RoutePrune,
+}
+
+/// An upstream base URL split into the parts the forwarder needs.
+#[derive(Debug, Clone, Default)]
+pub struct Upstream {
+    /// `http` or `https`.
+    pub scheme: String,
+    /// `host[:port]`, also sent as `Host`.
+    pub authority: String,
+    /// Base path, always ending in `/`.
+    pub base_path: String,
+}
+
+/// TLS settings of a route.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Tls {
+    /// A PEM file of extra CA certificates trusted for this upstream, beside the system roots.
+    pub extra_ca_file: Option<PathBuf>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Values the concerns take from the config and re-export under their own names
+// (`dialect::Dialect`, `prune::Budget`, `prune::Encoding`, `transcript::Settings`), so that
+// every arrow between config and a concern points down to config.
+
+/// Which wire format a route speaks (`routes[].dialect`); `dialect` has the implementations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Dialect {
+    /// OpenAI-compatible chat completions: OpenAI, GLM, Kimi, DeepSeek, ….
+    #[serde(rename = "openai")]
+    OpenAi,
+    /// Anthropic's Messages API.
+    Anthropic,
+}
+
+impl Dialect {
+    /// The config spelling (`"openai"` / `"anthropic"`), also used as a metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Dialect::OpenAi => "openai",
+            Dialect::Anthropic => "anthropic",
+        }
+    }
+}
+
+/// The budget one request is pruned to (config `[prune]`, already resolved per route and
+/// model).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Budget {
+    /// Hard limit on prompt tokens (`prune.hard_token_limit`).
+    pub hard_token_limit: u64,
+    /// Low-water mark the cut moves down to when the limit is crossed (resolved; config
+    /// default 60% of the hard limit).
+    pub target_tokens: u64,
+    /// Cap on entries of `messages`; 0 = none.
+    pub max_messages: u64,
+    /// Turns (newest first) whose file contents are kept; older ones are elided.
+    pub keep_file_content_turns: u64,
+    /// Fenced code blocks shorter than this many lines are not elided.
+    pub min_file_lines: u64,
+    /// Subtract the request's `max_tokens` / `max_completion_tokens` from the hard limit.
+    pub reserve_output: bool,
+    /// What to do when the pinned part alone is over the limit.
+    pub on_overflow: OnOverflow,
+    /// Enforce, or only report.
+    pub mode: Mode,
+    /// Encoding for models whose name does not identify one (and all Anthropic requests).
+    pub default_encoding: Encoding,
+}
+
+impl Default for Budget {
+    /// The seed values: 4000 tokens, target 2400, 5 messages, file contents kept 1 turn.
+    fn default() -> Self {
+        Budget {
+            hard_token_limit: 4000,
+            target_tokens: 2400,
+            max_messages: 5,
+            keep_file_content_turns: 1,
+            min_file_lines: 20,
+            reserve_output: false,
+            on_overflow: OnOverflow::Reject,
+            mode: Mode::Enforce,
+            default_encoding: Encoding::O200kBase,
+        }
+    }
+}
+
+/// What to do when the pinned part alone is over the hard limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnOverflow {
+    /// Answer 400 `context_length_exceeded` with the numbers.
+    #[default]
+    Reject,
+    /// Cut the largest pinned text from the middle (marker inserted) until it fits.
+    Truncate,
+    /// Send the request as it came (counted in metrics).
+    Forward,
+}
+
+/// Whether pruning is applied or only reported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Forward the pruned body.
+    #[default]
+    Enforce,
+    /// Compute and report; forward the original bytes.
+    Shadow,
+}
+
+/// A tiktoken encoding ctxgate can count with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+pub enum Encoding {
+    /// `o200k_base`: gpt-4o, gpt-4.1, o-series, gpt-5.
+    #[serde(rename = "o200k_base")]
+    O200kBase,
+    /// `cl100k_base`: gpt-4, gpt-3.5-turbo.
+    #[serde(rename = "cl100k_base")]
+    Cl100kBase,
+}
+
+impl Encoding {
+    /// The tiktoken name (`"o200k_base"` / `"cl100k_base"`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Encoding::O200kBase => "o200k_base",
+            Encoding::Cl100kBase => "cl100k_base",
+        }
+    }
+}
+
+/// The error of parsing an unknown encoding name.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown encoding {0:?}: expected \"o200k_base\" or \"cl100k_base\"")]
+pub struct UnknownEncoding(pub String);
+
+impl FromStr for Encoding {
+    type Err = UnknownEncoding;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "o200k_base" => Ok(Encoding::O200kBase),
+            "cl100k_base" => Ok(Encoding::Cl100kBase),
+            other => Err(UnknownEncoding(other.to_string())),
+        }
+    }
+}
+
+/// Where records go: `transcripts.sink`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SinkKind {
+    /// JSON lines in rotated files under `transcripts.dir` (the default).
+    #[default]
+    Jsonl,
+    /// Rows in the `ctxgate_transcripts` table at `transcripts.postgres_url`.
+    Postgres,
+    /// JSON lines on standard output.
+    Stdout,
+    /// Nowhere: records are discarded.
+    None,
+}
+
+/// The validated `[transcripts]` table.
+#[derive(Debug, Clone, Serialize)]
+pub struct TranscriptSettings {
+    /// Where records go.
+    pub sink: SinkKind,
+    /// Directory of the JSONL files (default `transcripts`).
+    pub dir: PathBuf,
+    /// PostgreSQL URL, required when `sink = "postgres"`; never printed.
+    pub postgres_url: Option<Secret>,
+    /// Records held at most before new ones are dropped (default 1000).
+    pub queue_capacity: usize,
+    /// Records written at most per batch (default 100).
+    pub batch_size: usize,
+    /// How long a partial batch waits for more records before it is written (default 1 s).
+    #[serde(serialize_with = "ser_duration")]
+    pub flush_interval: Duration,
+    /// Whether records carry the pruned request messages and the response text.
+    pub include_bodies: bool,
+    /// Size at which a JSONL file is rotated (default 64 MiB).
+    pub rotate_bytes: u64,
+}
+
+impl Default for TranscriptSettings {
+    fn default() -> Self {
+        TranscriptSettings {
+            sink: SinkKind::Jsonl,
+            dir: PathBuf::from("transcripts"),
+            postgres_url: None,
+            queue_capacity: 1000,
+            batch_size: 100,
+            flush_interval: Duration::from_secs(1),
+            include_bodies: false,
+            rotate_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+impl Config {
+    /// Loads a config file, applies `env` overrides and validates it.
+    pub fn load(
+        path: &std::path::Path,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError::new("config", format!("cannot read {}: {e}", path.display()))
+        })?;
+        Config::from_toml(&text, env)
+    }
+
+    /// Parses TOML text, applies `env` overrides and validates.
+    pub fn from_toml(
+        text: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut tree: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| ConfigError::new("config", e.message().to_string()))?;
+        apply_env(&mut tree, env)?;
+        let raw: RawConfig =
+            serde_path_to_error::deserialize(toml::Value::Table(tree)).map_err(|e| {
+                let path = e.path().to_string();
+                let key = if path == "." {
+                    "config".to_string()
+                } else {
+                    path
+                };
+                ConfigError::new(key, e.into_inner().to_string())
+            })?;
+        raw.validate()
+    }
+
+    /// The effective config as TOML, secrets masked (`ctxgate check` prints this).
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+    }
+
+    /// The route with this name.
+    pub fn route(&self, name: &str) -> Option<&Route> {
+        self.routes.iter().find(|r| r.name == name)
+    }
+}
+
+fn ser_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&fmt_duration(*d))
+}
+
+/// Formats a duration the way config files write it: `"120s"`, or `"1500ms"` when it is not
+/// a whole number of seconds.
+pub fn fmt_duration(d: Duration) -> String {
+    if d.subsec_nanos() == 0 {
+        format!("{}s", d.as_secs())
+    } else if d.subsec_nanos() % 1_000_000 == 0 {
+        format!("{}ms", d.as_millis())
+    } else {
+        humantime::format_duration(d).to_string()
+    }
+}

@@ -1,0 +1,212 @@
+//! Config loading: defaults, validation errors naming the key, env overrides.
+
+use super::*;
+use crate::prune::budget::glob_match;
+
+const MIN: &str = r#"
+[[routes]]
+name = "openai"
+prefix = "/openai/"
+upstream = "https://api.openai.com/"
+dialect = "openai"
+"#;
+
+fn load(text: &str) -> Result<Config, ConfigError> {
+    Config::from_toml(text, Vec::new())
+}
+
+#[test]
+fn defaults() {
+    let c = load(MIN).unwrap();
+    assert_eq!(c.listen.to_string(), "127.0.0.1:8787");
+    assert_eq!(c.admin_listen.to_string(), "127.0.0.1:9464");
+    assert_eq!(c.shutdown_grace, Duration::from_secs(30));
+    assert_eq!(c.routes[0].prewarm_connections, 1);
+    assert_eq!(c.routes[0].target.authority, "api.openai.com");
+    assert_eq!(c.routes[0].target.base_path, "/");
+    assert_eq!(c.routes[0].timeouts, Timeouts::default());
+}
+
+#[test]
+fn unknown_key_names_its_path() {
+    let e = load(&format!("{MIN}bogus = 1\n")).unwrap_err();
+    assert_eq!(e.key, "routes[0].bogus");
+    assert!(e.problem.contains("unknown field `bogus`"), "{e}");
+    let e = load(&format!("lisen = \"x\"\n{MIN}")).unwrap_err();
+    assert!(e.to_string().contains("unknown field `lisen`"), "{e}");
+}
+
+#[test]
+fn bad_dialect_names_key_value_and_allowed() {
+    let e = load(&MIN.replace("\"openai\"\n", "\"gemini\"\n")).unwrap_err();
+    assert_eq!(e.key, "routes[0].dialect");
+    assert!(
+        e.problem.contains("gemini") && e.problem.contains("openai"),
+        "{e}"
+    );
+}
+
+#[test]
+fn bad_values() {
+    let e = load(&MIN.replace("/openai/", "openai")).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "routes[0].prefix: must start and end with '/' (e.g. \"/openai/\"), got \"openai\""
+    );
+    let e = load(&MIN.replace("https://api.openai.com/", "ftp://x/")).unwrap_err();
+    assert_eq!(e.key, "routes[0].upstream");
+    let e = load(&format!("shutdown_grace = \"soon\"\n{MIN}")).unwrap_err();
+    assert_eq!(e.key, "shutdown_grace");
+    assert!(e.problem.contains("\"soon\""));
+    let e = load(&format!(
+        "[timeouts]\ntotal = \"10s\"\nresponse_headers = \"5s\"\nstream_idle = \"20s\"\n{MIN}"
+    ))
+    .unwrap_err();
+    assert_eq!(e.key, "timeouts.stream_idle");
+    assert!(
+        e.problem
+            .contains("must not exceed timeouts.total (10s), got 20s"),
+        "{e}"
+    );
+    let e = load(&format!(
+        "{MIN}[routes.timeouts]\nresponse_headers = \"400s\"\n"
+    ))
+    .unwrap_err();
+    assert_eq!(e.key, "routes[0].timeouts.response_headers");
+    // Inherited values are lowered to a smaller total rather than refused.
+    let c = load(&format!("[timeouts]\ntotal = \"30s\"\n{MIN}")).unwrap();
+    assert_eq!(c.timeouts.response_headers, Duration::from_secs(30));
+    assert_eq!(c.routes[0].timeouts.stream_idle, Duration::from_secs(30));
+    let e = load(&format!("{MIN}max_inflight = 0\n")).unwrap_err();
+    assert_eq!(e.to_string(), "routes[0].max_inflight: must be > 0, got 0");
+    let e = load(&format!("[gates]\nqueue_timeout = \"0s\"\n{MIN}")).unwrap_err();
+    assert_eq!(e.key, "gates.queue_timeout");
+}
+
+#[test]
+fn env_overrides() {
+    let env = vec![
+        ("CTXGATE_LISTEN".to_string(), "127.0.0.1:1".to_string()),
+        ("CTXGATE_TIMEOUTS__TOTAL".to_string(), "500s".to_string()),
+        (
+            "CTXGATE_ROUTES__OPENAI__UPSTREAM".to_string(),
+            "http://127.0.0.1:9/".to_string(),
+        ),
+        (
+            "CTXGATE_ROUTES__0__PREWARM_CONNECTIONS".to_string(),
+            "3".to_string(),
+        ),
+        ("OTHER".to_string(), "x".to_string()),
+    ];
+    let c = Config::from_toml(MIN, env).unwrap();
+    assert_eq!(c.listen.to_string(), "127.0.0.1:1");
+    assert_eq!(c.timeouts.total, Duration::from_secs(500));
+    assert_eq!(c.routes[0].timeouts.total, Duration::from_secs(500));
+    assert_eq!(c.routes[0].target.authority, "127.0.0.1:9");
+    assert_eq!(c.routes[0].prewarm_connections, 3);
+
+    let e = Config::from_toml(MIN, vec![("CTXGATE_ROUTES__NOPE__NAME".into(), "x".into())])
+        .unwrap_err();
+    assert_eq!(e.key, "CTXGATE_ROUTES__NOPE__NAME");
+    let e = Config::from_toml(MIN, vec![("CTXGATE_BOGUS".into(), "1".into())]).unwrap_err();
+    assert!(e.problem.contains("unknown field `bogus`"), "{e}");
+}
+
+#[test]
+fn prune_levels_refine_each_other() {
+    let text = format!(
+            "[prune]\nhard_token_limit = 10000\nmax_messages = 0\n{MIN}[routes.prune]\nkeep_file_content_turns = 2\n\
+             [[routes.prune.models]]\nmatch = \"gpt-4o*\"\nhard_token_limit = 8000\n\
+             [[routes.prune.models]]\nmatch = \"*\"\ntarget_tokens = 5000\n"
+        );
+    let c = load(&text).unwrap();
+    assert_eq!(c.prune.budget.hard_token_limit, 10000);
+    assert_eq!(c.prune.budget.target_tokens, 6000);
+    let r = &c.routes[0].prune;
+    assert_eq!(r.budget.keep_file_content_turns, 2);
+    assert_eq!(r.budget.max_messages, 0);
+    let b = Budget::for_request(r, Some("gpt-4o-mini"), None);
+    assert_eq!(
+        (
+            b.hard_token_limit,
+            b.target_tokens,
+            b.keep_file_content_turns
+        ),
+        (8000, 4800, 2)
+    );
+    let b = Budget::for_request(r, Some("claude-sonnet-4-5"), None);
+    assert_eq!((b.hard_token_limit, b.target_tokens), (10000, 5000));
+    assert_eq!(Budget::for_request(r, None, None).hard_token_limit, 10000);
+
+    let e = load(&format!("[prune]\ntarget_tokens = 5000\n{MIN}")).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "prune.target_tokens: must be between 1 and hard_token_limit (4000), got 5000"
+    );
+    let e = load(&format!("[prune]\non_overflow = \"drop\"\n{MIN}")).unwrap_err();
+    assert_eq!(e.key, "prune.on_overflow");
+    assert!(e.problem.contains("`reject`, `truncate`, `forward`"), "{e}");
+    let e = load(&format!(
+        "{MIN}[[routes.prune.models]]\nhard_token_limit = 5\n"
+    ))
+    .unwrap_err();
+    assert_eq!(e.key, "routes[0].prune.models[0].match");
+    let e = load(&format!(
+        "{MIN}[[routes.prune.models]]\nmatch = \"x\"\nenabled = false\n"
+    ))
+    .unwrap_err();
+    assert_eq!(e.key, "routes[0].prune.models[0].enabled");
+    let e = load(&format!("[prune]\nmatch = \"x\"\n{MIN}")).unwrap_err();
+    assert_eq!(e.key, "prune.match");
+    let e = load(&format!("{MIN}[routes.prune]\nview_max_bytes = 5\n")).unwrap_err();
+    assert_eq!(e.key, "routes[0].prune.view_max_bytes");
+    let e = load(&format!(
+        "{MIN}[routes.prune]\ndefault_encoding = \"p50k\"\n"
+    ))
+    .unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "routes[0].prune.default_encoding: must be \"o200k_base\" or \"cl100k_base\", got \"p50k\""
+    );
+}
+
+#[test]
+fn globs() {
+    assert!(glob_match("gpt-4o*", "gpt-4o-mini"));
+    assert!(glob_match("*", "x"));
+    assert!(glob_match("claude-*-4-5", "claude-sonnet-4-5"));
+    assert!(!glob_match("claude-*-4-5", "claude-sonnet-4-1"));
+    assert!(glob_match("glm-4", "glm-4"));
+    assert!(!glob_match("glm-4", "glm-4.5"));
+    assert!(!glob_match("a*a", "a"));
+}
+
+#[test]
+fn transcripts_table() {
+    let c = load(MIN).unwrap();
+    assert_eq!(c.transcripts.sink, crate::transcript::SinkKind::Jsonl);
+    assert_eq!(c.transcripts.queue_capacity, 1000);
+    let e = load(&format!("[transcripts]\nsink = \"postgres\"\n{MIN}")).unwrap_err();
+    assert_eq!(e.key, "transcripts.postgres_url");
+    let e = load(&format!("[transcripts]\nsink = \"kafka\"\n{MIN}")).unwrap_err();
+    assert_eq!(e.key, "transcripts.sink");
+    let c = Config::from_toml(
+        &format!("[transcripts]\nsink = \"postgres\"\n{MIN}"),
+        vec![(
+            "CTXGATE_TRANSCRIPTS__POSTGRES_URL".into(),
+            "postgres://u:hunter2@db/x".into(),
+        )],
+    )
+    .unwrap();
+    let printed = c.to_toml();
+    assert!(printed.contains("postgres_url = \"*****\""), "{printed}");
+    assert!(!printed.contains("hunter2"));
+    assert!(!format!("{c:?}").contains("hunter2"));
+}
+
+#[test]
+fn secret_is_masked() {
+    let s = Secret::new("postgres://u:pw@h/db");
+    assert_eq!(format!("{s:?}"), "*****");
+    assert_eq!(serde_json::to_string(&s).unwrap(), "\"*****\"");
+}

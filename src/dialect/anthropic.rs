@@ -1,0 +1,116 @@
+//! Anthropic's Messages API.
+//!
+//! - Pruned: `POST …/v1/messages`.
+//! - Errors: `{"type":"error","error":{"type","message"}}`; a stream in error ends with an
+//!   `event: error` event whose data is that object.
+//! - Usage, non-streaming: `usage.input_tokens`, `output_tokens`, `cache_read_input_tokens`,
+//!   `cache_creation_input_tokens`; text from `content[].text`.
+//! - Usage, streaming: `message_start.message.usage`, then `message_delta.usage` (cumulative
+//!   output tokens); text from `content_block_delta` `text_delta`s.
+//! - Anthropic's `input_tokens` leaves out the cached part; ctxgate adds cache reads and
+//!   writes back so that input always means the whole prompt.
+
+use http::Method;
+use serde_json::Value;
+
+use super::tap::{put, set, Count, Tapped};
+use super::{ErrorClass, Wire};
+
+/// The Anthropic Messages format.
+pub struct Anthropic;
+
+/// See `openai_chat::UsageOnly`: only `usage`, as plain numbers.
+#[derive(serde::Deserialize)]
+struct UsageOnly {
+    #[serde(default)]
+    usage: Option<Numbers>,
+}
+
+#[derive(serde::Deserialize)]
+struct Numbers {
+    input_tokens: Option<Count>,
+    output_tokens: Option<Count>,
+    cache_read_input_tokens: Option<Count>,
+    cache_creation_input_tokens: Option<Count>,
+}
+
+fn usage(u: &Value, f: &mut Tapped) {
+    // message_delta repeats output_tokens cumulatively; later values win.
+    set(&mut f.input_tokens, &u["input_tokens"]);
+    set(&mut f.output_tokens, &u["output_tokens"]);
+    set(&mut f.cache_read_tokens, &u["cache_read_input_tokens"]);
+    set(&mut f.cache_write_tokens, &u["cache_creation_input_tokens"]);
+}
+
+impl Wire for Anthropic {
+    fn is_chat(&self, method: &Method, path: &str) -> bool {
+        method == Method::POST && path.ends_with("/v1/messages")
+    }
+
+    fn error_body(&self, class: ErrorClass, _code: &str, message: &str) -> String {
+        let kind = match class {
+            ErrorClass::InvalidRequest => "invalid_request_error",
+            ErrorClass::NotFound => "not_found_error",
+            ErrorClass::TooLarge => "request_too_large",
+            ErrorClass::RateLimit => "rate_limit_error",
+            ErrorClass::Upstream => "api_error",
+            ErrorClass::Timeout => "timeout_error",
+        };
+        serde_json::json!({
+            "type": "error",
+            "error": { "type": kind, "message": message }
+        })
+        .to_string()
+    }
+
+    fn sse_error_event(&self, class: ErrorClass, code: &str, message: &str) -> String {
+        format!(
+            "event: error\ndata: {}\n\n",
+            self.error_body(class, code, message)
+        )
+    }
+
+    fn tap_json(&self, body: &[u8], found: &mut Tapped) {
+        if found.text.is_none() {
+            if let Ok(b) = serde_json::from_slice::<UsageOnly>(body) {
+                if let Some(u) = b.usage {
+                    put(&mut found.input_tokens, u.input_tokens);
+                    put(&mut found.output_tokens, u.output_tokens);
+                    put(&mut found.cache_read_tokens, u.cache_read_input_tokens);
+                    put(&mut found.cache_write_tokens, u.cache_creation_input_tokens);
+                }
+                return;
+            }
+        }
+        let Ok(v) = serde_json::from_slice::<Value>(body) else {
+            return;
+        };
+        usage(&v["usage"], found);
+        if let Some(blocks) = v["content"].as_array() {
+            for b in blocks {
+                if let Some(t) = b["text"].as_str() {
+                    found.push_text(t);
+                }
+            }
+        }
+    }
+
+    fn tap_event(&self, v: &Value, found: &mut Tapped) {
+        match v.get("type").and_then(Value::as_str) {
+            Some("message_start") => usage(&v["message"]["usage"], found),
+            Some("message_delta") => usage(&v["usage"], found),
+            Some("content_block_delta") => {
+                if let Some(t) = v.pointer("/delta/text").and_then(Value::as_str) {
+                    found.push_text(t);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn finish_usage(&self, found: &mut Tapped) {
+        if let Some(n) = found.input_tokens.as_mut() {
+            *n += found.cache_read_tokens.unwrap_or(0) + found.cache_write_tokens.unwrap_or(0);
+        }
+    }
+}

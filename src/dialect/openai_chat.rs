@@ -1,0 +1,113 @@
+//! OpenAI-compatible chat completions (OpenAI, GLM, Kimi, DeepSeek, …).
+//!
+//! - Pruned: `POST …/chat/completions`.
+//! - Errors: `{"error":{"message","type","param","code"}}`; a stream in error ends with a
+//!   `data: {"error":…}` event.
+//! - Usage, non-streaming: `usage.prompt_tokens`, `completion_tokens`,
+//!   `prompt_tokens_details.cached_tokens`; text from `choices[0].message.content`.
+//! - Usage, streaming: the chunk with `usage` (sent last when `stream_options.include_usage`
+//!   is set); text from `choices[0].delta.content`.
+
+use http::Method;
+use serde_json::Value;
+
+use super::tap::{put, set, Count, Tapped};
+use super::{ErrorClass, Wire};
+
+/// The OpenAI chat completions format.
+pub struct OpenAiChat;
+
+/// A response body of which only `usage` is wanted, as plain numbers: serde skips every other
+/// field without building it. A body whose usage has an unexpected shape fails this parse and
+/// is read as a `Value` instead.
+#[derive(serde::Deserialize)]
+struct UsageOnly {
+    #[serde(default)]
+    usage: Option<Numbers>,
+}
+
+#[derive(serde::Deserialize)]
+struct Numbers {
+    prompt_tokens: Option<Count>,
+    completion_tokens: Option<Count>,
+    prompt_tokens_details: Option<Details>,
+}
+
+#[derive(serde::Deserialize)]
+struct Details {
+    cached_tokens: Option<Count>,
+}
+
+fn usage(u: &Value, f: &mut Tapped) {
+    set(&mut f.input_tokens, &u["prompt_tokens"]);
+    set(&mut f.output_tokens, &u["completion_tokens"]);
+    set(
+        &mut f.cache_read_tokens,
+        &u["prompt_tokens_details"]["cached_tokens"],
+    );
+}
+
+fn json_value(v: &Value, f: &mut Tapped) {
+    usage(&v["usage"], f);
+    if let Some(t) = v
+        .pointer("/choices/0/message/content")
+        .and_then(Value::as_str)
+    {
+        f.push_text(t);
+    }
+}
+
+impl Wire for OpenAiChat {
+    fn is_chat(&self, method: &Method, path: &str) -> bool {
+        method == Method::POST && path.ends_with("/chat/completions")
+    }
+
+    fn error_body(&self, class: ErrorClass, code: &str, message: &str) -> String {
+        let kind = match class {
+            ErrorClass::InvalidRequest | ErrorClass::NotFound | ErrorClass::TooLarge => {
+                "invalid_request_error"
+            }
+            ErrorClass::RateLimit => "rate_limit_error",
+            ErrorClass::Upstream | ErrorClass::Timeout => "server_error",
+        };
+        serde_json::json!({
+            "error": { "message": message, "type": kind, "param": null, "code": code }
+        })
+        .to_string()
+    }
+
+    fn sse_error_event(&self, class: ErrorClass, code: &str, message: &str) -> String {
+        format!("data: {}\n\n", self.error_body(class, code, message))
+    }
+
+    fn tap_json(&self, body: &[u8], found: &mut Tapped) {
+        if found.text.is_none() {
+            if let Ok(b) = serde_json::from_slice::<UsageOnly>(body) {
+                if let Some(u) = b.usage {
+                    put(&mut found.input_tokens, u.prompt_tokens);
+                    put(&mut found.output_tokens, u.completion_tokens);
+                    put(
+                        &mut found.cache_read_tokens,
+                        u.prompt_tokens_details.and_then(|d| d.cached_tokens),
+                    );
+                }
+                return;
+            }
+        }
+        if let Ok(v) = serde_json::from_slice::<Value>(body) {
+            json_value(&v, found);
+        }
+    }
+
+    fn tap_event(&self, v: &Value, found: &mut Tapped) {
+        if v.get("usage").is_some_and(|u| !u.is_null()) {
+            usage(&v["usage"], found);
+        }
+        if let Some(t) = v
+            .pointer("/choices/0/delta/content")
+            .and_then(Value::as_str)
+        {
+            found.push_text(t);
+        }
+    }
+}

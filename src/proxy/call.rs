@@ -1,0 +1,217 @@
+//! [`Call`]: everything one request's phases learn about it, in one place. Each phase reads
+//! what earlier ones stored and adds its own typed facts; none of them counts, logs or
+//! records anything. `record` alone turns the facts into metrics, the log event and the
+//! transcript record, once, when the call ends.
+//!
+//! A `Call` is also the call's drop guard: it is created the moment a request arrives, lives
+//! in the request's future until the response headers, then in the response body. However the
+//! call ends — the last byte, an error, a timeout, the client gone before or after the headers
+//! (the future or the body dropped), an HTTP/2 reset — it is recorded exactly once.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::request::Parts;
+use hyper::body::Incoming;
+
+use crate::dialect::{Dialect, Tapped, UsageTap};
+use crate::error::{Error, Phase};
+use crate::gate::Permit;
+use crate::prune::{Budget, ChatRequest, Summary};
+
+use super::record::Recorder;
+use super::route::RouteState;
+use super::stream::{CallEnd, End};
+
+/// The request body as the phases hand it on.
+#[derive(Default)]
+pub enum Payload {
+    /// Not read (a request that is not a chat request): streamed through to the upstream.
+    Stream(Incoming),
+    /// Read whole but not a chat body ctxgate can parse: forwarded as it came.
+    Opaque(Bytes),
+    /// Read whole and parsed.
+    Chat(Bytes, Box<ChatRequest>),
+    /// The bytes to forward, decided by the prune phase.
+    Ready(Bytes),
+    /// Handed to the upstream request (or never there: a request without a body).
+    #[default]
+    Taken,
+}
+
+/// What the prune phase did with a chat request (the `action` label and the record's
+/// `prune_action`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PruneAction {
+    /// Not a chat request, or pruning is off for the route.
+    #[default]
+    None,
+    /// Within budget: forwarded byte for byte.
+    Unchanged,
+    /// Forwarded pruned.
+    Pruned,
+    /// Refused: the pinned part over the limit, or an unparseable body with
+    /// `on_parse_error = "reject"`.
+    Rejected,
+    /// Not parseable (or pruning failed): forwarded unchanged.
+    Skipped,
+    /// `mode = "shadow"`: pruning computed and reported, the original forwarded.
+    Shadow,
+}
+
+impl PruneAction {
+    /// Every action that is counted, in the order the metric's series are created.
+    pub const COUNTED: [PruneAction; 5] = [
+        PruneAction::Unchanged,
+        PruneAction::Pruned,
+        PruneAction::Rejected,
+        PruneAction::Skipped,
+        PruneAction::Shadow,
+    ];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PruneAction::None => "none",
+            PruneAction::Unchanged => "unchanged",
+            PruneAction::Pruned => "pruned",
+            PruneAction::Rejected => "rejected",
+            PruneAction::Skipped => "skipped",
+            PruneAction::Shadow => "shadow",
+        }
+    }
+}
+
+/// One call, from arrival to its record.
+pub struct Call {
+    /// When the request arrived.
+    pub start: Instant,
+    /// The arrival time as the record writes it.
+    pub ts: String,
+    /// The route, once routed (none: no route matched, or the target was refused).
+    pub route: Option<Arc<RouteState>>,
+    /// The route's dialect, or the one guessed for an unrouted request.
+    pub dialect: Dialect,
+    /// The request's method, target and headers (its body is in `payload`).
+    pub request: Parts,
+    /// The request body.
+    pub payload: Payload,
+    /// The conversation the call belongs to, if it has one.
+    pub conversation: Option<String>,
+    /// Whether this is a chat request (read whole; its answer carries usage).
+    pub chat: bool,
+    /// The request's `model`.
+    pub model: Option<String>,
+    /// Whether the request asked for a stream.
+    pub stream: bool,
+    /// The gate's permit, held from admission to the end of the call.
+    pub permit: Option<Permit>,
+    /// How long admission waited (set once admitted).
+    pub waited: Option<Duration>,
+    /// The budget the request was pruned to.
+    pub budget: Option<Budget>,
+    /// What pruning did.
+    pub action: PruneAction,
+    /// Pruning's figures (not for rejected or skipped requests).
+    pub summary: Option<Summary>,
+    /// How long the prune phase took.
+    pub prune_took: Option<Duration>,
+    /// The forwarded messages, when transcripts include bodies.
+    pub request_messages: Option<serde_json::Value>,
+    /// When the request was handed to the upstream client.
+    pub forwarded_at: Option<Instant>,
+    /// When `timeouts.total` runs out (set when the call is forwarded: the gate wait has its
+    /// own bound).
+    pub deadline: Option<tokio::time::Instant>,
+    /// The status sent to the client, once response headers exist.
+    pub status: Option<u16>,
+    /// Arrival to response headers.
+    pub ttfb: Option<Duration>,
+    /// The usage tap on the response body (chat answers only).
+    pub tap: Option<UsageTap>,
+    /// The error ctxgate answered with, or that broke the call off.
+    pub failure: Option<Error>,
+    /// Set while the call is unrecorded; taken by the one recording.
+    recorder: Option<Arc<Recorder>>,
+}
+
+impl Call {
+    /// A call that has just arrived.
+    pub fn new(recorder: Arc<Recorder>, request: Parts, body: Incoming) -> Call {
+        Call {
+            start: Instant::now(),
+            ts: crate::transcript::now_ts(),
+            route: None,
+            dialect: Dialect::guess(request.uri.path(), &request.headers),
+            request,
+            payload: Payload::Stream(body),
+            conversation: None,
+            chat: false,
+            model: None,
+            stream: false,
+            permit: None,
+            waited: None,
+            budget: None,
+            action: PruneAction::None,
+            summary: None,
+            prune_took: None,
+            request_messages: None,
+            forwarded_at: None,
+            deadline: None,
+            status: None,
+            ttfb: None,
+            tap: None,
+            failure: None,
+            recorder: Some(recorder),
+        }
+    }
+
+    /// The route's name, or `none`.
+    pub fn route_name(&self) -> &str {
+        self.route
+            .as_ref()
+            .map_or("none", |r| r.config.name.as_str())
+    }
+
+    /// The usage found by the tap so far (none without a tap).
+    pub fn take_usage(&mut self) -> Tapped {
+        self.tap.take().map(UsageTap::finish).unwrap_or_default()
+    }
+
+    /// Ends the call: records it (the first time only) and releases its permit.
+    pub fn end(&mut self, end: End) {
+        if let Some(r) = self.recorder.take() {
+            r.finish(self, end);
+        }
+        self.permit = None;
+    }
+
+    /// The timeout phase of the failure, if it is a timeout.
+    pub fn timeout_phase(&self) -> Option<Phase> {
+        match &self.failure {
+            Some(Error::Timeout { phase, .. }) => Some(*phase),
+            _ => None,
+        }
+    }
+}
+
+impl CallEnd for Call {
+    fn finish(&mut self, end: End) {
+        self.end(end);
+    }
+
+    fn on_data(&mut self, data: &Bytes) {
+        if let Some(t) = self.tap.as_mut() {
+            t.feed(data);
+        }
+    }
+}
+
+impl Drop for Call {
+    fn drop(&mut self) {
+        // Dropped unrecorded: the request's future was dropped (the client left before the
+        // response headers, or reset its HTTP/2 stream).
+        self.end(End::ClientGone);
+    }
+}

@@ -1,0 +1,364 @@
+//! Phase 4, prune: decides what to forward for a chat request. The budget comes from
+//! [`Budget::for_request`] (route, model, the request's `x-ctxgate-token-limit`); the decision
+//! is the pure [`crate::prune::prune`], run inline for small bodies and on the heavy pool for
+//! large ones, with a panic costing one request its pruning, never the process. The phase
+//! stores the outcome in the [`Call`] (a [`PruneAction`], the summary, the body to forward)
+//! and owns the pruning metric families, which `record` fills when the call ends.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::{header, HeaderMap, HeaderValue};
+use prometheus::{Histogram, HistogramVec, IntCounter, IntCounterVec};
+
+use crate::config::Config;
+use crate::error::Error;
+use crate::metrics::{Metrics, OVERHEAD_BUCKETS};
+use crate::prune::{self, Budget, ChatRequest, Counter, Outcome, Summary, View};
+
+use super::call::{Call, Payload, PruneAction};
+use super::identify::INLINE_BYTES;
+use super::Proxy;
+
+/// The request header with which a request lowers (never raises) its own token limit.
+pub const TOKEN_LIMIT_HEADER: &str = "x-ctxgate-token-limit";
+
+/// What pruning needs beyond the request: the counter and the conversation view.
+pub struct Pruning {
+    /// The token counter (both vocabularies).
+    pub counter: Arc<Counter>,
+    /// Per-conversation counts and the cache-stable cut.
+    pub view: Arc<View>,
+}
+
+impl Pruning {
+    /// The counter and an empty view, sized by `[prune]`.
+    pub fn new(config: &Config) -> Result<Pruning, String> {
+        Ok(Pruning {
+            counter: Arc::new(Counter::new(config.prune.budget.default_encoding)?),
+            view: Arc::new(View::new(
+                config.prune.view_max_bytes,
+                config.prune.view_idle_ttl,
+            )),
+        })
+    }
+}
+
+impl Proxy {
+    /// Prunes a chat request of a route that prunes; leaves `call.payload` ready to forward.
+    pub(super) async fn prune(&self, call: &mut Call) -> Result<(), Error> {
+        let limit = token_limit_header(&call.request.headers);
+        call.request.headers.remove(TOKEN_LIMIT_HEADER);
+        let Some(route) = call.route.clone() else {
+            return Ok(());
+        };
+        let cfg = &route.config;
+        let payload = std::mem::take(&mut call.payload);
+        let (bytes, req) = match payload {
+            Payload::Chat(bytes, req) if cfg.prune.enabled => (bytes, req),
+            Payload::Opaque(bytes) => {
+                if cfg.prune.enabled {
+                    call.action = PruneAction::Skipped;
+                }
+                call.payload = Payload::Ready(bytes);
+                return Ok(());
+            }
+            Payload::Chat(bytes, _) => {
+                call.payload = Payload::Ready(bytes);
+                return Ok(());
+            }
+            other => {
+                call.payload = other;
+                return Ok(());
+            }
+        };
+        let budget = Budget::for_request(&cfg.prune, req.model(), limit?);
+        let started = Instant::now();
+        let outcome = self.decide(*req, &budget, call).await;
+        call.prune_took = Some(started.elapsed());
+        call.budget = Some(budget);
+        call.summary = outcome.as_ref().and_then(|o| o.summary().cloned());
+        let forward = match outcome {
+            None => {
+                call.action = PruneAction::Skipped;
+                bytes
+            }
+            Some(outcome) => self.apply(outcome, bytes, call)?,
+        };
+        if self.transcripts.include_bodies() {
+            call.request_messages = messages_of(&forward);
+        }
+        call.payload = Payload::Ready(forward);
+        Ok(())
+    }
+
+    /// Turns a pruning outcome into the bytes to forward (and the call's action).
+    fn apply(
+        &self,
+        outcome: Outcome,
+        bytes: bytes::Bytes,
+        call: &mut Call,
+    ) -> Result<bytes::Bytes, Error> {
+        Ok(match outcome {
+            Outcome::Unchanged(_) => {
+                call.action = PruneAction::Unchanged;
+                bytes
+            }
+            Outcome::Shadow(_) => {
+                call.action = PruneAction::Shadow;
+                bytes
+            }
+            Outcome::Pruned { body, .. } => {
+                call.action = PruneAction::Pruned;
+                let h = &mut call.request.headers;
+                h.remove(header::CONTENT_LENGTH);
+                h.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+                bytes::Bytes::from(body)
+            }
+            Outcome::Rejected(r) => {
+                call.action = PruneAction::Rejected;
+                return Err(Error::ContextOverflow(r));
+            }
+        })
+    }
+
+    /// Runs the pure pruning function, inline or on the heavy pool; `None` when it failed.
+    async fn decide(&self, req: ChatRequest, budget: &Budget, call: &Call) -> Option<Outcome> {
+        let conversation = call.conversation.clone().unwrap_or_default();
+        if req.body_len() <= INLINE_BYTES {
+            let p = &self.pruning;
+            return prune_guarded(&req, budget, &p.view, &conversation, &p.counter);
+        }
+        let (view, counter, b) = (
+            self.pruning.view.clone(),
+            self.pruning.counter.clone(),
+            budget.clone(),
+        );
+        match self
+            .heavy
+            .run(move || prune_guarded(&req, &b, &view, &conversation, &counter))
+            .await
+        {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::error!(route = call.route_name(), error = %e, "pruning task failed; forwarded unchanged");
+                None
+            }
+        }
+    }
+}
+
+/// The request's own limit from [`TOKEN_LIMIT_HEADER`], if it sent one.
+fn token_limit_header(h: &HeaderMap) -> Result<Option<u64>, Error> {
+    let Some(v) = h.get(TOKEN_LIMIT_HEADER) else {
+        return Ok(None);
+    };
+    match v.to_str().ok().and_then(|s| s.trim().parse::<u64>().ok()) {
+        Some(n) if n > 0 => Ok(Some(n)),
+        _ => Err(Error::BadTarget(format!(
+            "{TOKEN_LIMIT_HEADER} must be a positive integer, got {:?}",
+            String::from_utf8_lossy(v.as_bytes())
+        ))),
+    }
+}
+
+/// Runs the pure pruning function, catching a panic (a bug must cost one request its
+/// pruning, never the process or the connection).
+pub fn prune_guarded(
+    req: &ChatRequest,
+    budget: &Budget,
+    view: &View,
+    conversation: &str,
+    counter: &Counter,
+) -> Option<Outcome> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        prune::prune(req, budget, view, conversation, counter)
+    })) {
+        Ok(o) => Some(o),
+        Err(_) => {
+            tracing::error!("pruning panicked; the request is forwarded unchanged");
+            None
+        }
+    }
+}
+
+/// The `messages` of a chat body, for transcripts with `include_bodies = true`.
+fn messages_of(body: &[u8]) -> Option<serde_json::Value> {
+    let mut v: serde_json::Value = serde_json::from_slice(body).ok()?;
+    Some(v.get_mut("messages")?.take())
+}
+
+/// The headers a pruned response carries: tokens before and after, messages dropped.
+pub fn summary_headers(h: &mut HeaderMap, s: &Summary) {
+    h.insert(
+        "x-ctxgate-tokens-before",
+        HeaderValue::from(s.tokens_before),
+    );
+    h.insert("x-ctxgate-tokens-after", HeaderValue::from(s.tokens_after));
+    h.insert(
+        "x-ctxgate-messages-dropped",
+        HeaderValue::from(s.messages_dropped),
+    );
+}
+
+/// Token-count buckets: from a short prompt to a long agent conversation.
+const TOKEN_BUCKETS: &[f64] = &[
+    250.0, 500.0, 1000.0, 2000.0, 4000.0, 8000.0, 16000.0, 32000.0, 64000.0, 128000.0, 256000.0,
+];
+
+/// Pruning's metric families, and the conversation view's.
+#[derive(Clone)]
+pub struct PruneMetrics {
+    /// `ctxgate_prune_actions_total{route,action}`: what pruning did with each chat request.
+    pub actions: IntCounterVec,
+    /// `ctxgate_prune_prompt_tokens{route,stage}`: prompt tokens before / after pruning.
+    pub tokens: HistogramVec,
+    /// `ctxgate_prune_tokens_removed_total{route}`.
+    pub tokens_removed: IntCounterVec,
+    /// `ctxgate_prune_messages_dropped_total{route}`.
+    pub messages_dropped: IntCounterVec,
+    /// `ctxgate_prune_files_elided_total{route}`.
+    pub files_elided: IntCounterVec,
+    /// `ctxgate_prune_cut_moves_total{route}`: times the cache-stable cut had to move.
+    pub cut_moves: IntCounterVec,
+    /// `ctxgate_prune_duration_seconds{route}`: time the prune phase took.
+    pub duration: HistogramVec,
+    /// `ctxgate_view_hits_total`: prunes that found the conversation in the view.
+    view_hits: IntCounter,
+    /// `ctxgate_view_misses_total`: prunes that did not.
+    view_misses: IntCounter,
+    /// `ctxgate_view_entries`: conversations in the view.
+    view_entries: prometheus::IntGauge,
+}
+
+impl PruneMetrics {
+    /// Registers the families, with every route's series at 0.
+    pub fn register(m: &Metrics, routes: &[&str]) -> PruneMetrics {
+        let p = PruneMetrics {
+            actions: m.counter_vec(
+                "ctxgate_prune_actions_total",
+                "Chat requests by what pruning did: unchanged, pruned, rejected, skipped, shadow.",
+                &["route", "action"],
+            ),
+            tokens: m.histogram_vec(
+                "ctxgate_prune_prompt_tokens",
+                "Prompt tokens of chat requests before and after pruning (stage).",
+                &["route", "stage"],
+                TOKEN_BUCKETS,
+            ),
+            tokens_removed: m.counter_vec(
+                "ctxgate_prune_tokens_removed_total",
+                "Prompt tokens removed by pruning.",
+                &["route"],
+            ),
+            messages_dropped: m.counter_vec(
+                "ctxgate_prune_messages_dropped_total",
+                "Messages dropped by pruning.",
+                &["route"],
+            ),
+            files_elided: m.counter_vec(
+                "ctxgate_prune_files_elided_total",
+                "File contents elided from older turns.",
+                &["route"],
+            ),
+            cut_moves: m.counter_vec(
+                "ctxgate_prune_cut_moves_total",
+                "Times the cache-stable cut point had to move (each move costs a prompt-cache write).",
+                &["route"],
+            ),
+            duration: m.histogram_vec(
+                "ctxgate_prune_duration_seconds",
+                "Time the prune phase took.",
+                &["route"],
+                OVERHEAD_BUCKETS,
+            ),
+            view_hits: m.counter(
+                "ctxgate_view_hits_total",
+                "Prunes that found the conversation's earlier messages in the view.",
+            ),
+            view_misses: m.counter(
+                "ctxgate_view_misses_total",
+                "Prunes that did not find the conversation in the view.",
+            ),
+            view_entries: m.gauge("ctxgate_view_entries", "Conversations held in the view."),
+        };
+        for r in routes {
+            for a in PruneAction::COUNTED {
+                p.actions.with_label_values(&[r, a.as_str()]);
+            }
+            for stage in ["before", "after"] {
+                p.tokens.with_label_values(&[r, stage]);
+            }
+            for c in [
+                &p.tokens_removed,
+                &p.messages_dropped,
+                &p.files_elided,
+                &p.cut_moves,
+            ] {
+                c.with_label_values(&[r]);
+            }
+            p.duration.with_label_values(&[r]);
+        }
+        p
+    }
+
+    /// One route's series.
+    pub fn route(&self, route: &str) -> RoutePruneMetrics {
+        RoutePruneMetrics {
+            tokens_before: self.tokens.with_label_values(&[route, "before"]),
+            tokens_after: self.tokens.with_label_values(&[route, "after"]),
+            tokens_removed: self.tokens_removed.with_label_values(&[route]),
+            messages_dropped: self.messages_dropped.with_label_values(&[route]),
+            files_elided: self.files_elided.with_label_values(&[route]),
+            cut_moves: self.cut_moves.with_label_values(&[route]),
+            duration: self.duration.with_label_values(&[route]),
+            actions: PruneAction::COUNTED
+                .map(|a| self.actions.with_label_values(&[route, a.as_str()])),
+        }
+    }
+
+    /// Sets the view's series from the view (before each scrape).
+    pub fn sync(&self, view: &View) {
+        Metrics::sync_counter(&self.view_hits, view.hits());
+        Metrics::sync_counter(&self.view_misses, view.misses());
+        self.view_entries
+            .set(i64::try_from(view.entry_count()).unwrap_or(i64::MAX));
+    }
+}
+
+/// One route's pruning series, resolved once.
+#[derive(Clone)]
+pub struct RoutePruneMetrics {
+    tokens_before: Histogram,
+    tokens_after: Histogram,
+    tokens_removed: IntCounter,
+    messages_dropped: IntCounter,
+    files_elided: IntCounter,
+    cut_moves: IntCounter,
+    duration: Histogram,
+    actions: [IntCounter; 5],
+}
+
+impl RoutePruneMetrics {
+    /// Counts one call's pruning facts.
+    pub fn observe(&self, call: &Call) {
+        if let Some(i) = PruneAction::COUNTED.iter().position(|a| *a == call.action) {
+            self.actions[i].inc();
+        }
+        if let Some(took) = call.prune_took {
+            self.duration.observe(took.as_secs_f64());
+        }
+        let Some(s) = &call.summary else { return };
+        self.tokens_before.observe(s.tokens_before as f64);
+        self.tokens_after.observe(s.tokens_after as f64);
+        if s.cut_moved {
+            self.cut_moves.inc();
+        }
+        if call.action == PruneAction::Pruned {
+            self.tokens_removed
+                .inc_by(s.tokens_before.saturating_sub(s.tokens_after));
+            self.messages_dropped.inc_by(s.messages_dropped as u64);
+            self.files_elided.inc_by(s.files_elided as u64);
+        }
+    }
+}

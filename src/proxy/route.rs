@@ -1,0 +1,153 @@
+//! Phase 1, route: the longest configured prefix that matches the path picks the route and its
+//! upstream, and the upstream URL is formed. Only the path and query of the request target are
+//! used, so absolute-form targets and `Host` headers cannot steer ctxgate to another host; dot
+//! segments (plain or percent-encoded), encoded slashes and backslashes are refused, and a
+//! body announced over `max_body_bytes` is refused before it is read.
+
+use std::sync::Arc;
+
+use http::{header, HeaderMap, Method, Uri};
+
+use crate::config::Route;
+use crate::error::Error;
+
+use super::call::Call;
+use super::record::RouteMetrics;
+use super::upstream::UpstreamClient;
+use super::Proxy;
+
+/// A route with everything it needs at run time.
+pub struct RouteState {
+    /// The route's config.
+    pub config: Route,
+    /// Its pooled upstream client.
+    pub client: UpstreamClient,
+    /// Its metric series, resolved once so the hot path does no label lookups.
+    pub metrics: RouteMetrics,
+}
+
+impl Proxy {
+    /// Routes the call: sets `call.route` and `call.dialect`, and returns the upstream URL.
+    pub(super) fn route(&self, call: &mut Call) -> Result<Uri, Error> {
+        let route = self.find_route(&call.request.method, &call.request.uri)?;
+        call.dialect = route.config.dialect;
+        call.route = Some(route.clone());
+        if let Some(len) = content_length(&call.request.headers) {
+            if len > self.max_body_bytes {
+                return Err(Error::BodyTooLarge {
+                    limit: self.max_body_bytes,
+                });
+            }
+        }
+        let uri = &call.request.uri;
+        upstream_uri(&route.config, uri.path(), uri.query())
+    }
+
+    /// The longest matching prefix. Only the path is looked at.
+    pub fn find_route(&self, method: &Method, uri: &Uri) -> Result<Arc<RouteState>, Error> {
+        let path = uri.path();
+        if method == Method::CONNECT {
+            return Err(Error::BadTarget(
+                "CONNECT is not supported: ctxgate is not an open proxy".into(),
+            ));
+        }
+        check_path(path)?;
+        for r in &self.routes {
+            let p = r.config.prefix.as_str();
+            // "/openai" (no trailing slash) also selects the "/openai/" route.
+            if path.starts_with(p) || path == &p[..p.len() - 1] {
+                return Ok(r.clone());
+            }
+        }
+        Err(Error::NoRoute {
+            method: method.to_string(),
+            path: path.to_string(),
+            prefixes: self
+                .routes
+                .iter()
+                .map(|r| r.config.prefix.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+        })
+    }
+}
+
+/// Refuses dot segments (plain or percent-encoded) and backslashes, which some upstreams
+/// would resolve to a path outside the route's base.
+fn check_path(path: &str) -> Result<(), Error> {
+    if !path.starts_with('/') {
+        return Err(Error::BadTarget(format!(
+            "path must start with '/', got {path:?}"
+        )));
+    }
+    for seg in path.split('/') {
+        let lower = seg.to_ascii_lowercase();
+        let decoded = lower.replace("%2e", ".");
+        if decoded == "." || decoded == ".." {
+            return Err(Error::BadTarget(format!(
+                "dot segments are not allowed in {path:?}"
+            )));
+        }
+        if lower.contains('\\') || lower.contains("%5c") || lower.contains("%2f") {
+            return Err(Error::BadTarget(format!(
+                "encoded slashes and backslashes are not allowed in {path:?}"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The upstream URL: the route's scheme and host, its base path, then the request path after
+/// the prefix, then the query. Nothing from the client can change the scheme or host.
+fn upstream_uri(route: &Route, path: &str, query: Option<&str>) -> Result<Uri, Error> {
+    let rest = path.get(route.prefix.len()..).unwrap_or("");
+    let t = &route.target;
+    let mut s = String::with_capacity(
+        t.scheme.len() + t.authority.len() + t.base_path.len() + rest.len() + 8,
+    );
+    s.push_str(&t.scheme);
+    s.push_str("://");
+    s.push_str(&t.authority);
+    s.push_str(&t.base_path);
+    s.push_str(rest);
+    if let Some(q) = query {
+        s.push('?');
+        s.push_str(q);
+    }
+    let uri: Uri = s
+        .parse()
+        .map_err(|_| Error::BadTarget(format!("cannot form an upstream URL from {path:?}")))?;
+    // Belt and braces: the host must be the configured one.
+    if uri.authority().map(|a| a.as_str()) != Some(t.authority.as_str()) {
+        return Err(Error::BadTarget(format!(
+            "path {path:?} would change the upstream host"
+        )));
+    }
+    Ok(uri)
+}
+
+fn content_length(h: &HeaderMap) -> Option<u64> {
+    h.get(header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dot_segments_refused() {
+        for p in [
+            "/v1/../admin",
+            "/v1/%2e%2e/x",
+            "/v1/./x",
+            "/v1/%2E/x",
+            "/v1/a%2fb",
+            "/v1/a\\b",
+        ] {
+            assert!(check_path(p).is_err(), "{p}");
+        }
+        for p in ["/v1/chat/completions", "/v1//x", "/v1/a..b"] {
+            assert!(check_path(p).is_ok(), "{p}");
+        }
+    }
+}

@@ -415,3 +415,64 @@ pub fn llm_reply(r: &Recorded) -> Reply {
         },
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Waiting, shutting down and reading what was recorded.
+
+/// Polls `cond` every 5 ms until it holds, for at most 4 s; panics naming `what` otherwise.
+/// Background work (a body dropped after the client's last read, a permit released) trails
+/// what the client sees by a moment: tests wait for it with this, bounded, never by sleeping.
+pub async fn until<F, Fut>(what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    for _ in 0..800 {
+        if cond().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+/// Polls the metrics page until `series` has the value `want` (bounded, see [`until`]).
+pub async fn until_sample(gate: &Gate, series: &str, want: f64) {
+    let mut last = 0.0;
+    for _ in 0..800 {
+        last = sample(&metrics(gate).await, series);
+        if last == want {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("{series} is {last}, want {want}");
+}
+
+/// Sends the shutdown signal and waits (at most 20 s) until ctxgate has stopped and flushed.
+pub async fn stop(mut gate: Gate) {
+    gate.shutdown();
+    tokio::time::timeout(Duration::from_secs(20), &mut gate.task)
+        .await
+        .expect("ctxgate stops within 20 s")
+        .unwrap();
+}
+
+/// Every JSONL transcript record in `dir`, file by file in name order.
+pub fn jsonl_records(dir: &std::path::Path) -> Vec<serde_json::Value> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    files
+        .iter()
+        .flat_map(|f| {
+            std::fs::read_to_string(f)
+                .unwrap()
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}

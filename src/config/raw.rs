@@ -25,7 +25,7 @@ pub(super) struct RawConfig {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawTranscripts {
-    sink: Option<crate::transcript::SinkKind>,
+    sink: Option<SinkKind>,
     dir: Option<PathBuf>,
     postgres_url: Option<String>,
     queue_capacity: Option<usize>,
@@ -388,9 +388,8 @@ fn validate_route_prune(
     })
 }
 
-fn validate_transcripts(raw: RawTranscripts) -> Result<crate::transcript::Settings, ConfigError> {
-    use crate::transcript::{Settings, SinkKind};
-    let d = Settings::default();
+fn validate_transcripts(raw: RawTranscripts) -> Result<TranscriptSettings, ConfigError> {
+    let d = TranscriptSettings::default();
     let positive = |name: &str, v: Option<u64>, default: u64| match v {
         Some(0) => Err(ConfigError::new(
             format!("transcripts.{name}"),
@@ -407,7 +406,7 @@ fn validate_transcripts(raw: RawTranscripts) -> Result<crate::transcript::Settin
             "required when transcripts.sink = \"postgres\" (e.g. set CTXGATE_TRANSCRIPTS__POSTGRES_URL)",
         ));
     }
-    Ok(Settings {
+    Ok(TranscriptSettings {
         sink,
         dir: raw.dir.unwrap_or(d.dir),
         postgres_url,

@@ -20,9 +20,9 @@ use crate::error::{Error, Phase};
 use crate::gate::Permit;
 use crate::prune::{Budget, ChatRequest, Summary};
 
-use super::record::Recorder;
-use super::route::RouteState;
-use super::stream::{CallEnd, End};
+use crate::config::Route;
+
+use super::upstream::UpstreamClient;
 
 /// The request body as the phases hand it on.
 #[derive(Default)]
@@ -83,6 +83,45 @@ impl PruneAction {
     }
 }
 
+/// A route with everything it needs at run time.
+pub struct RouteState {
+    /// The route's config.
+    pub config: Route,
+    /// Its pooled upstream client.
+    pub client: UpstreamClient,
+    /// Its place in the proxy's route list (the recorder keeps its metric series by it).
+    pub index: usize,
+}
+
+/// What ends a call: implemented by `record::Recorder`, the only one that records.
+pub trait Finish: Send + Sync {
+    /// The call has ended: record it. Called once per call, by the call itself.
+    fn finish(&self, call: &mut Call, end: End);
+}
+
+/// Hooks run when a response ends; implemented by [`Call`]; `stream::CallGuard` calls them.
+pub trait CallEnd: Send + Sync + 'static {
+    /// Called once, with how the response ended.
+    fn finish(&mut self, end: End);
+    /// Called for each data frame passed through (for the usage tap); must not block.
+    fn on_data(&mut self, _data: &Bytes) {}
+}
+
+/// How a call ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// The last byte was sent.
+    Complete,
+    /// ctxgate answered with the error in `Call::failure` (before any upstream response).
+    Failed,
+    /// A timer fired: the body was ended early.
+    Timeout(Phase),
+    /// The upstream failed mid-body.
+    UpstreamError,
+    /// The client went away before the end.
+    ClientGone,
+}
+
 /// One call, from arrival to its record.
 pub struct Call {
     /// When the request arrived.
@@ -133,12 +172,12 @@ pub struct Call {
     /// The error ctxgate answered with, or that broke the call off.
     pub failure: Option<Error>,
     /// Set while the call is unrecorded; taken by the one recording.
-    recorder: Option<Arc<Recorder>>,
+    recorder: Option<Arc<dyn Finish>>,
 }
 
 impl Call {
     /// A call that has just arrived.
-    pub fn new(recorder: Arc<Recorder>, request: Parts, body: Incoming) -> Call {
+    pub fn new(recorder: Arc<dyn Finish>, request: Parts, body: Incoming) -> Call {
         Call {
             start: Instant::now(),
             ts: crate::transcript::now_ts(),

@@ -14,7 +14,7 @@ use crate::config::{Route, Timeouts};
 use crate::error::{Error, Phase};
 
 use super::call::{Call, Payload};
-use super::upstream::{ConnectTimeout, RequestBody};
+use super::upstream::{error_chain, ConnectTimeout, RequestBody};
 use super::Proxy;
 
 impl Proxy {
@@ -136,21 +136,6 @@ fn classify(e: &hyper_util::client::legacy::Error, route: &Route, max_body: u64)
             reason,
         }
     }
-}
-
-/// An error and its sources, joined with `: ` (hyper's top-level messages alone say little).
-pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut src = e.source();
-    while let Some(s) = src {
-        let msg = s.to_string();
-        if !out.contains(&msg) {
-            out.push_str(": ");
-            out.push_str(&msg);
-        }
-        src = s.source();
-    }
-    out
 }
 
 #[cfg(test)]

@@ -11,6 +11,10 @@
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 
+/// Bodies above this size are joined, parsed and pruned on the low-priority heavy pool, so
+/// that a pathological prompt never stalls the async workers serving other conversations.
+pub const INLINE_BYTES: usize = 32 * 1024;
+
 type Job = Box<dyn FnOnce() + Send>;
 
 /// The pool; cheap to clone.

@@ -7,8 +7,8 @@
 //! The id keys the gate and the conversation view; it is never a metric label and never
 //! logged in full.
 //!
-//! Reading and parsing a large body (over [`INLINE_BYTES`]) runs on the heavy pool, not on an
-//! async worker.
+//! Reading and parsing a large body (over `heavy::INLINE_BYTES`) runs on the heavy pool, not on
+//! an async worker.
 
 use bytes::{Bytes, BytesMut};
 use http::HeaderMap;
@@ -20,11 +20,8 @@ use crate::error::Error;
 use crate::prune::{ChatRequest, ParseError};
 
 use super::call::{Call, Payload, PruneAction};
+use super::heavy::INLINE_BYTES;
 use super::Proxy;
-
-/// Bodies above this size are joined, parsed and pruned on the low-priority heavy pool, so
-/// that a pathological prompt never stalls the async workers serving other conversations.
-pub const INLINE_BYTES: usize = 32 * 1024;
 
 impl Proxy {
     /// Finds the call's conversation; reads and parses a chat body on the way.

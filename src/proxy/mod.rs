@@ -36,10 +36,9 @@ use crate::gate::Gates;
 use crate::metrics::Metrics;
 use crate::transcript::Transcripts;
 
-use call::Call;
+use call::{Call, End, RouteState};
 use record::{CallMetrics, Recorder, RouteMetrics};
-use route::RouteState;
-use stream::{End, ResponseBody};
+use stream::ResponseBody;
 
 pub use prune::{prune_guarded, TOKEN_LIMIT_HEADER};
 
@@ -74,15 +73,18 @@ impl Proxy {
     ) -> Result<Proxy, upstream::BuildError> {
         let m = ProxyMetrics::register(metrics, &config.routes);
         let native = upstream::native_roots();
-        let mut routes = Vec::with_capacity(config.routes.len());
-        for r in &config.routes {
+        let mut configs: Vec<&Route> = config.routes.iter().collect();
+        configs.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
+        let mut routes = Vec::with_capacity(configs.len());
+        let mut route_metrics = Vec::with_capacity(configs.len());
+        for (index, r) in configs.into_iter().enumerate() {
             routes.push(Arc::new(RouteState {
                 config: r.clone(),
                 client: upstream::build_client(r, &native)?,
-                metrics: RouteMetrics::new(&m.call, &m.gate.wait, &m.prune, &r.name),
+                index,
             }));
+            route_metrics.push(RouteMetrics::new(&m.call, &m.gate.wait, &m.prune, &r.name));
         }
-        routes.sort_by_key(|r| std::cmp::Reverse(r.config.prefix.len()));
         let gates = admit::gates(config);
         // The sweeper holds the gates weakly: it ends with the proxy.
         gates.spawn_sweeper();
@@ -101,6 +103,7 @@ impl Proxy {
             ),
             recorder: Arc::new(Recorder::new(
                 m.call,
+                route_metrics,
                 m.gate.rejections.clone(),
                 transcripts.clone(),
             )),

@@ -17,7 +17,7 @@ use crate::metrics::{Metrics, OVERHEAD_BUCKETS};
 use crate::prune::{self, Budget, ChatRequest, Counter, Outcome, Summary, View};
 
 use super::call::{Call, Payload, PruneAction};
-use super::identify::INLINE_BYTES;
+use super::heavy::INLINE_BYTES;
 use super::Proxy;
 
 /// The request header with which a request lowers (never raises) its own token limit.

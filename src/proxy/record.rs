@@ -22,9 +22,8 @@ use crate::metrics::{Metrics, LATENCY_BUCKETS, OVERHEAD_BUCKETS};
 use crate::prune::Summary;
 use crate::transcript::{Record, Transcripts, Usage};
 
-use super::call::{Call, PruneAction};
+use super::call::{Call, End, Finish, PruneAction};
 use super::prune::{PruneMetrics, RoutePruneMetrics};
-use super::stream::End;
 
 /// Status recorded for a call whose client left before any response was sent.
 pub const CLIENT_CLOSED: u16 = 499;
@@ -210,6 +209,8 @@ impl RouteMetrics {
 /// Turns finished calls into metrics, log events and transcript records.
 pub struct Recorder {
     metrics: CallMetrics,
+    /// Each route's series, by `RouteState::index`.
+    routes: Vec<RouteMetrics>,
     gate_rejections: IntCounterVec,
     transcripts: Transcripts,
 }
@@ -218,22 +219,28 @@ impl Recorder {
     /// A recorder writing to these families and this transcript queue.
     pub fn new(
         metrics: CallMetrics,
+        routes: Vec<RouteMetrics>,
         gate_rejections: IntCounterVec,
         transcripts: Transcripts,
     ) -> Recorder {
         Recorder {
             metrics,
+            routes,
             gate_rejections,
             transcripts,
         }
+    }
+
+    fn route(&self, call: &Call) -> Option<&RouteMetrics> {
+        self.routes.get(call.route.as_ref()?.index)
     }
 
     /// The response headers are going out: counts the response.
     pub fn responded(&self, call: &Call) {
         let status = call.status.unwrap_or(CLIENT_CLOSED);
         self.count_response(call.route_name(), status);
-        if let (Some(r), Some(t)) = (&call.route, call.ttfb) {
-            r.metrics.ttfb.observe(t.as_secs_f64());
+        if let (Some(r), Some(t)) = (self.route(call), call.ttfb) {
+            r.ttfb.observe(t.as_secs_f64());
         }
     }
 
@@ -244,9 +251,10 @@ impl Recorder {
             .with_label_values(&[route, status.as_str()])
             .inc();
     }
+}
 
-    /// The call has ended: records it. Called once per call, by the call itself.
-    pub fn finish(&self, call: &mut Call, end: End) {
+impl Finish for Recorder {
+    fn finish(&self, call: &mut Call, end: End) {
         let elapsed = call.start.elapsed();
         let responded = call.status.is_some();
         if !responded {
@@ -262,7 +270,9 @@ impl Recorder {
         self.transcripts
             .submit(record(call, elapsed, error_kind, tapped));
     }
+}
 
+impl Recorder {
     /// Counts the call's facts; returns the error kind for the record.
     fn count(
         &self,
@@ -272,11 +282,10 @@ impl Recorder {
         responded: bool,
         tapped: &Tapped,
     ) -> Option<&'static str> {
-        let Some(route) = &call.route else {
+        let (Some(route), Some(m)) = (&call.route, self.route(call)) else {
             return call.failure.as_ref().map(Error::kind);
         };
         let name = route.config.name.as_str();
-        let m = &route.metrics;
         m.duration.observe(elapsed.as_secs_f64());
         if let Some(w) = call.waited {
             m.gate_wait.observe(w.as_secs_f64());

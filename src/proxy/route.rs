@@ -11,20 +11,8 @@ use http::{header, HeaderMap, Method, Uri};
 use crate::config::Route;
 use crate::error::Error;
 
-use super::call::Call;
-use super::record::RouteMetrics;
-use super::upstream::UpstreamClient;
+use super::call::{Call, RouteState};
 use super::Proxy;
-
-/// A route with everything it needs at run time.
-pub struct RouteState {
-    /// The route's config.
-    pub config: Route,
-    /// Its pooled upstream client.
-    pub client: UpstreamClient,
-    /// Its metric series, resolved once so the hot path does no label lookups.
-    pub metrics: RouteMetrics,
-}
 
 impl Proxy {
     /// Routes the call: sets `call.route` and `call.dialect`, and returns the upstream URL.

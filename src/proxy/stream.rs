@@ -29,34 +29,12 @@ use http::{header, HeaderValue, Response, StatusCode};
 use crate::dialect::{Dialect, UsageTap};
 use crate::error::{Error, Phase};
 
-use super::call::{Call, PruneAction};
-use super::forward::{error_chain, strip_hop_by_hop};
+use super::call::{Call, CallEnd, End, PruneAction};
+use super::forward::strip_hop_by_hop;
+use super::upstream::error_chain;
 use super::Proxy;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-/// Hooks run when a response ends; implemented by [`Call`].
-pub trait CallEnd: Send + Sync + 'static {
-    /// Called once, with how the response ended.
-    fn finish(&mut self, end: End);
-    /// Called for each data frame passed through (for the usage tap); must not block.
-    fn on_data(&mut self, _data: &Bytes) {}
-}
-
-/// How a call ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum End {
-    /// The last byte was sent.
-    Complete,
-    /// ctxgate answered with the error in `Call::failure` (before any upstream response).
-    Failed,
-    /// A timer fired: the body was ended early.
-    Timeout(Phase),
-    /// The upstream failed mid-body.
-    UpstreamError,
-    /// The client went away before the end.
-    ClientGone,
-}
 
 /// A call's guard: `finish` runs exactly once, at the latest when it is dropped.
 pub struct CallGuard {

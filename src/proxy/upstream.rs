@@ -226,10 +226,7 @@ pub async fn warm_up(
             let req = http::Request::head(uri.as_str())
                 .body(Either::Right(Full::new(Bytes::new())))
                 .map_err(|e| e.to_string())?;
-            let resp = client
-                .request(req)
-                .await
-                .map_err(|e| super::forward::error_chain(&e))?;
+            let resp = client.request(req).await.map_err(|e| error_chain(&e))?;
             // Drain so the connection goes back to the pool.
             let _ = http_body_util::BodyExt::collect(resp.into_body()).await;
             Ok::<(), String>(())
@@ -265,6 +262,21 @@ pub async fn warm_up(
             metrics.ready.with_label_values(&[label]).set(0);
         }
     }
+}
+
+/// An error and its sources, joined with `: ` (hyper's top-level messages alone say little).
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        let msg = s.to_string();
+        if !out.contains(&msg) {
+            out.push_str(": ");
+            out.push_str(&msg);
+        }
+        src = s.source();
+    }
+    out
 }
 
 /// The warm-up's metric families.

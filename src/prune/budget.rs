@@ -78,3 +78,19 @@ pub fn glob_match(pattern: &str, text: &str) -> bool {
     }
     true
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs() {
+        assert!(glob_match("gpt-4o*", "gpt-4o-mini"));
+        assert!(glob_match("*", "x"));
+        assert!(glob_match("claude-*-4-5", "claude-sonnet-4-5"));
+        assert!(!glob_match("claude-*-4-5", "claude-sonnet-4-1"));
+        assert!(glob_match("glm-4", "glm-4"));
+        assert!(!glob_match("glm-4", "glm-4.5"));
+        assert!(!glob_match("a*a", "a"));
+    }
+}

@@ -13,8 +13,8 @@ use std::sync::Arc;
 
 use moka::sync::Cache;
 
+use crate::config::Encoding;
 use crate::dialect::Dialect;
-use crate::prune::tokens::Encoding;
 
 /// Parts shorter than this are counted, not memoised.
 pub(crate) const MIN_MEMO_BYTES: usize = 256;

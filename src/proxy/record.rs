@@ -304,6 +304,17 @@ impl Recorder {
                 call.summary.as_ref(),
             );
         }
+        self.count_end(name, m, call, end)
+    }
+
+    /// Counts how the call ended: failures, timeouts, disconnects. Returns the error kind.
+    fn count_end(
+        &self,
+        name: &str,
+        m: &RouteMetrics,
+        call: &Call,
+        end: End,
+    ) -> Option<&'static str> {
         match end {
             End::Complete => None,
             End::Failed => {

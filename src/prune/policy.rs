@@ -342,24 +342,7 @@ impl<'a> Work<'a> {
         let chars_before: usize = self.req.messages.iter().map(|m| m.chars).sum();
 
         // 1. Count, newest first; exact only while within the limit.
-        let mut fixed = self.fixed_extra;
-        for i in 0..self.sys_end {
-            fixed += self.orig(i, u64::MAX).0;
-        }
-        let mut before = fixed;
-        let mut before_exact = true;
-        for i in (self.sys_end..n).rev() {
-            if before <= limit {
-                let (t, exact) = self.orig(i, limit - before);
-                before += t;
-                before_exact &= exact;
-            } else if let Some(t) = self.entries[i].tokens {
-                before += t;
-            } else {
-                before += estimate_bytes(self.req.messages[i].raw.get().len());
-                before_exact = false;
-            }
-        }
+        let (fixed, before, before_exact) = self.count_before(limit);
         let base = Summary {
             tokens_before: before,
             tokens_before_exact: before_exact,
@@ -385,7 +368,62 @@ impl<'a> Work<'a> {
             return self.overflow(base, fixed, limit);
         }
 
-        // 3–4. Pinned part, then the cut.
+        // 3–4. Pinned part, then the cut: kept where it is if everything from it still fits,
+        // else moved in one step down to the target.
+        let (pinned, pinned_msgs, pinned_exact) = self.pinned(fixed, limit);
+        if pinned > limit {
+            self.pinned_exact = pinned_exact;
+            return self.overflow(base, pinned, limit);
+        }
+        let pinned = (pinned, pinned_msgs);
+        let (cut_unit, moved) = match self.kept_cut(prev_cut, pinned, limit, cap_msgs) {
+            Some(cu) => (cu, false),
+            None => {
+                let cu = self.new_cut(pinned, limit, cap_msgs);
+                (cu, prev_cut.map(|c| c.0) != Some(self.units[cu].0))
+            }
+        };
+        let start = self.units[cut_unit].0;
+        self.cut = Some((start, self.entries[start].fp));
+
+        // Build the kept list.
+        let mut kept: Vec<usize> = (0..self.sys_end).collect();
+        if let Some(t) = self.task_unit.filter(|&t| t < cut_unit) {
+            kept.extend(self.units[t].0..self.units[t].1);
+        }
+        kept.extend(start..n);
+        self.finish(base, kept, fixed, moved)
+    }
+
+    /// The system part's tokens, then the whole prompt's, counted newest first and exactly
+    /// only while within `limit` (older messages: cached counts, else a bytes estimate).
+    /// Returns (system part, whole prompt, whether the whole is exact).
+    fn count_before(&mut self, limit: u64) -> (u64, u64, bool) {
+        let n = self.entries.len();
+        let mut fixed = self.fixed_extra;
+        for i in 0..self.sys_end {
+            fixed += self.orig(i, u64::MAX).0;
+        }
+        let mut before = fixed;
+        let mut before_exact = true;
+        for i in (self.sys_end..n).rev() {
+            if before <= limit {
+                let (t, exact) = self.orig(i, limit - before);
+                before += t;
+                before_exact &= exact;
+            } else if let Some(t) = self.entries[i].tokens {
+                before += t;
+            } else {
+                before += estimate_bytes(self.req.messages[i].raw.get().len());
+                before_exact = false;
+            }
+        }
+        (fixed, before, before_exact)
+    }
+
+    /// The pinned part: the system part, the newest unit and the task. Returns (tokens,
+    /// messages, whether the count is exact).
+    fn pinned(&mut self, fixed: u64, limit: u64) -> (u64, usize, bool) {
         let newest = self.units.len() - 1;
         // When an over-limit pinned part means rejection, counting stops as soon as the limit
         // is passed: a pathological message (a million repeats of one character) then costs
@@ -410,82 +448,84 @@ impl<'a> Work<'a> {
             }
             pinned_msgs += self.unit_len(t);
         }
-        if pinned > limit {
-            self.pinned_exact = pinned_exact;
-            return self.overflow(base, pinned, limit);
-        }
+        (pinned, pinned_msgs, pinned_exact)
+    }
 
+    /// The view's cut, as a unit, if it is still a valid cut of this request and everything
+    /// from it (with the pinned part, `(tokens, messages)`) fits the limit and the cap.
+    fn kept_cut(
+        &mut self,
+        prev_cut: Option<(usize, u64)>,
+        (pinned, pinned_msgs): (u64, usize),
+        limit: u64,
+        cap_msgs: usize,
+    ) -> Option<usize> {
+        let (idx, fp) = prev_cut?;
+        let n = self.entries.len();
+        let newest = self.units.len() - 1;
         let anthropic = self.req.dialect() == Dialect::Anthropic;
-        let kept_cut = prev_cut.and_then(|(idx, fp)| {
-            let valid = idx < n
-                && idx < self.matched
-                && self.entries[idx].fp == fp
-                && idx >= self.sys_end
-                && self.units[self.unit_of[idx]].0 == idx
-                && (!anthropic || self.first_is_user(self.unit_of[idx]));
-            if !valid {
+        let valid = idx < n
+            && idx < self.matched
+            && self.entries[idx].fp == fp
+            && idx >= self.sys_end
+            && self.units[self.unit_of[idx]].0 == idx
+            && (!anthropic || self.first_is_user(self.unit_of[idx]));
+        if !valid {
+            return None;
+        }
+        let cu = self.unit_of[idx];
+        let (mut total, mut msgs) = (pinned, pinned_msgs);
+        for u in cu..newest {
+            if Some(u) == self.task_unit {
+                continue;
+            }
+            msgs += self.unit_len(u);
+            if msgs > cap_msgs {
                 return None;
             }
-            let cu = self.unit_of[idx];
-            let (mut total, mut msgs) = (pinned, pinned_msgs);
-            for u in cu..newest {
-                if Some(u) == self.task_unit {
-                    continue;
-                }
-                msgs += self.unit_len(u);
-                if msgs > cap_msgs {
-                    return None;
-                }
-                let (t, exact) = self.unit_pruned(u, limit.saturating_sub(total));
-                total += t;
-                if !exact || total > limit {
-                    return None;
-                }
+            let (t, exact) = self.unit_pruned(u, limit.saturating_sub(total));
+            total += t;
+            if !exact || total > limit {
+                return None;
             }
-            Some(cu)
-        });
-
-        let (cut_unit, moved) = match kept_cut {
-            Some(cu) => (cu, false),
-            None => {
-                let target = self.budget.target_tokens.min(limit);
-                let (mut total, mut msgs) = (pinned, pinned_msgs);
-                let mut cu = newest;
-                for u in (0..newest).rev() {
-                    if Some(u) == self.task_unit {
-                        cu = u;
-                        continue;
-                    }
-                    if msgs + self.unit_len(u) > cap_msgs {
-                        break;
-                    }
-                    let (t, exact) = self.unit_pruned(u, target.saturating_sub(total));
-                    if !exact || total + t > target {
-                        break;
-                    }
-                    total += t;
-                    msgs += self.unit_len(u);
-                    cu = u;
-                }
-                if anthropic {
-                    while cu < newest && !self.first_is_user(cu) {
-                        cu += 1;
-                    }
-                }
-                let start = self.units[cu].0;
-                (cu, prev_cut.map(|c| c.0) != Some(start))
-            }
-        };
-        let start = self.units[cut_unit].0;
-        self.cut = Some((start, self.entries[start].fp));
-
-        // Build the kept list.
-        let mut kept: Vec<usize> = (0..self.sys_end).collect();
-        if let Some(t) = self.task_unit.filter(|&t| t < cut_unit) {
-            kept.extend(self.units[t].0..self.units[t].1);
         }
-        kept.extend(start..n);
-        self.finish(base, kept, fixed, moved)
+        Some(cu)
+    }
+
+    /// A new cut: units are kept newest first while they fit the target and the cap, and
+    /// never past the first that does not (the kept history stays one contiguous tail).
+    fn new_cut(
+        &mut self,
+        (pinned, pinned_msgs): (u64, usize),
+        limit: u64,
+        cap_msgs: usize,
+    ) -> usize {
+        let newest = self.units.len() - 1;
+        let target = self.budget.target_tokens.min(limit);
+        let (mut total, mut msgs) = (pinned, pinned_msgs);
+        let mut cu = newest;
+        for u in (0..newest).rev() {
+            if Some(u) == self.task_unit {
+                cu = u;
+                continue;
+            }
+            if msgs + self.unit_len(u) > cap_msgs {
+                break;
+            }
+            let (t, exact) = self.unit_pruned(u, target.saturating_sub(total));
+            if !exact || total + t > target {
+                break;
+            }
+            total += t;
+            msgs += self.unit_len(u);
+            cu = u;
+        }
+        if self.req.dialect() == Dialect::Anthropic {
+            while cu < newest && !self.first_is_user(cu) {
+                cu += 1;
+            }
+        }
+        cu
     }
 
     /// Serialises the kept messages and fills in the summary.
@@ -619,49 +659,12 @@ impl<'a> Work<'a> {
                 break;
             }
             let excess = total - limit;
-            // Largest text among non-system messages first, then system messages.
-            let mut best: Option<(usize, Vec<Seg>, usize)> = None;
-            for pass_system in [false, true] {
-                for (k, v) in vals.iter().enumerate() {
-                    if (kept[k] < self.sys_end) != pass_system {
-                        continue;
-                    }
-                    let mut paths = Vec::new();
-                    text_paths(
-                        v.get("content").unwrap_or(&Value::Null),
-                        &mut vec![Seg::Key("content".into())],
-                        &mut paths,
-                    );
-                    for (len, p) in paths {
-                        if len > 64 && best.as_ref().is_none_or(|b| len > b.2) {
-                            best = Some((k, p, len));
-                        }
-                    }
-                }
-                if best.is_some() {
-                    break;
-                }
-            }
-            let (k, path, _) = best?;
+            let (k, path) = self.largest_text(&vals, &kept)?;
             let s = match get_mut(&mut vals[k], &path) {
                 Some(Value::String(s)) => s,
                 _ => return None,
             };
-            let st = counter.count_text(enc, s).max(1);
-            let per_token = (s.len() as f64 / st as f64).max(1.0);
-            let remove = (((excess + 24) as f64) * per_token * 1.1) as usize;
-            let remove = remove.min(s.len());
-            let mut from = (s.len() - remove) / 2;
-            while !s.is_char_boundary(from) {
-                from -= 1;
-            }
-            let mut to = (from + remove).min(s.len());
-            while !s.is_char_boundary(to) {
-                to += 1;
-            }
-            let removed = counter.count_text(enc, &s[from..to]);
-            let mark = format!("\n[ctxgate: truncated {removed} tokens]\n");
-            s.replace_range(from..to, &mark);
+            cut_middle(counter, enc, s, excess);
             tokens[k] = count(&vals[k]);
             cut_any = true;
         }
@@ -688,6 +691,35 @@ impl<'a> Work<'a> {
         }
         let body = self.req.serialise(texts.iter().map(String::as_str), None);
         Some(Outcome::Pruned { body, summary })
+    }
+
+    /// The largest text (over 64 bytes) among the kept messages' contents: non-system
+    /// messages first, system messages only when no other has one. Returns (index in `vals`,
+    /// path to the string).
+    fn largest_text(&self, vals: &[Value], kept: &[usize]) -> Option<(usize, Vec<Seg>)> {
+        let mut best: Option<(usize, Vec<Seg>, usize)> = None;
+        for pass_system in [false, true] {
+            for (k, v) in vals.iter().enumerate() {
+                if (kept[k] < self.sys_end) != pass_system {
+                    continue;
+                }
+                let mut paths = Vec::new();
+                text_paths(
+                    v.get("content").unwrap_or(&Value::Null),
+                    &mut vec![Seg::Key("content".into())],
+                    &mut paths,
+                );
+                for (len, p) in paths {
+                    if len > 64 && best.as_ref().is_none_or(|b| len > b.2) {
+                        best = Some((k, p, len));
+                    }
+                }
+            }
+            if best.is_some() {
+                break;
+            }
+        }
+        best.map(|(k, p, _)| (k, p))
     }
 
     fn into_state(self, key: StateKey) -> ConvState {
@@ -740,4 +772,24 @@ fn get_mut<'v>(v: &'v mut Value, path: &[Seg]) -> Option<&'v mut Value> {
         };
     }
     Some(cur)
+}
+
+/// Cuts about `excess` tokens (plus a margin) from the middle of `s`, on char boundaries,
+/// and puts a marker naming the tokens removed in their place.
+fn cut_middle(counter: &Counter, enc: Encoding, s: &mut String, excess: u64) {
+    let st = counter.count_text(enc, s).max(1);
+    let per_token = (s.len() as f64 / st as f64).max(1.0);
+    let remove = (((excess + 24) as f64) * per_token * 1.1) as usize;
+    let remove = remove.min(s.len());
+    let mut from = (s.len() - remove) / 2;
+    while !s.is_char_boundary(from) {
+        from -= 1;
+    }
+    let mut to = (from + remove).min(s.len());
+    while !s.is_char_boundary(to) {
+        to += 1;
+    }
+    let removed = counter.count_text(enc, &s[from..to]);
+    let mark = format!("\n[ctxgate: truncated {removed} tokens]\n");
+    s.replace_range(from..to, &mark);
 }

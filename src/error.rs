@@ -155,7 +155,14 @@ impl Error {
     /// The JSON body in `dialect`'s error shape.
     pub fn body(&self, dialect: Dialect) -> String {
         let (class, code) = self.wire();
-        dialect.wire().error_body(class, code, &self.to_string())
+        let wire = dialect.wire();
+        let message = match self {
+            Error::ContextOverflow(r) => {
+                wire.overflow_message(&r.message, r.pinned_tokens, r.limit)
+            }
+            _ => self.to_string(),
+        };
+        wire.error_body(class, code, &message)
     }
 
     /// The SSE event that ends a stream this error broke off mid-body, in `dialect`'s format.

@@ -4,11 +4,12 @@
 //! - [`anthropic`]: Anthropic's Messages API.
 //!
 //! A dialect owns what differs on the wire: which requests it prunes, the JSON shape of an
-//! error and of the SSE event that ends a stream in error, and where an answer carries its
-//! token usage (read by the [`tap::UsageTap`]). The route's `dialect` key names one
-//! ([`Dialect`], a config value); [`Dialect::wire`] gives its implementation. How a chat body
-//! is split into messages, counted and pruned per dialect lives with pruning (`prune::request`,
-//! `prune::tokens`, `prune::elide`), which asks [`Dialect`] for the format.
+//! error and of the SSE event that ends a stream in error, the wording of a context overflow,
+//! and where an answer carries its token usage (read by the [`tap::UsageTap`]). The route's
+//! `dialect` key names one ([`Dialect`], a config value); [`Dialect::wire`] gives its
+//! implementation. How a chat body is split into messages, counted and pruned per dialect
+//! lives with pruning (`prune::request`, `prune::tokens`, `prune::elide`), which asks
+//! [`Dialect`] for the format: pruning stays one pure function over both.
 //!
 //! Adding a dialect: a file here implementing [`Wire`], a variant of [`Dialect`] in `config`,
 //! and one arm in [`Dialect::wire`] (see docs/ARCHITECTURE.md).
@@ -59,6 +60,14 @@ pub trait Wire: Sync {
     /// Reads usage (and text) from the `data:` payload of one SSE event; only called for
     /// payloads that mention `usage` (or text, when collecting it).
     fn tap_event(&self, data: &serde_json::Value, found: &mut Tapped);
+
+    /// The message of the error that refuses a prompt whose pinned part is over the limit
+    /// (`pinned` tokens against `limit`); `detail` is pruning's own wording, with the config
+    /// key. Clients react to the provider's own wording (an agent compacts its history when
+    /// it reads it), so a dialect may phrase it as its API does.
+    fn overflow_message(&self, detail: &str, _pinned: u64, _limit: u64) -> String {
+        detail.to_string()
+    }
 
     /// Brings the usage found to ctxgate's meaning once the answer has ended (input tokens
     /// always include the cached part).

@@ -4,8 +4,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
-#[path = "common/pg.rs"]
-mod pg;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -54,34 +52,18 @@ async fn a_client_gone_before_the_headers_leaves_one_record_and_one_count() {
         })
         .await,
     );
-    let dir = pg::TempDir::new("disconnects");
-    let gate = start(&one_route(
-        "/v1/",
-        &format!("{}v1/", up.url()),
-        "openai",
-        &format!(
-            "[transcripts]\nsink = \"jsonl\"\ndir = {:?}\n",
-            dir.0.display().to_string()
-        ),
-    ))
-    .await;
-    let received = |tag: &'static str| {
-        let up = up.clone();
-        move || {
-            let up = up.clone();
-            async move {
-                up.requests()
-                    .iter()
-                    .any(|r| String::from_utf8_lossy(&r.body).contains(tag))
-            }
-        }
-    };
+    let dir = TempDir::new("disconnects");
+    let gate = TestConfig::openai(&up)
+        .set("transcripts", "sink", "jsonl")
+        .set("transcripts", "dir", dir.0.display().to_string())
+        .start()
+        .await;
     let disconnects = "ctxgate_client_disconnects_total{route=\"test\"}";
     let closed = "ctxgate_http_requests_total{route=\"test\",status=\"499\"}";
 
     // 1. Waiting for the upstream's headers: the client closes its connection.
     let s = open_request(&gate, "a", "hold-a").await;
-    until("the upstream to receive hold-a", received("hold-a")).await;
+    up.until_request("hold-a").await;
     drop(s);
     until_sample(&gate, disconnects, 1.0).await;
     until_sample(&gate, closed, 1.0).await;
@@ -120,7 +102,7 @@ async fn a_client_gone_before_the_headers_leaves_one_record_and_one_count() {
         .body(Full::new(Bytes::from(chat("hold-c"))))
         .unwrap();
     let pending = tokio::spawn(async move { h2.request(req).await });
-    until("the upstream to receive hold-c", received("hold-c")).await;
+    up.until_request("hold-c").await;
     pending.abort();
     until_sample(&gate, disconnects, 3.0).await;
     until_sample(&gate, closed, 3.0).await;

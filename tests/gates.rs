@@ -54,41 +54,17 @@ async fn post(gate: &Gate, conv: &str, tag: &str) -> (http::StatusCode, http::He
     send("POST", &gate.url("/v1/chat/completions"), &h, &b).await
 }
 
-/// Waits (bounded) until the gate gauges show `waiters` waiting.
-async fn until_waiters(gate: &Gate, waiters: f64) {
-    for _ in 0..400 {
-        if sample(&metrics(gate).await, "ctxgate_gate_waiters") == waiters {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    panic!("never saw {waiters} waiters");
-}
-
 /// After a test: every gate gauge back to 0 (the permit is released as the body is dropped,
 /// which can trail the client's last read by a moment, so this polls, bounded).
 async fn assert_gates_idle(gate: &Gate) {
-    let mut page = String::new();
-    for _ in 0..400 {
-        page = metrics(gate).await;
-        if sample(&page, "ctxgate_gate_active") == 0.0
-            && sample(&page, "ctxgate_gate_waiters") == 0.0
-        {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    panic!("gates not idle:\n{page}");
-}
-
-fn cfg(up: &Mock, extra: &str) -> String {
-    one_route("/v1/", &format!("{}v1/", up.url()), "openai", extra)
+    until_sample(gate, "ctxgate_gate_active", 0.0).await;
+    until_sample(gate, "ctxgate_gate_waiters", 0.0).await;
 }
 
 #[tokio::test]
 async fn different_conversations_run_in_parallel_one_conversation_in_order() {
     let (up, arrivals) = slow_mock().await;
-    let gate = Arc::new(start(&cfg(&up, "")).await);
+    let gate = Arc::new(TestConfig::openai(&up).start().await);
     let (g1, g2) = (gate.clone(), gate.clone());
     let a = tokio::spawn(async move { post(&g1, "conv-a", "a1").await });
     let b = tokio::spawn(async move { post(&g2, "conv-b", "b1").await });
@@ -116,18 +92,9 @@ async fn different_conversations_run_in_parallel_one_conversation_in_order() {
         }));
         // The next one is sent once this one is in flight or queued, so arrival order is known.
         if i == 0 {
-            for _ in 0..400 {
-                if up
-                    .requests()
-                    .iter()
-                    .any(|r| String::from_utf8_lossy(&r.body).contains("c1"))
-                {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
+            up.until_request("c1").await;
         } else {
-            until_waiters(&gate, i as f64).await;
+            until_sample(&gate, "ctxgate_gate_waiters", i as f64).await;
         }
     }
     for t in tasks {
@@ -159,18 +126,18 @@ async fn different_conversations_run_in_parallel_one_conversation_in_order() {
 #[tokio::test]
 async fn beyond_the_queue_bound_gets_429_at_once() {
     let (up, _) = slow_mock().await;
-    let gate = Arc::new(start(&cfg(&up, "[gates]\nmax_queue_per_conversation = 1\n")).await);
+    let gate = Arc::new(
+        TestConfig::openai(&up)
+            .set("gates", "max_queue_per_conversation", 1)
+            .start()
+            .await,
+    );
     let g1 = gate.clone();
     let first = tokio::spawn(async move { post(&g1, "c", "1").await });
-    for _ in 0..400 {
-        if !up.requests().is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    up.until_request("").await;
     let g2 = gate.clone();
     let second = tokio::spawn(async move { post(&g2, "c", "2").await });
-    until_waiters(&gate, 1.0).await;
+    until_sample(&gate, "ctxgate_gate_waiters", 1.0).await;
     let (s, h, b) = post(&gate, "c", "3").await;
     assert_eq!(s, 429);
     assert_eq!(h["retry-after"], "1");
@@ -213,13 +180,10 @@ async fn queue_timeout_gets_429_in_anthropic_shape() {
     })
     .await;
     let gate = Arc::new(
-        start(&one_route(
-            "/anthropic/",
-            &up.url(),
-            "anthropic",
-            "[gates]\nqueue_timeout = \"200ms\"\n",
-        ))
-        .await,
+        TestConfig::one("/anthropic/", &up.url(), "anthropic")
+            .set("gates", "queue_timeout", "200ms")
+            .start()
+            .await,
     );
     let body = "{\"model\":\"claude-sonnet-4-5\",\"max_tokens\":10,\"messages\":[{\"role\":\"user\",\"content\":\"x\"}]}";
     let g = gate.clone();
@@ -232,12 +196,7 @@ async fn queue_timeout_gets_429_in_anthropic_shape() {
         )
         .await
     });
-    for _ in 0..400 {
-        if !up.requests().is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    up.until_request("").await;
     let (s, h, b) = send(
         "POST",
         &gate.url("/anthropic/v1/messages"),
@@ -270,11 +229,11 @@ async fn stalled_stream_gets_the_error_event_after_stream_idle() {
         chunks: rx.lock().unwrap().take().unwrap(),
     })
     .await;
-    let gate = start(&cfg(
-        &up,
-        "[timeouts]\nstream_idle = \"300ms\"\ntotal = \"30s\"\n",
-    ))
-    .await;
+    let gate = TestConfig::openai(&up)
+        .set("timeouts", "stream_idle", "300ms")
+        .set("timeouts", "total", "30s")
+        .start()
+        .await;
     let first = "data: {\"choices\":[{\"delta\":{\"content\":\"Hi\"}}]}\n\n";
     tx.send(Bytes::from_static(first.as_bytes())).await.unwrap();
     let (s, _, b) = post(&gate, "s", "x").await;
@@ -284,12 +243,7 @@ async fn stalled_stream_gets_the_error_event_after_stream_idle() {
         format!("{first}data: {{\"error\":{{\"message\":\"upstream sent nothing within 300ms (timeouts.stream_idle)\",\"type\":\"server_error\",\"param\":null,\"code\":\"upstream_timeout\"}}}}\n\n")
     );
     // ctxgate dropped the upstream response: the mock's stream is gone.
-    for _ in 0..400 {
-        if tx.is_closed() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    until("the upstream stream to close", || async { tx.is_closed() }).await;
     assert!(tx.is_closed());
     let page = metrics(&gate).await;
     assert_eq!(
@@ -312,11 +266,12 @@ async fn trickling_stream_is_cut_at_total() {
         gap: Duration::from_millis(50),
     })
     .await;
-    let gate = start(&cfg(
-        &up,
-        "[timeouts]\nstream_idle = \"500ms\"\nresponse_headers = \"500ms\"\ntotal = \"800ms\"\n",
-    ))
-    .await;
+    let gate = TestConfig::openai(&up)
+        .set("timeouts", "stream_idle", "500ms")
+        .set("timeouts", "response_headers", "500ms")
+        .set("timeouts", "total", "800ms")
+        .start()
+        .await;
     let (s, _, b) = post(&gate, "t", "x").await;
     assert_eq!(s, 200);
     let text = String::from_utf8(b.to_vec()).unwrap();
@@ -338,7 +293,10 @@ async fn trickling_stream_is_cut_at_total() {
 #[tokio::test]
 async fn response_headers_timeout_is_504_naming_the_key() {
     let up = mock(|_| Reply::Delayed(Duration::from_secs(5), Box::new(Reply::json("{}")))).await;
-    let gate = start(&cfg(&up, "[timeouts]\nresponse_headers = \"200ms\"\n")).await;
+    let gate = TestConfig::openai(&up)
+        .set("timeouts", "response_headers", "200ms")
+        .start()
+        .await;
     let (s, h, b) = post(&gate, "h", "x").await;
     assert_eq!(s, 504);
     assert_eq!(h["x-ctxgate-error"], "timeout_response_headers");
@@ -370,7 +328,7 @@ async fn client_disconnect_cancels_upstream_and_frees_the_gate() {
         None => Reply::json(OPENAI_JSON),
     })
     .await;
-    let gate = start(&cfg(&up, "")).await;
+    let gate = TestConfig::openai(&up).start().await;
     tx.send(Bytes::from_static(b"data: {\"first\":true}\n\n"))
         .await
         .unwrap();
@@ -389,12 +347,7 @@ async fn client_disconnect_cancels_upstream_and_frees_the_gate() {
     drop(body); // the client goes away mid-stream
 
     // The upstream request is cancelled: its connection is closed, its stream dropped.
-    for _ in 0..400 {
-        if tx.is_closed() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    until("the upstream stream to close", || async { tx.is_closed() }).await;
     assert!(tx.is_closed(), "upstream stream still open");
     // The next request of that conversation is admitted at once.
     assert_gates_idle(&gate).await;

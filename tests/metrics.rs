@@ -20,13 +20,14 @@ async fn known_sequence_gives_exact_figures() {
         }
     })
     .await;
-    let cfg = one_route(
-        "/v1/",
-        &format!("{}v1/", up.url()),
-        "openai",
-        "[prune]\nhard_token_limit = 4000\n[timeouts]\nresponse_headers = \"1500ms\"\n[gates]\nmax_queue_per_conversation = 0\n",
+    let gate = Arc::new(
+        TestConfig::openai(&up)
+            .set("prune", "hard_token_limit", 4000)
+            .set("timeouts", "response_headers", "1500ms")
+            .set("gates", "max_queue_per_conversation", 0)
+            .start()
+            .await,
     );
-    let gate = Arc::new(start(&cfg).await);
     let chat = |content: &str| {
         serde_json::json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": content}]}).to_string()
     };
@@ -51,16 +52,7 @@ async fn known_sequence_gives_exact_figures() {
     assert_eq!(post("b", chat("hello again")).await, 200);
     assert_eq!(post("c", chat(&"word ".repeat(5000))).await, 400);
     let slow = tokio::spawn(post("d", chat("slow")));
-    for _ in 0..400 {
-        if up
-            .requests()
-            .iter()
-            .any(|r| String::from_utf8_lossy(&r.body).contains("\"slow\""))
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    up.until_request("\"slow\"").await;
     // Conversation d is busy and may not queue: 429 at once.
     assert_eq!(post("d", chat("second")).await, 429);
     assert_eq!(slow.await.unwrap(), 504);
@@ -151,16 +143,10 @@ async fn known_sequence_gives_exact_figures() {
     assert_eq!(v("ctxgate_build_info{version=\"0.1.0\"}"), 1.0);
     // The whole-call duration is observed once per call, errors included, when its body ends —
     // which can trail the client's last read by a moment, so this polls (bounded).
-    let mut dur = 0.0;
-    for _ in 0..200 {
-        dur = sample(
-            &metrics(&gate).await,
-            &format!("ctxgate_http_request_duration_seconds_count{{{r}}}"),
-        );
-        if dur >= 6.0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    assert_eq!(dur, 6.0);
+    until_sample(
+        &gate,
+        &format!("ctxgate_http_request_duration_seconds_count{{{r}}}"),
+        6.0,
+    )
+    .await;
 }

@@ -25,13 +25,7 @@ async fn forwards_bytes_and_headers_exactly() {
         body: Bytes::from_static(b"{\"id\":\"chatcmpl-1\",\"object\":\"chat.completion\"}"),
     })
     .await;
-    let gate = start(&one_route(
-        "/v1/",
-        &format!("{}v1/", up.url()),
-        "openai",
-        "",
-    ))
-    .await;
+    let gate = TestConfig::openai(&up).start().await;
     // Odd spacing and key order must survive byte for byte.
     let body = "{\"model\": \"gpt-4o\",\n \"messages\":[{\"role\":\"user\",\"content\":\"hi \\u00e9\"}], \"zzz\": 1.50}";
     let (status, headers, resp) = send(
@@ -84,7 +78,9 @@ async fn forwards_bytes_and_headers_exactly() {
 #[tokio::test]
 async fn non_chat_paths_stream_through() {
     let up = mock(|r| Reply::json(&format!("{{\"len\":{}}}", r.body.len()))).await;
-    let gate = start(&one_route("/openai/", &up.url(), "openai", "")).await;
+    let gate = TestConfig::one("/openai/", &up.url(), "openai")
+        .start()
+        .await;
     let (s, _, b) = send("GET", &gate.url("/openai/v1/models"), &[], "").await;
     assert_eq!(s, 200);
     assert_eq!(b, Bytes::from_static(b"{\"len\":0}"));
@@ -117,13 +113,7 @@ async fn sse_chunks_reach_client_before_upstream_sends_the_next() {
         chunks: rx.lock().unwrap().take().unwrap(),
     })
     .await;
-    let gate = start(&one_route(
-        "/v1/",
-        &format!("{}v1/", up.url()),
-        "openai",
-        "",
-    ))
-    .await;
+    let gate = TestConfig::openai(&up).start().await;
     let req = http::Request::post(gate.url("/v1/chat/completions"))
         .body(http_body_util::Full::new(Bytes::from_static(
             b"{\"model\":\"m\",\"stream\":true,\"messages\":[]}",
@@ -159,13 +149,10 @@ async fn error_bodies_404_413_502() {
         }
     })
     .await;
-    let cfg = one_route(
-        "/anthropic/",
-        &up.url(),
-        "anthropic",
-        "max_body_bytes = 1000",
-    );
-    let gate = start(&cfg).await;
+    let gate = TestConfig::one("/anthropic/", &up.url(), "anthropic")
+        .set("", "max_body_bytes", 1000)
+        .start()
+        .await;
 
     let (s, h, b) = send("GET", &gate.url("/nowhere"), &[], "").await;
     assert_eq!(s, 404);
@@ -210,13 +197,9 @@ async fn error_bodies_404_413_502() {
     let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = dead.local_addr().unwrap().port();
     drop(dead);
-    let gate2 = start(&one_route(
-        "/v1/",
-        &format!("http://127.0.0.1:{port}/v1/"),
-        "openai",
-        "",
-    ))
-    .await;
+    let gate2 = TestConfig::one("/v1/", &format!("http://127.0.0.1:{port}/v1/"), "openai")
+        .start()
+        .await;
     let (s, _, b) = send("POST", &gate2.url("/v1/chat/completions"), &[], "{}").await;
     assert_eq!(s, 502);
     let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
@@ -277,13 +260,10 @@ async fn send_frames(
 #[tokio::test]
 async fn chat_body_in_many_frames_is_read_whole_and_limited() {
     let up = mock(|_| Reply::json("{}")).await;
-    let gate = start(&one_route(
-        "/v1/",
-        &format!("{}v1/", up.url()),
-        "openai",
-        "max_body_bytes = 6000",
-    ))
-    .await;
+    let gate = TestConfig::openai(&up)
+        .set("", "max_body_bytes", 6000)
+        .start()
+        .await;
     let body = serde_json::json!({
         "model": "gpt-4o",
         "messages": [{"role": "user", "content": "ab ".repeat(1500)}],
@@ -336,13 +316,7 @@ impl futures_core::Stream for ChunkStreamOk {
 #[tokio::test]
 async fn host_steering_is_refused_or_goes_to_the_upstream() {
     let up = mock(|_| Reply::json("{}")).await;
-    let gate = start(&one_route(
-        "/v1/",
-        &format!("{}v1/", up.url()),
-        "openai",
-        "",
-    ))
-    .await;
+    let gate = TestConfig::openai(&up).start().await;
     // Absolute-form target naming another host, and a Host header naming another host.
     let r = raw(gate.addr, b"GET http://169.254.169.254/v1/models HTTP/1.1\r\nHost: 169.254.169.254\r\nConnection: close\r\n\r\n").await;
     assert!(r.starts_with("HTTP/1.1 200"), "{r}");
@@ -401,13 +375,7 @@ async fn host_steering_is_refused_or_goes_to_the_upstream() {
 #[tokio::test]
 async fn h2c_inbound() {
     let up = mock(|_| Reply::json("{\"ok\":true}")).await;
-    let gate = start(&one_route(
-        "/v1/",
-        &format!("{}v1/", up.url()),
-        "openai",
-        "",
-    ))
-    .await;
+    let gate = TestConfig::openai(&up).start().await;
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .http2_only(true)
         .build_http::<http_body_util::Full<Bytes>>();
@@ -433,9 +401,10 @@ async fn readyz_turns_200_after_warm_up() {
         }
     })
     .await;
-    let cfg = one_route("/v1/", &format!("{}v1/", up.url()), "openai", "")
-        .replace("prewarm_connections = 0", "prewarm_connections = 3");
-    let gate = start(&cfg).await;
+    let gate = TestConfig::openai(&up)
+        .set_route("", "prewarm_connections", 3)
+        .start()
+        .await;
     let (s, _, b) = send("GET", &format!("http://{}/readyz", gate.admin), &[], "").await;
     assert_eq!(s, 503);
     assert_eq!(b, Bytes::from_static(b"test: warming up\n"));
@@ -473,14 +442,10 @@ async fn readyz_reports_a_failed_warm_up() {
     let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = dead.local_addr().unwrap().port();
     drop(dead);
-    let cfg = one_route(
-        "/v1/",
-        &format!("http://127.0.0.1:{port}/v1/"),
-        "openai",
-        "",
-    )
-    .replace("prewarm_connections = 0", "prewarm_connections = 1");
-    let gate = start(&cfg).await;
+    let gate = TestConfig::one("/v1/", &format!("http://127.0.0.1:{port}/v1/"), "openai")
+        .set_route("", "prewarm_connections", 1)
+        .start()
+        .await;
     let mut body = String::new();
     for _ in 0..100 {
         let (s, _, b) = send("GET", &format!("http://{}/readyz", gate.admin), &[], "").await;
@@ -509,22 +474,14 @@ async fn shutdown_lets_a_slow_request_finish() {
         )
     })
     .await;
-    let mut gate = start(&one_route(
-        "/v1/",
-        &format!("{}v1/", up.url()),
-        "openai",
-        "shutdown_grace = \"10s\"",
-    ))
-    .await;
+    let mut gate = TestConfig::openai(&up)
+        .set("", "shutdown_grace", "10s")
+        .start()
+        .await;
     let url = gate.url("/v1/chat/completions");
     let inflight = tokio::spawn(async move { send("POST", &url, &[], "{}").await });
     // Wait until the upstream has the request, then signal shutdown.
-    for _ in 0..200 {
-        if !up.requests().is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    up.until_request("").await;
     assert_eq!(up.requests().len(), 1);
     gate.shutdown();
     let (s, _, b) = inflight.await.unwrap();
@@ -552,13 +509,7 @@ async fn metrics_count_requests_by_route_and_status() {
         }
     })
     .await;
-    let gate = start(&one_route(
-        "/v1/",
-        &format!("{}v1/", up.url()),
-        "openai",
-        "",
-    ))
-    .await;
+    let gate = TestConfig::openai(&up).start().await;
     for _ in 0..3 {
         send("GET", &gate.url("/v1/models"), &[], "").await;
     }

@@ -14,14 +14,6 @@ use serde_json::value::RawValue;
 const SEED: &str = include_str!("fixtures/openai-seed.json");
 const SEED_ANTHROPIC: &str = include_str!("fixtures/anthropic-seed.json");
 
-fn cfg(up: &Mock, prune: &str) -> String {
-    format!(
-        "{prune}\n[[routes]]\nname = \"openai\"\nprefix = \"/v1/\"\nupstream = \"{u}v1/\"\ndialect = \"openai\"\nprewarm_connections = 0\n\
-         [[routes]]\nname = \"anthropic\"\nprefix = \"/anthropic/\"\nupstream = \"{u}\"\ndialect = \"anthropic\"\nprewarm_connections = 0\n",
-        u = up.url()
-    )
-}
-
 fn count(dialect: Dialect, body: &[u8]) -> u64 {
     Counter::new(Encoding::O200kBase)
         .unwrap()
@@ -41,11 +33,12 @@ fn messages(body: &[u8]) -> Vec<String> {
 #[tokio::test]
 async fn seed_conversation_is_pruned_to_the_budget() {
     let up = mock(llm_reply).await;
-    let gate = start(&cfg(
-        &up,
-        "[prune]\nhard_token_limit = 4000\nmax_messages = 5\nkeep_file_content_turns = 1\n",
-    ))
-    .await;
+    let gate = TestConfig::both(&up)
+        .set("prune", "hard_token_limit", 4000)
+        .set("prune", "max_messages", 5)
+        .set("prune", "keep_file_content_turns", 1)
+        .start()
+        .await;
     let before = count(Dialect::OpenAi, SEED.as_bytes());
     assert!(before > 50_000, "fixture has {before} tokens");
     let (s, h, b) = send(
@@ -146,11 +139,12 @@ fn turn(i: usize) -> Vec<serde_json::Value> {
 #[tokio::test]
 async fn forty_turns_keep_a_byte_stable_prefix() {
     let up = mock(llm_reply).await;
-    let gate = start(&cfg(
-        &up,
-        "[prune]\nhard_token_limit = 4000\nmax_messages = 0\nkeep_file_content_turns = 1\n",
-    ))
-    .await;
+    let gate = TestConfig::both(&up)
+        .set("prune", "hard_token_limit", 4000)
+        .set("prune", "max_messages", 0)
+        .set("prune", "keep_file_content_turns", 1)
+        .start()
+        .await;
     let tools = serde_json::json!([{"type": "function", "function": {"name": "read_file", "description": "Read a file.", "parameters": {"type": "object", "properties": {"path": {"type": "string", "description": "The path."}}, "required": ["path"]}}}]);
     let mut history =
         vec![serde_json::json!({"role": "system", "content": "You are a careful coding agent."})];
@@ -215,7 +209,10 @@ async fn forty_turns_keep_a_byte_stable_prefix() {
 #[tokio::test]
 async fn rejection_limit_header_shadow_and_skips() {
     let up = mock(llm_reply).await;
-    let gate = start(&cfg(&up, "[prune]\nhard_token_limit = 1000\n")).await;
+    let gate = TestConfig::both(&up)
+        .set("prune", "hard_token_limit", 1000)
+        .start()
+        .await;
     // The newest message alone is over the limit: 400 at once, nothing sent upstream.
     let huge = "word ".repeat(3000);
     let body =
@@ -305,7 +302,10 @@ async fn rejection_limit_header_shadow_and_skips() {
 
     // Shadow mode forwards the original bytes.
     let up2 = mock(llm_reply).await;
-    let gate2 = start(&cfg(&up2, "[prune]\nmode = \"shadow\"\n")).await;
+    let gate2 = TestConfig::both(&up2)
+        .set("prune", "mode", "shadow")
+        .start()
+        .await;
     let (s, h, _) = send("POST", &gate2.url("/v1/chat/completions"), &[], SEED).await;
     assert_eq!(s, 200);
     assert!(!h.contains_key("x-ctxgate-tokens-after"));
@@ -320,7 +320,10 @@ async fn rejection_limit_header_shadow_and_skips() {
 
     // on_parse_error = "reject": 400 for a body that is not a chat request.
     let up3 = mock(llm_reply).await;
-    let gate3 = start(&cfg(&up3, "[prune]\non_parse_error = \"reject\"\n")).await;
+    let gate3 = TestConfig::both(&up3)
+        .set("prune", "on_parse_error", "reject")
+        .start()
+        .await;
     let (s, _, b) = send(
         "POST",
         &gate3.url("/v1/chat/completions"),

@@ -42,12 +42,7 @@ async fn run_clients(gate: &Gate, args: &[&str]) -> serde_json::Value {
 #[tokio::test]
 async fn official_sdks_through_ctxgate() {
     let up = mock(llm_reply).await;
-    let cfg = format!(
-        "[[routes]]\nname = \"openai\"\nprefix = \"/v1/\"\nupstream = \"{u}v1/\"\ndialect = \"openai\"\nprewarm_connections = 0\n\
-         [[routes]]\nname = \"anthropic\"\nprefix = \"/anthropic/\"\nupstream = \"{u}\"\ndialect = \"anthropic\"\nprewarm_connections = 0\n",
-        u = up.url()
-    );
-    let gate = start(&cfg).await;
+    let gate = TestConfig::both(&up).start().await;
     let v = run_clients(&gate, &[]).await;
     assert_eq!(
         v["openai"],
@@ -88,11 +83,12 @@ async fn official_sdks_through_ctxgate() {
 #[tokio::test]
 async fn openai_sdk_long_conversation_is_pruned() {
     let up = mock(llm_reply).await;
-    let cfg = format!(
-        "[prune]\nhard_token_limit = 4000\nmax_messages = 5\n[[routes]]\nname = \"openai\"\nprefix = \"/v1/\"\nupstream = \"{}v1/\"\ndialect = \"openai\"\nprewarm_connections = 0\n",
-        up.url()
-    );
-    let gate = start(&cfg).await;
+    let gate = TestConfig::new()
+        .route("openai", "/v1/", &format!("{}v1/", up.url()), "openai")
+        .set("prune", "hard_token_limit", 4000)
+        .set("prune", "max_messages", 5)
+        .start()
+        .await;
     let fixture = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/tests/fixtures/openai-seed.json"

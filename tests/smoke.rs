@@ -19,14 +19,6 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn temp_file(name: &str, text: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("ctxgate-smoke-{}-{name}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let p = dir.join("config.toml");
-    std::fs::write(&p, text).unwrap();
-    p
-}
-
 #[test]
 fn version_help_and_check() {
     let out = Command::new(BIN).arg("--version").output().unwrap();
@@ -68,8 +60,9 @@ fn version_help_and_check() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("listen = \"127.0.0.1:9999\""));
 
     // A bad value: exit 64, the key, the value and what is allowed.
-    let bad = temp_file(
-        "bad",
+    let dir = TempDir::new("smoke-bad");
+    let bad = dir.file(
+        "config.toml",
         &std::fs::read_to_string(shipped)
             .unwrap()
             .replace("dialect = \"anthropic\"", "dialect = \"antropic\""),
@@ -98,16 +91,17 @@ fn version_help_and_check() {
 async fn serve_forwards_and_exits_zero_on_sigterm() {
     let up = mock(llm_reply).await;
     let (port, admin) = (free_port(), free_port());
-    let tdir =
-        std::env::temp_dir().join(format!("ctxgate-smoke-{}-transcripts", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tdir);
-    let cfg = format!(
-        "listen = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin}\"\nshutdown_grace = \"5s\"\n\
-         [transcripts]\ndir = {:?}\ninclude_bodies = true\nflush_interval = \"60s\"\n{}",
-        tdir.display().to_string(),
-        one_route("/v1/", &format!("{}v1/", up.url()), "openai", "")
-    );
-    let path = temp_file("serve", &cfg);
+    let dir = TempDir::new("smoke-serve");
+    let tdir = dir.path().join("transcripts");
+    let cfg = TestConfig::openai(&up)
+        .set("", "listen", format!("127.0.0.1:{port}"))
+        .set("", "admin_listen", format!("127.0.0.1:{admin}"))
+        .set("", "shutdown_grace", "5s")
+        .set("transcripts", "dir", tdir.display().to_string())
+        .set("transcripts", "include_bodies", true)
+        .set("transcripts", "flush_interval", "60s")
+        .toml();
+    let path = dir.file("config.toml", &cfg);
     let mut child = tokio::process::Command::new(BIN)
         .args(["serve", "--config"])
         .arg(&path)
@@ -182,5 +176,4 @@ async fn serve_forwards_and_exits_zero_on_sigterm() {
         assert!(!log.contains(k), "a credential reached the log");
         assert!(!text.contains(k), "a credential reached a transcript");
     }
-    let _ = std::fs::remove_dir_all(&tdir);
 }

@@ -53,17 +53,15 @@ async fn https_upstream_with_extra_ca_and_h2() {
         Some(pki.acceptor.clone()),
     )
     .await;
-    let dir = tempdir();
-    let ca_file = dir.join("ca.pem");
+    let dir = TempDir::new("tls");
+    let ca_file = dir.path().join("ca.pem");
     std::fs::write(&ca_file, &pki.ca_pem).unwrap();
     let upstream = format!("https://127.0.0.1:{}/v1/", up.addr.port());
 
-    let cfg = format!(
-        "{}tls.extra_ca_file = {:?}\n",
-        one_route("/v1/", &upstream, "openai", ""),
-        ca_file.display().to_string()
-    );
-    let gate = start(&cfg).await;
+    let gate = TestConfig::one("/v1/", &upstream, "openai")
+        .set_route("tls", "extra_ca_file", ca_file.display().to_string())
+        .start()
+        .await;
     let (s, _, b) = send(
         "POST",
         &gate.url("/v1/chat/completions"),
@@ -84,7 +82,7 @@ async fn https_upstream_with_extra_ca_and_h2() {
     assert_eq!(got[0].headers["authorization"], "Bearer sk-1");
 
     // Without the CA the certificate is refused and nothing reaches the upstream.
-    let gate2 = start(&one_route("/v1/", &upstream, "openai", "")).await;
+    let gate2 = TestConfig::one("/v1/", &upstream, "openai").start().await;
     let (s, _, b) = send("POST", &gate2.url("/v1/chat/completions"), &[], "{}").await;
     assert_eq!(s, 502);
     let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
@@ -94,21 +92,4 @@ async fn https_upstream_with_extra_ca_and_h2() {
         "{msg}"
     );
     assert_eq!(up.requests().len(), 1);
-}
-
-fn tempdir() -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!(
-        "ctxgate-tls-{}-{}",
-        std::process::id(),
-        rand_suffix()
-    ));
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn rand_suffix() -> u128 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos()
 }

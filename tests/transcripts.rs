@@ -4,22 +4,18 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
-#[path = "common/pg.rs"]
-mod pg;
-
-use std::time::Duration;
 
 use common::*;
 use serde_json::Value;
 
 const SEED: &str = include_str!("fixtures/openai-seed.json");
 
-fn cfg(up: &Mock, transcripts: &str) -> String {
-    format!(
-        "[prune]\nhard_token_limit = 4000\n{transcripts}\n[[routes]]\nname = \"openai\"\nprefix = \"/v1/\"\nupstream = \"{u}v1/\"\ndialect = \"openai\"\nprewarm_connections = 0\n\
-         [[routes]]\nname = \"anthropic\"\nprefix = \"/anthropic/\"\nupstream = \"{u}\"\ndialect = \"anthropic\"\nprewarm_connections = 0\n",
-        u = up.url()
-    )
+/// Both routes, a 4000-token limit, and a long flush interval: records are still queued when
+/// the shutdown comes.
+fn cfg(up: &Mock) -> TestConfig {
+    TestConfig::both(up)
+        .set("prune", "hard_token_limit", 4000)
+        .set("transcripts", "flush_interval", "60s")
 }
 
 /// The calls every test makes: (path, body, conversation), in order.
@@ -163,32 +159,16 @@ fn flatten(mut r: Value) -> Value {
 #[tokio::test]
 async fn jsonl_holds_exactly_one_record_per_call_after_shutdown() {
     let up = mock(llm_reply).await;
-    let dir = pg::TempDir::new("jsonl-e2e");
-    // A long flush interval: records are still queued when the shutdown comes.
-    let mut gate = start(&cfg(
-        &up,
-        &format!(
-            "[transcripts]\nsink = \"jsonl\"\ndir = {:?}\nflush_interval = \"60s\"\n",
-            dir.0.display().to_string()
-        ),
-    ))
-    .await;
+    let dir = TempDir::new("jsonl-e2e");
+    let gate = cfg(&up)
+        .set("transcripts", "sink", "jsonl")
+        .set("transcripts", "dir", dir.0.display().to_string())
+        .start()
+        .await;
     drive(&gate).await;
-    gate.shutdown();
-    tokio::time::timeout(Duration::from_secs(20), &mut gate.task)
-        .await
-        .unwrap()
-        .unwrap();
-    let mut records = Vec::new();
-    let mut files: Vec<_> = std::fs::read_dir(&dir.0)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
-    files.sort();
-    assert_eq!(files.len(), 1, "{files:?}");
-    for line in std::fs::read_to_string(&files[0]).unwrap().lines() {
-        records.push(flatten(serde_json::from_str(line).unwrap()));
-    }
+    stop(gate).await;
+    assert_eq!(std::fs::read_dir(&dir.0).unwrap().count(), 1, "one file");
+    let records: Vec<Value> = jsonl_records(&dir.0).into_iter().map(flatten).collect();
     check(&records);
 }
 
@@ -196,20 +176,13 @@ async fn jsonl_holds_exactly_one_record_per_call_after_shutdown() {
 async fn postgres_holds_exactly_one_row_per_call() {
     let server = pg::PgServer::start();
     let up = mock(llm_reply).await;
-    let mut gate = start(&cfg(
-        &up,
-        &format!(
-            "[transcripts]\nsink = \"postgres\"\npostgres_url = \"{}\"\nflush_interval = \"60s\"\n",
-            server.url()
-        ),
-    ))
-    .await;
+    let gate = cfg(&up)
+        .set("transcripts", "sink", "postgres")
+        .set("transcripts", "postgres_url", server.url())
+        .start()
+        .await;
     drive(&gate).await;
-    gate.shutdown();
-    tokio::time::timeout(Duration::from_secs(20), &mut gate.task)
-        .await
-        .unwrap()
-        .unwrap();
+    stop(gate).await;
     let (client, conn) = tokio_postgres::connect(&server.url(), tokio_postgres::NoTls)
         .await
         .unwrap();

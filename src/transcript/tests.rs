@@ -18,9 +18,12 @@ use super::sink::{Discard, Sink, SinkError};
 use super::writer::Tuning;
 use super::*;
 
+#[path = "../../tests/common/temp.rs"]
+mod temp;
+use temp::TempDir;
 #[path = "../../tests/common/pg.rs"]
 mod pg;
-use pg::{PgServer, TempDir};
+use pg::PgServer;
 
 // ---------------------------------------------------------------------------------------------
 // Helpers.

@@ -3,6 +3,10 @@
 //! resetting the connection), ctxgate in-process on 127.0.0.1:0, and a small HTTP client.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod pg;
+mod temp;
+pub use temp::TempDir;
+
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -84,6 +88,16 @@ impl Mock {
     }
     pub fn url(&self) -> String {
         format!("http://{}/", self.addr)
+    }
+    /// Waits (bounded, see [`until`]) until a request whose body contains `needle` has
+    /// arrived; an empty needle matches any request.
+    pub async fn until_request(&self, needle: &str) {
+        until(&format!("the upstream to receive {needle:?}"), || async {
+            self.requests()
+                .iter()
+                .any(|r| String::from_utf8_lossy(&r.body).contains(needle))
+        })
+        .await
     }
 }
 
@@ -293,11 +307,100 @@ pub async fn start(config_toml: &str) -> Gate {
     }
 }
 
-/// A config with one route of the given dialect in front of `upstream`.
-pub fn one_route(prefix: &str, upstream: &str, dialect: &str, extra: &str) -> String {
-    format!(
-        "{extra}\n[[routes]]\nname = \"test\"\nprefix = \"{prefix}\"\nupstream = \"{upstream}\"\ndialect = \"{dialect}\"\nprewarm_connections = 0\n"
-    )
+/// A test config, built key by key and rendered as the TOML a user would write, so that no
+/// test writes TOML by hand. Routes get `prewarm_connections = 0` unless a test sets it.
+#[derive(Clone, Default)]
+pub struct TestConfig {
+    top: toml::Table,
+    routes: Vec<toml::Table>,
+}
+
+impl TestConfig {
+    /// No routes, no keys.
+    pub fn new() -> TestConfig {
+        TestConfig::default()
+    }
+
+    /// One route named `test` of `dialect` at `prefix` in front of `upstream`.
+    pub fn one(prefix: &str, upstream: &str, dialect: &str) -> TestConfig {
+        TestConfig::new().route("test", prefix, upstream, dialect)
+    }
+
+    /// The usual: one OpenAI route named `test` at `/v1/` in front of the mock's `/v1/`.
+    pub fn openai(up: &Mock) -> TestConfig {
+        TestConfig::one("/v1/", &format!("{}v1/", up.url()), "openai")
+    }
+
+    /// Two routes in front of the mock: `openai` at `/v1/` and `anthropic` at `/anthropic/`.
+    pub fn both(up: &Mock) -> TestConfig {
+        TestConfig::new()
+            .route("openai", "/v1/", &format!("{}v1/", up.url()), "openai")
+            .route("anthropic", "/anthropic/", &up.url(), "anthropic")
+    }
+
+    /// Adds a route.
+    pub fn route(mut self, name: &str, prefix: &str, upstream: &str, dialect: &str) -> Self {
+        let mut r = toml::Table::new();
+        for (k, v) in [
+            ("name", name),
+            ("prefix", prefix),
+            ("upstream", upstream),
+            ("dialect", dialect),
+        ] {
+            r.insert(k.into(), toml::Value::String(v.into()));
+        }
+        r.insert("prewarm_connections".into(), toml::Value::Integer(0));
+        self.routes.push(r);
+        self
+    }
+
+    /// Sets `key` at the top level (`table` empty) or in `[table]` (dotted for nested tables,
+    /// e.g. `"prune"`, `"gates"`).
+    pub fn set(mut self, table: &str, key: &str, value: impl serde::Serialize) -> Self {
+        let v = toml::Value::try_from(value).unwrap();
+        insert(&mut self.top, table, key, v);
+        self
+    }
+
+    /// Sets `key` in the last route (`table` empty) or in one of its tables (`"prune"`, `"tls"`).
+    pub fn set_route(mut self, table: &str, key: &str, value: impl serde::Serialize) -> Self {
+        let v = toml::Value::try_from(value).unwrap();
+        insert(self.routes.last_mut().expect("a route"), table, key, v);
+        self
+    }
+
+    /// The config as TOML.
+    pub fn toml(&self) -> String {
+        let mut t = self.top.clone();
+        t.insert(
+            "routes".into(),
+            toml::Value::Array(
+                self.routes
+                    .iter()
+                    .cloned()
+                    .map(toml::Value::Table)
+                    .collect(),
+            ),
+        );
+        toml::to_string(&t).unwrap()
+    }
+
+    /// Starts ctxgate with this config (see [`start`]).
+    pub async fn start(&self) -> Gate {
+        start(&self.toml()).await
+    }
+}
+
+fn insert(t: &mut toml::Table, table: &str, key: &str, v: toml::Value) {
+    let mut cur = t;
+    for part in table.split('.').filter(|p| !p.is_empty()) {
+        cur = cur
+            .entry(part.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+            .as_table_mut()
+            .unwrap();
+    }
+    cur.insert(key.into(), v);
 }
 
 pub type Client = hyper_util::client::legacy::Client<

@@ -1,39 +1,13 @@
 //! Test support shared by the in-crate transcript tests and the integration tests: a real
 //! PostgreSQL server in a temporary directory on a free loopback port (initdb + pg_ctl, run as
-//! the `postgres` user when the tests run as root), and a temporary directory removed on drop.
+//! the `postgres` user when the tests run as root).
 //! Needs the server binaries (`scripts/ensure-postgres` installs them); without them a test
 //! fails with that instruction rather than skipping.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::SystemTime;
 
-/// A directory removed on drop.
-pub struct TempDir(pub PathBuf);
-
-impl TempDir {
-    pub fn new(tag: &str) -> TempDir {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let nanos = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos();
-        let p = std::env::temp_dir().join(format!(
-            "ctxgate-{tag}-{}-{nanos}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::SeqCst)
-        ));
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use super::TempDir;
 
 /// A PostgreSQL server in a temporary directory, stopped and removed on drop.
 pub struct PgServer {

@@ -13,19 +13,13 @@
 use http::Method;
 use serde_json::Value;
 
-use super::tap::{put, set, Count, Tapped};
+use super::tap::{put, set, Count, Tapped, UsageOnly};
 use super::{ErrorClass, Wire};
 
 /// The Anthropic Messages format.
 pub struct Anthropic;
 
-/// See `openai_chat::UsageOnly`: only `usage`, as plain numbers.
-#[derive(serde::Deserialize)]
-struct UsageOnly {
-    #[serde(default)]
-    usage: Option<Numbers>,
-}
-
+/// Anthropic's usage figures.
 #[derive(serde::Deserialize)]
 struct Numbers {
     input_tokens: Option<Count>,
@@ -72,7 +66,7 @@ impl Wire for Anthropic {
 
     fn tap_json(&self, body: &[u8], found: &mut Tapped) {
         if found.text.is_none() {
-            if let Ok(b) = serde_json::from_slice::<UsageOnly>(body) {
+            if let Ok(b) = serde_json::from_slice::<UsageOnly<Numbers>>(body) {
                 if let Some(u) = b.usage {
                     put(&mut found.input_tokens, u.input_tokens);
                     put(&mut found.output_tokens, u.output_tokens);

@@ -11,21 +11,13 @@
 use http::Method;
 use serde_json::Value;
 
-use super::tap::{put, set, Count, Tapped};
+use super::tap::{put, set, Count, Tapped, UsageOnly};
 use super::{ErrorClass, Wire};
 
 /// The OpenAI chat completions format.
 pub struct OpenAiChat;
 
-/// A response body of which only `usage` is wanted, as plain numbers: serde skips every other
-/// field without building it. A body whose usage has an unexpected shape fails this parse and
-/// is read as a `Value` instead.
-#[derive(serde::Deserialize)]
-struct UsageOnly {
-    #[serde(default)]
-    usage: Option<Numbers>,
-}
-
+/// OpenAI's usage figures.
 #[derive(serde::Deserialize)]
 struct Numbers {
     prompt_tokens: Option<Count>,
@@ -82,7 +74,7 @@ impl Wire for OpenAiChat {
 
     fn tap_json(&self, body: &[u8], found: &mut Tapped) {
         if found.text.is_none() {
-            if let Ok(b) = serde_json::from_slice::<UsageOnly>(body) {
+            if let Ok(b) = serde_json::from_slice::<UsageOnly<Numbers>>(body) {
                 if let Some(u) = b.usage {
                     put(&mut found.input_tokens, u.prompt_tokens);
                     put(&mut found.output_tokens, u.completion_tokens);

@@ -129,6 +129,15 @@ impl UsageTap {
     }
 }
 
+/// A response body of which only `usage` is wanted, as the plain numbers `N` (each dialect's
+/// own usage fields): serde skips every other field without building it. A body whose usage
+/// has an unexpected shape fails this parse and is read as a `Value` instead.
+#[derive(serde::Deserialize)]
+pub(crate) struct UsageOnly<N> {
+    #[serde(default = "Option::default")]
+    pub(crate) usage: Option<N>,
+}
+
 /// Sets `slot` when `v` is an unsigned integer (floats, negatives, strings, null: absent).
 pub(crate) fn set(slot: &mut Option<u64>, v: &Value) {
     if let Some(n) = v.as_u64() {

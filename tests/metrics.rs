@@ -150,3 +150,56 @@ async fn known_sequence_gives_exact_figures() {
     )
     .await;
 }
+
+#[tokio::test]
+async fn a_fresh_page_shows_every_known_series_at_zero() {
+    let up = mock(llm_reply).await;
+    let dir = TempDir::new("zero-series");
+    let gate = TestConfig::openai(&up)
+        .set("transcripts", "sink", "jsonl")
+        .set("transcripts", "dir", dir.path().display().to_string())
+        .start()
+        .await;
+    let page = metrics(&gate).await;
+    let has = |line: &str| {
+        assert!(
+            page.lines().any(|l| l == line),
+            "no `{line}` on a fresh page:\n{page}"
+        )
+    };
+    for action in ["unchanged", "pruned", "rejected", "skipped", "shadow"] {
+        has(&format!(
+            "ctxgate_prune_actions_total{{action=\"{action}\",route=\"test\"}} 0"
+        ));
+    }
+    for phase in ["connect", "response_headers", "stream_idle", "total"] {
+        has(&format!(
+            "ctxgate_timeouts_total{{phase=\"{phase}\",route=\"test\"}} 0"
+        ));
+    }
+    for reason in ["queue_full", "queue_timeout"] {
+        has(&format!(
+            "ctxgate_gate_rejections_total{{reason=\"{reason}\",route=\"test\"}} 0"
+        ));
+    }
+    for kind in ["upstream_connect", "upstream_reset", "upstream_body"] {
+        has(&format!(
+            "ctxgate_upstream_errors_total{{kind=\"{kind}\",route=\"test\"}} 0"
+        ));
+    }
+    for t in ["input", "output", "cache_read", "cache_write"] {
+        has(&format!(
+            "ctxgate_upstream_tokens_total{{route=\"test\",type=\"{t}\"}} 0"
+        ));
+    }
+    for reason in ["queue_full", "retry_evicted", "rejected", "shutdown"] {
+        has(&format!(
+            "ctxgate_transcript_records_dropped_total{{reason=\"{reason}\",sink=\"jsonl\"}} 0"
+        ));
+    }
+    has("ctxgate_client_disconnects_total{route=\"test\"} 0");
+    has("ctxgate_prune_cut_moves_total{route=\"test\"} 0");
+    has("ctxgate_transcript_records_written_total{sink=\"jsonl\"} 0");
+    has("ctxgate_http_request_duration_seconds_count{route=\"test\"} 0");
+    stop(gate).await;
+}

@@ -84,6 +84,24 @@ impl TranscriptMetrics {
     }
 }
 
+impl TranscriptMetrics {
+    /// Creates every series of `sink` at 0, so a dashboard shows 0 rather than "No data"
+    /// before the first write or drop.
+    pub fn zero(&self, sink: &str) {
+        self.written.with_label_values(&[sink]);
+        self.write_failures.with_label_values(&[sink]);
+        self.batch_write.with_label_values(&[sink]);
+        for r in [
+            reason::QUEUE_FULL,
+            reason::RETRY_EVICTED,
+            reason::REJECTED,
+            reason::SHUTDOWN,
+        ] {
+            self.dropped.with_label_values(&[sink, r]);
+        }
+    }
+}
+
 fn register(registry: &Registry, c: Box<dyn prometheus::core::Collector>) {
     if let Err(e) = registry.register(c) {
         // Only a programming error (a duplicate name) can get here; metrics are not worth a

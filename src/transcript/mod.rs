@@ -135,6 +135,7 @@ impl Transcripts {
         sink: S,
         tuning: Tuning,
     ) -> (Transcripts, Writer) {
+        metrics.zero(sink.name());
         let queue = Arc::new(Queue::new(
             settings.queue_capacity,
             settings.batch_size,

@@ -230,6 +230,12 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Check { config } => match load(&config) {
             Ok(c) => {
+                if !c.ignored_env.is_empty() {
+                    eprintln!(
+                        "ctxgate: note: ignoring environment variables that name no config key: {}",
+                        c.ignored_env.join(", ")
+                    );
+                }
                 print!("{}", c.to_toml());
                 ExitCode::SUCCESS
             }
@@ -245,6 +251,12 @@ fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(code) => return code,
             };
+            if !cfg.ignored_env.is_empty() {
+                tracing::warn!(
+                    variables = %cfg.ignored_env.join(", "),
+                    "ignoring environment variables that name no config key"
+                );
+            }
             let rt = match tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()

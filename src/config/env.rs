@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 
+use super::raw::TOP_LEVEL_KEYS;
 use super::ConfigError;
 
 /// Prefix of every environment override.
@@ -15,17 +16,23 @@ pub const ENV_PREFIX: &str = "CTXGATE_";
 /// `CTXGATE_TIMEOUTS__TOTAL`. A segment after `ROUTES` names a route by its `name` (with `-`
 /// written as `_`) or by its index: `CTXGATE_ROUTES__OPENAI__UPSTREAM`,
 /// `CTXGATE_ROUTES__0__PREWARM_CONNECTIONS`. The value is read as a TOML value when it parses
-/// as one (`42`, `true`, `"text"`) and as a plain string otherwise. Variables outside this
-/// scheme that start with `CTXGATE_` and match no key are errors, like unknown keys in the file.
+/// as one (`42`, `true`, `"text"`) and as a plain string otherwise.
+///
+/// A variable whose first segment is not a top-level config key (`CTXGATE_BIN`, set by some
+/// unrelated tool) is not an override: it is skipped and returned, so that the caller can
+/// warn about it once; it never stops ctxgate from starting. One whose first segment is a key
+/// but whose rest names nothing (`CTXGATE_PRUNE__HARD_TOKEN_LIMT`) is an error, like an
+/// unknown key in the file: it was meant as an override and is misspelt.
 pub fn apply_env(
     tree: &mut toml::Table,
     env: impl IntoIterator<Item = (String, String)>,
-) -> Result<(), ConfigError> {
+) -> Result<Vec<String>, ConfigError> {
     // Sorted so that the order of application (and of errors) is stable.
     let vars: BTreeMap<String, String> = env
         .into_iter()
         .filter(|(k, _)| k.starts_with(ENV_PREFIX))
         .collect();
+    let mut ignored = Vec::new();
     for (name, value) in vars {
         // Variables the binary itself reads (the log filter) are not config keys.
         if name == "CTXGATE_LOG" || name == "CTXGATE_LOG_FORMAT" {
@@ -35,6 +42,10 @@ pub fn apply_env(
             .split("__")
             .map(|s| s.to_ascii_lowercase())
             .collect();
+        if !TOP_LEVEL_KEYS.contains(&path[0].as_str()) {
+            ignored.push(name);
+            continue;
+        }
         if path.iter().any(|s| s.is_empty()) {
             return Err(ConfigError::new(
                 name.clone(),
@@ -44,7 +55,7 @@ pub fn apply_env(
         let parsed = parse_env_value(&value);
         set_path(tree, &path, parsed).map_err(|problem| ConfigError::new(name.clone(), problem))?;
     }
-    Ok(())
+    Ok(ignored)
 }
 
 fn parse_env_value(v: &str) -> toml::Value {

@@ -74,6 +74,10 @@ pub struct Config {
     pub transcripts: TranscriptSettings,
     /// Routes, in file order. Matching picks the longest prefix.
     pub routes: Vec<Route>,
+    /// `CTXGATE_…` variables in the environment that name no config key (skipped; the binary
+    /// warns about them once).
+    #[serde(skip)]
+    pub ignored_env: Vec<String>,
 }
 
 /// The top-level `[prune]` table, resolved (routes and models refine it).
@@ -454,7 +458,7 @@ impl Config {
         let mut tree: toml::Table = text
             .parse()
             .map_err(|e: toml::de::Error| ConfigError::new("config", e.message().to_string()))?;
-        apply_env(&mut tree, env)?;
+        let ignored_env = apply_env(&mut tree, env)?;
         let raw: RawConfig =
             serde_path_to_error::deserialize(toml::Value::Table(tree)).map_err(|e| {
                 let path = e.path().to_string();
@@ -465,7 +469,9 @@ impl Config {
                 };
                 ConfigError::new(key, e.into_inner().to_string())
             })?;
-        raw.validate()
+        let mut config = raw.validate()?;
+        config.ignored_env = ignored_env;
+        Ok(config)
     }
 
     /// The effective config as TOML, secrets masked (`ctxgate check` prints this).

@@ -135,6 +135,21 @@ struct RawTls {
     extra_ca_file: Option<PathBuf>,
 }
 
+/// Every top-level key of the file (the fields of [`RawConfig`]): an environment variable
+/// `CTXGATE_<KEY>…` is an override only when `<KEY>` is one of these.
+pub(super) const TOP_LEVEL_KEYS: [&str; 10] = [
+    "listen",
+    "admin_listen",
+    "max_body_bytes",
+    "shutdown_grace",
+    "timeouts",
+    "gates",
+    "conversation",
+    "prune",
+    "transcripts",
+    "routes",
+];
+
 /// Default `max_body_bytes`: 32 MiB, well above any real prompt, far below a memory problem.
 pub const DEFAULT_MAX_BODY_BYTES: u64 = 32 * 1024 * 1024;
 
@@ -279,6 +294,7 @@ impl RawConfig {
             prune,
             transcripts,
             routes,
+            ignored_env: Vec::new(),
         })
     }
 }

@@ -107,8 +107,38 @@ fn env_overrides() {
     let e = Config::from_toml(MIN, vec![("CTXGATE_ROUTES__NOPE__NAME".into(), "x".into())])
         .unwrap_err();
     assert_eq!(e.key, "CTXGATE_ROUTES__NOPE__NAME");
-    let e = Config::from_toml(MIN, vec![("CTXGATE_BOGUS".into(), "1".into())]).unwrap_err();
-    assert!(e.problem.contains("unknown field `bogus`"), "{e}");
+    // A misspelt key under a real table is an error, like one in the file...
+    let e = Config::from_toml(
+        MIN,
+        vec![("CTXGATE_PRUNE__HARD_TOKEN_LIMT".into(), "1".into())],
+    )
+    .unwrap_err();
+    assert!(e.problem.contains("unknown field `hard_token_limt`"), "{e}");
+    // ...but a variable that names no config key at all (another tool's CTXGATE_BIN) is
+    // skipped and reported, never a reason not to start.
+    let c = Config::from_toml(
+        MIN,
+        vec![
+            ("CTXGATE_BIN".into(), "/usr/local/bin/ctxgate".into()),
+            ("CTXGATE_HOME".into(), "/opt".into()),
+            ("CTXGATE_LOG".into(), "debug".into()),
+        ],
+    )
+    .unwrap();
+    assert_eq!(c.ignored_env, ["CTXGATE_BIN", "CTXGATE_HOME"]);
+    assert_eq!(c.listen.to_string(), "127.0.0.1:8787");
+}
+
+#[test]
+fn every_top_level_key_is_one_the_file_accepts() {
+    use super::raw::TOP_LEVEL_KEYS;
+    for key in TOP_LEVEL_KEYS {
+        let e = load(&format!("{key} = []\n"));
+        // Each key is known: a wrong type is an error about its value, never "unknown field".
+        if let Err(e) = e {
+            assert!(!e.problem.contains("unknown field"), "{key}: {e}");
+        }
+    }
 }
 
 #[test]

@@ -187,6 +187,13 @@ impl Error {
             HeaderValue::from_static("application/json"),
         );
         h.insert("x-ctxgate-error", HeaderValue::from_static(self.kind()));
+        if let Error::ContextOverflow(r) = self {
+            h.insert(
+                "x-ctxgate-pinned-tokens",
+                HeaderValue::from(r.pinned_tokens),
+            );
+            h.insert("x-ctxgate-limit-tokens", HeaderValue::from(r.limit));
+        }
         if let Error::Gate(r) = self {
             h.insert(
                 header::RETRY_AFTER,

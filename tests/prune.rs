@@ -228,12 +228,34 @@ async fn rejection_limit_header_shadow_and_skips() {
         msg.contains("over the limit of 1000 (prune.hard_token_limit)"),
         "{msg}"
     );
+    // In OpenAI's own words, with ctxgate's figures in headers too.
+    assert!(
+        msg.starts_with("This model's maximum context length is 1000 tokens. However, your messages resulted in "),
+        "{msg}"
+    );
+    assert_eq!(h["x-ctxgate-limit-tokens"], "1000");
+    let pinned: u64 = h["x-ctxgate-pinned-tokens"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(pinned > 1000, "{pinned}");
     let body_a = serde_json::json!({"model": "claude-sonnet-4-5", "max_tokens": 10, "messages": [{"role": "user", "content": huge}]}).to_string();
     let (s, _, b) = send("POST", &gate.url("/anthropic/v1/messages"), &[], &body_a).await;
     assert_eq!(s, 400);
     let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
     assert_eq!(v["type"], "error");
     assert_eq!(v["error"]["type"], "invalid_request_error");
+    // Anthropic's wording, which Claude Code answers by compacting its history.
+    let msg = v["error"]["message"].as_str().unwrap();
+    let re_like = msg
+        .strip_prefix("prompt is too long: ")
+        .and_then(|r| r.split_once(" tokens > 1000 maximum ("));
+    assert!(
+        re_like.is_some_and(|(n, _)| n.parse::<u64>().unwrap() > 1000),
+        "{msg}"
+    );
+    assert!(msg.ends_with("(prune.hard_token_limit))"), "{msg}");
     assert!(up.requests().is_empty());
 
     // A request may lower its own limit, never raise it.

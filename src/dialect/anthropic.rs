@@ -64,6 +64,12 @@ impl Wire for Anthropic {
         )
     }
 
+    /// Anthropic's own wording (Claude Code compacts its history when it reads it), then
+    /// ctxgate's detail.
+    fn overflow_message(&self, detail: &str, pinned: u64, limit: u64) -> String {
+        format!("prompt is too long: {pinned} tokens > {limit} maximum ({detail})")
+    }
+
     fn tap_json(&self, body: &[u8], found: &mut Tapped) {
         if found.text.is_none() {
             if let Ok(b) = serde_json::from_slice::<UsageOnly<Numbers>>(body) {

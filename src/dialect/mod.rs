@@ -62,12 +62,10 @@ pub trait Wire: Sync {
     fn tap_event(&self, data: &serde_json::Value, found: &mut Tapped);
 
     /// The message of the error that refuses a prompt whose pinned part is over the limit
-    /// (`pinned` tokens against `limit`); `detail` is pruning's own wording, with the config
-    /// key. Clients react to the provider's own wording (an agent compacts its history when
-    /// it reads it), so a dialect may phrase it as its API does.
-    fn overflow_message(&self, detail: &str, _pinned: u64, _limit: u64) -> String {
-        detail.to_string()
-    }
+    /// (`pinned` tokens against `limit`), in the API's own words, so that clients react to it
+    /// as to the provider's (an agent compacts its history); `detail` is pruning's wording,
+    /// with the config key, and stays in the message.
+    fn overflow_message(&self, detail: &str, pinned: u64, limit: u64) -> String;
 
     /// Brings the usage found to ctxgate's meaning once the answer has ended (input tokens
     /// always include the cached part).

@@ -72,6 +72,13 @@ impl Wire for OpenAiChat {
         format!("data: {}\n\n", self.error_body(class, code, message))
     }
 
+    /// OpenAI's own wording for `context_length_exceeded`, then ctxgate's detail.
+    fn overflow_message(&self, detail: &str, pinned: u64, limit: u64) -> String {
+        format!(
+            "This model's maximum context length is {limit} tokens. However, your messages resulted in {pinned} tokens. Please reduce the length of the messages. ({detail})"
+        )
+    }
+
     fn tap_json(&self, body: &[u8], found: &mut Tapped) {
         if found.text.is_none() {
             if let Ok(b) = serde_json::from_slice::<UsageOnly<Numbers>>(body) {

@@ -123,6 +123,89 @@ async fn different_conversations_run_in_parallel_one_conversation_in_order() {
     assert_gates_idle(&gate).await;
 }
 
+/// Sends `n` copies of one chat body at once, each with `headers`, and waits for all.
+async fn burst(gate: &Arc<Gate>, n: usize, headers: Vec<(&'static str, String)>) -> Vec<u16> {
+    let (_, body) = chat("unused", "same task");
+    let tasks: Vec<_> = (0..n)
+        .map(|_| {
+            let (g, body, headers) = (gate.clone(), body.clone(), headers.clone());
+            tokio::spawn(async move {
+                let h: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+                send("POST", &g.url("/v1/chat/completions"), &h, &body)
+                    .await
+                    .0
+                    .as_u16()
+            })
+        })
+        .collect();
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.unwrap());
+    }
+    out
+}
+
+#[tokio::test]
+async fn identical_requests_without_an_id_are_not_serialised() {
+    // An eval harness running one task 32 times in parallel: no id, the same prompt. The
+    // fingerprint is a guess, so it keys the view but not a gate: all 32 run at once.
+    let (up, arrivals) = slow_mock().await;
+    let gate = Arc::new(TestConfig::openai(&up).start().await);
+    let statuses = burst(&gate, 32, Vec::new()).await;
+    assert_eq!(statuses, vec![200; 32]);
+    let seen = arrivals.lock().unwrap().clone();
+    assert_eq!(seen.len(), 32);
+    let spread = seen.last().unwrap().0 - seen[0].0;
+    assert!(
+        spread < D,
+        "all 32 reached the upstream before the first was answered; spread {spread:?}"
+    );
+    let page = metrics(&gate).await;
+    assert_eq!(
+        sample(
+            &page,
+            "ctxgate_gate_rejections_total{reason=\"queue_full\",route=\"test\"}"
+        ),
+        0.0
+    );
+    assert_gates_idle(&gate).await;
+}
+
+#[tokio::test]
+async fn agent_session_headers_are_conversations_by_default() {
+    // Two Claude Code sessions started with the same prompt are two conversations (they run
+    // side by side); one session's calls run one at a time.
+    let (up, arrivals) = slow_mock().await;
+    let gate = Arc::new(TestConfig::openai(&up).start().await);
+    let g = gate.clone();
+    let a = tokio::spawn(async move {
+        burst(
+            &g,
+            2,
+            vec![("x-claude-code-session-id", "session-a".to_string())],
+        )
+        .await
+    });
+    let g = gate.clone();
+    let b = tokio::spawn(async move {
+        burst(
+            &g,
+            1,
+            vec![("x-claude-code-session-id", "session-b".to_string())],
+        )
+        .await
+    });
+    assert_eq!(a.await.unwrap(), [200, 200]);
+    assert_eq!(b.await.unwrap(), [200]);
+    let seen = arrivals.lock().unwrap().clone();
+    assert_eq!(seen.len(), 3);
+    // The first two arrivals overlap (one of each session); the third (session a's second)
+    // waited for session a's first answer.
+    assert!(seen[1].0 - seen[0].0 < D, "{:?}", seen[1].0 - seen[0].0);
+    assert!(seen[2].0 - seen[0].0 >= D, "{:?}", seen[2].0 - seen[0].0);
+    assert_gates_idle(&gate).await;
+}
+
 #[tokio::test]
 async fn beyond_the_queue_bound_gets_429_at_once() {
     let (up, _) = slow_mock().await;

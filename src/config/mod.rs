@@ -173,6 +173,10 @@ pub struct Gates {
     /// A conversation's gate is forgotten after this long unused (never while in use).
     #[serde(serialize_with = "ser_duration")]
     pub idle_ttl: Duration,
+    /// Whether requests identified only by a fingerprint (no header or body id) are gated per
+    /// conversation too. Off by default: a fingerprint is a guess, and k identical requests
+    /// (an eval harness running one task k times) are k conversations.
+    pub gate_fingerprinted: bool,
 }
 
 /// The `[conversation]` table: where the conversation id comes from, first match wins.
@@ -180,9 +184,25 @@ pub struct Gates {
 pub struct Conversation {
     /// Request headers that carry a conversation id, in order of preference.
     pub headers: Vec<String>,
-    /// A dotted path into the request body holding the id (e.g. `metadata.conversation_id`).
-    pub body_field: Option<String>,
+    /// Dotted paths into the request body that carry one, in order of preference (after the
+    /// headers).
+    pub body_fields: Vec<String>,
 }
+
+/// The agents' own session headers, tried in this order: Claude Code's, Codex's (`thread-id`,
+/// `session-id`, and older builds' `session_id`), then the generic `x-conversation-id`.
+pub const DEFAULT_ID_HEADERS: [&str; 5] = [
+    "x-claude-code-session-id",
+    "thread-id",
+    "session-id",
+    "session_id",
+    "x-conversation-id",
+];
+
+/// Body fields tried after the headers: OpenAI's `prompt_cache_key` (Codex sets it to its
+/// conversation), then Anthropic's `metadata.user_id`, which names a conversation only when it
+/// carries a session (Claude Code's does).
+pub const DEFAULT_ID_FIELDS: [&str; 2] = ["prompt_cache_key", "metadata.user_id"];
 
 /// Per-phase timeouts of one upstream call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

@@ -97,12 +97,15 @@ struct RawGates {
     queue_timeout: Option<String>,
     max_inflight: Option<usize>,
     idle_ttl: Option<String>,
+    gate_fingerprinted: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConversation {
     headers: Option<Vec<String>>,
+    body_fields: Option<Vec<String>>,
+    /// One more body field, tried before `body_fields` (the older, single form).
     body_field: Option<String>,
 }
 
@@ -469,13 +472,14 @@ fn validate_gates(raw: RawGates) -> Result<Gates, ConfigError> {
         queue_timeout: duration("queue_timeout", &raw.queue_timeout, 60)?,
         max_inflight: positive("max_inflight", raw.max_inflight, 1024)?,
         idle_ttl: duration("idle_ttl", &raw.idle_ttl, 300)?,
+        gate_fingerprinted: raw.gate_fingerprinted.unwrap_or(false),
     })
 }
 
 fn validate_conversation(raw: RawConversation) -> Result<Conversation, ConfigError> {
     let headers = raw
         .headers
-        .unwrap_or_else(|| vec!["x-conversation-id".to_string()]);
+        .unwrap_or_else(|| DEFAULT_ID_HEADERS.map(str::to_string).to_vec());
     for (i, h) in headers.iter().enumerate() {
         if http::HeaderName::from_bytes(h.as_bytes()).is_err() {
             return Err(ConfigError::new(
@@ -484,10 +488,20 @@ fn validate_conversation(raw: RawConversation) -> Result<Conversation, ConfigErr
             ));
         }
     }
-    if let Some(f) = &raw.body_field {
+    let mut body_fields: Vec<(String, String)> = Vec::new();
+    if let Some(f) = raw.body_field {
+        body_fields.push(("conversation.body_field".into(), f));
+    }
+    let fields = raw
+        .body_fields
+        .unwrap_or_else(|| DEFAULT_ID_FIELDS.map(str::to_string).to_vec());
+    for (i, f) in fields.into_iter().enumerate() {
+        body_fields.push((format!("conversation.body_fields[{i}]"), f));
+    }
+    for (key, f) in &body_fields {
         if f.is_empty() || f.split('.').any(str::is_empty) {
             return Err(ConfigError::new(
-                "conversation.body_field",
+                key.clone(),
                 format!("must be a dotted path such as \"metadata.conversation_id\", got {f:?}"),
             ));
         }
@@ -497,7 +511,7 @@ fn validate_conversation(raw: RawConversation) -> Result<Conversation, ConfigErr
             .into_iter()
             .map(|h| h.to_ascii_lowercase())
             .collect(),
-        body_field: raw.body_field,
+        body_fields: body_fields.into_iter().map(|(_, f)| f).collect(),
     })
 }
 

@@ -38,7 +38,9 @@ impl Proxy {
     /// Waits for the call's permit; a refusal is the 429 error.
     pub(super) async fn admit(&self, call: &mut Call) -> Result<(), Error> {
         let route = call.route_name();
-        let admitted = match call.conversation.as_deref() {
+        // A fingerprint is a guess: unless configured, it keys the view but not a gate.
+        let gated = !call.guessed_conversation || self.gate_fingerprinted;
+        let admitted = match call.conversation.as_deref().filter(|_| gated) {
             Some(id) => self.gates.acquire(id, route).await,
             None => self.gates.acquire_shared(route).await,
         };

@@ -138,6 +138,8 @@ pub struct Call {
     pub payload: Payload,
     /// The conversation the call belongs to, if it has one.
     pub conversation: Option<String>,
+    /// Whether that id is only a fingerprint of the prompt (a guess, not the client's id).
+    pub guessed_conversation: bool,
     /// Whether this is a chat request (read whole; its answer carries usage).
     pub chat: bool,
     /// The request's `model`.
@@ -186,6 +188,7 @@ impl Call {
             request,
             payload: Payload::Stream(body),
             conversation: None,
+            guessed_conversation: false,
             chat: false,
             model: None,
             stream: false,
@@ -203,6 +206,14 @@ impl Call {
             tap: None,
             failure: None,
             recorder: Some(recorder),
+        }
+    }
+
+    /// Stores the conversation identify found.
+    pub fn identify(&mut self, id: Option<super::identify::Identity>) {
+        if let Some(i) = id {
+            self.conversation = Some(i.id);
+            self.guessed_conversation = i.guessed;
         }
     }
 

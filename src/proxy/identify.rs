@@ -32,8 +32,12 @@ impl Proxy {
         let cfg = &route.config;
         let req = &call.request;
         if !cfg.dialect.wire().is_chat(&req.method, req.uri.path()) {
-            call.conversation =
-                conversation_id(&req.headers, &self.conversation, |_| None, || None);
+            call.identify(conversation_id(
+                &req.headers,
+                &self.conversation,
+                |_| None,
+                || None,
+            ));
             return Ok(());
         }
         call.chat = true;
@@ -64,7 +68,7 @@ impl Proxy {
             let (parsed, id) = parse_and_identify(cfg, &bytes, &req.headers, &self.conversation);
             (bytes, parsed, id)
         };
-        call.conversation = id;
+        call.identify(id);
         match parsed {
             Ok(p) => {
                 call.model = p.model().map(str::to_string);
@@ -90,7 +94,7 @@ fn parse_and_identify(
     body: &[u8],
     headers: &HeaderMap,
     conversation: &Conversation,
-) -> (Result<ChatRequest, ParseError>, Option<String>) {
+) -> (Result<ChatRequest, ParseError>, Option<Identity>) {
     let parsed = ChatRequest::parse(route.dialect, body);
     let p = parsed.as_ref().ok();
     let id = conversation_id(
@@ -159,30 +163,68 @@ pub async fn read_body(mut body: Incoming, limit: u64) -> Result<Frames, Error> 
 /// gate table hold arbitrarily large keys.
 const MAX_ID_LEN: usize = 128;
 
+/// A conversation id and where it came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// The id (bounded in length).
+    pub id: String,
+    /// Whether it is a fingerprint: a guess from the prompt, not an id the client sent.
+    pub guessed: bool,
+}
+
 /// The conversation id of a request, if it has one. `field` looks up a dotted path in the
 /// body, `fingerprint` computes the fallback; both are only called when needed.
 pub fn conversation_id(
     headers: &HeaderMap,
     cfg: &Conversation,
-    field: impl FnOnce(&str) -> Option<String>,
+    mut field: impl FnMut(&str) -> Option<String>,
     fingerprint: impl FnOnce() -> Option<String>,
-) -> Option<String> {
+) -> Option<Identity> {
+    let sent = |id: &str| {
+        Some(Identity {
+            id: bounded(id),
+            guessed: false,
+        })
+    };
     for name in &cfg.headers {
         if let Some(v) = headers.get(name.as_str()).and_then(|v| v.to_str().ok()) {
             let v = v.trim();
             if !v.is_empty() {
-                return Some(bounded(v));
+                return sent(v);
             }
         }
     }
-    if let Some(path) = &cfg.body_field {
-        if let Some(v) = field(path) {
-            if !v.is_empty() {
-                return Some(bounded(&v));
+    for path in &cfg.body_fields {
+        if let Some(id) = field(path).and_then(|v| field_id(path, v)) {
+            return sent(&id);
+        }
+    }
+    fingerprint().map(|id| Identity { id, guessed: true })
+}
+
+/// The conversation id a body field's value gives. A user id (Anthropic `metadata.user_id`)
+/// names a conversation only through the session it carries: Claude Code sends
+/// `user_<hash>_account_<uuid>_session_<uuid>`, or (newer builds) a JSON string with a
+/// `session_id`; a plain user id names a person, whose conversations must not share a gate.
+fn field_id(path: &str, value: String) -> Option<String> {
+    let value = value.trim();
+    if value.is_empty() {
+        return None;
+    }
+    if value.starts_with('{') {
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(value) {
+            if let Some(s) = v.get("session_id").and_then(|s| s.as_str()) {
+                return (!s.is_empty()).then(|| s.to_string());
             }
         }
     }
-    fingerprint()
+    if let Some((_, session)) = value.rsplit_once("_session_") {
+        return (!session.is_empty()).then(|| session.to_string());
+    }
+    if path.ends_with("user_id") {
+        return None;
+    }
+    Some(value.to_string())
 }
 
 fn bounded(id: &str) -> String {
@@ -207,11 +249,15 @@ pub fn fnv1a(bytes: &[u8]) -> u64 {
 mod tests {
     use super::*;
 
-    fn cfg(body_field: Option<&str>) -> Conversation {
+    fn cfg(body_fields: &[&str]) -> Conversation {
         Conversation {
             headers: vec!["x-conversation-id".into(), "x-session-id".into()],
-            body_field: body_field.map(str::to_string),
+            body_fields: body_fields.iter().map(|s| s.to_string()).collect(),
         }
+    }
+
+    fn id(i: Option<Identity>) -> Option<String> {
+        i.map(|i| i.id)
     }
 
     #[test]
@@ -219,31 +265,71 @@ mod tests {
         let mut h = HeaderMap::new();
         let fp = || Some("fp".to_string());
         assert_eq!(
-            conversation_id(&h, &cfg(None), |_| None, fp),
-            Some("fp".into())
+            conversation_id(&h, &cfg(&[]), |_| None, fp),
+            Some(Identity {
+                id: "fp".into(),
+                guessed: true
+            })
         );
         assert_eq!(
-            conversation_id(
+            id(conversation_id(
                 &h,
-                &cfg(Some("metadata.c")),
+                &cfg(&["metadata.c"]),
                 |p| Some(format!("body:{p}")),
                 fp
-            ),
+            )),
             Some("body:metadata.c".into())
         );
         h.insert("x-session-id", "s-1".parse().unwrap());
         assert_eq!(
-            conversation_id(&h, &cfg(Some("m")), |_| Some("b".into()), fp),
-            Some("s-1".into())
+            conversation_id(&h, &cfg(&["m"]), |_| Some("b".into()), fp),
+            Some(Identity {
+                id: "s-1".into(),
+                guessed: false
+            })
         );
         h.insert("x-conversation-id", "c-1".parse().unwrap());
         assert_eq!(
-            conversation_id(&h, &cfg(None), |_| None, fp),
+            id(conversation_id(&h, &cfg(&[]), |_| None, fp)),
             Some("c-1".into())
         );
         h.insert("x-conversation-id", "x".repeat(500).parse().unwrap());
-        let id = conversation_id(&h, &cfg(None), |_| None, fp).unwrap();
+        let id = conversation_id(&h, &cfg(&[]), |_| None, fp).unwrap().id;
         assert_eq!(id.len(), 18);
         assert!(id.starts_with("h:"));
+    }
+
+    #[test]
+    fn body_fields_in_order_and_user_ids_only_through_their_session() {
+        let h = HeaderMap::new();
+        let c = cfg(&["prompt_cache_key", "metadata.user_id"]);
+        let fp = || Some("fp".to_string());
+        let body = |key: Option<&str>, user: Option<&str>| {
+            let (key, user) = (key.map(str::to_string), user.map(str::to_string));
+            move |p: &str| match p {
+                "prompt_cache_key" => key.clone(),
+                "metadata.user_id" => user.clone(),
+                _ => None,
+            }
+        };
+        let got = |key, user| id(conversation_id(&h, &c, body(key, user), fp));
+        // Codex: prompt_cache_key names the conversation.
+        assert_eq!(got(Some("conv-7"), None), Some("conv-7".into()));
+        // Claude Code, older builds: the session is the tail of the user id.
+        assert_eq!(
+            got(None, Some("user_ab12_account_9f0e_session_4d5c-77")),
+            Some("4d5c-77".into())
+        );
+        // Claude Code, newer builds: a JSON string with a session_id.
+        assert_eq!(
+            got(
+                None,
+                Some(r#"{"device_id":"d1","account_uuid":"a1","session_id":"s-42"}"#)
+            ),
+            Some("s-42".into())
+        );
+        // A plain user id names a person, not a conversation: the fingerprint decides.
+        assert_eq!(got(None, Some("user-123")), Some("fp".into()));
+        assert_eq!(got(Some(" "), None), Some("fp".into()));
     }
 }

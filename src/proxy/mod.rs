@@ -49,6 +49,7 @@ pub struct Proxy {
     max_body_bytes: u64,
     conversation: Conversation,
     gates: Arc<Gates>,
+    gate_fingerprinted: bool,
     pruning: prune::Pruning,
     heavy: heavy::Heavy,
     transcripts: Transcripts,
@@ -93,6 +94,7 @@ impl Proxy {
             max_body_bytes: config.max_body_bytes,
             conversation: config.conversation.clone(),
             gates,
+            gate_fingerprinted: config.gates.gate_fingerprinted,
             pruning: prune::Pruning::new(config).map_err(upstream::BuildError::Counter)?,
             // One low-priority thread per core: heavy requests use idle CPU in parallel, and
             // yield it to the async workers whenever they need it.

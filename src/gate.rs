@@ -1,4 +1,5 @@
-//! Gate: phase 3 of the life of a request (docs/ARCHITECTURE.md, "admit").
+//! Gate: what phase 3 of the life of a request, admit (`proxy/admit.rs`), waits on; see
+//! docs/ARCHITECTURE.md.
 //!
 //! Owns admission. A request enters only with a [`Permit`] that holds, in this order, a slot of
 //! its conversation's semaphore, a slot of its route's cap (if the route has one) and a slot of

@@ -61,7 +61,7 @@ pub async fn serve(
     let admin_task = tokio::spawn(server::serve_admin(admin_listener, admin, async {
         let _ = admin_stop_rx.await;
     }));
-    proxy.warm_up(&readiness);
+    proxy.start_background(&readiness);
 
     tracing::info!(listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
         routes = config.routes.len(), "ctxgate serving");

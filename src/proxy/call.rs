@@ -120,6 +120,8 @@ pub enum End {
     UpstreamError,
     /// The client went away before the end.
     ClientGone,
+    /// Handling the call panicked (a bug) and unwound through it.
+    Panicked,
 }
 
 /// One call, from arrival to its record.
@@ -261,7 +263,11 @@ impl CallEnd for Call {
 impl Drop for Call {
     fn drop(&mut self) {
         // Dropped unrecorded: the request's future was dropped (the client left before the
-        // response headers, or reset its HTTP/2 stream).
-        self.end(End::ClientGone);
+        // response headers, or reset its HTTP/2 stream), or a bug panicked through it.
+        if std::thread::panicking() {
+            self.end(End::Panicked);
+        } else {
+            self.end(End::ClientGone);
+        }
     }
 }

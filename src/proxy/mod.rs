@@ -7,8 +7,9 @@
 //!
 //! [`Proxy::handle`] below is that diagram in code. Each phase is a method of [`Proxy`] in its
 //! own file that reads and writes the [`call::Call`] and returns an [`Error`] to end the call
-//! early; no phase counts, logs or records anything — `record` alone does, exactly once per
-//! call, on every path (the `Call` is a drop guard from the moment the request arrives). The
+//! early; no phase counts or records anything (they log only debug lines and ctxgate's own
+//! faults) — `record` alone does, exactly once per call, on every path (the `Call` is a drop
+//! guard from the moment the request arrives). The
 //! wire formats are `crate::dialect`, pruning itself is `crate::prune`, the gates are
 //! `crate::gate`. `upstream.rs` holds the pooled clients, TLS and the start-up warm-up;
 //! `heavy.rs` the low-priority pool for large bodies. docs/ARCHITECTURE.md has the whole map.
@@ -87,8 +88,6 @@ impl Proxy {
             route_metrics.push(RouteMetrics::new(&m.call, &m.gate.wait, &m.prune, &r.name));
         }
         let gates = admit::gates(config);
-        // The sweeper holds the gates weakly: it ends with the proxy.
-        gates.spawn_sweeper();
         Ok(Proxy {
             routes,
             max_body_bytes: config.max_body_bytes,
@@ -141,8 +140,10 @@ impl Proxy {
         self.forward(call, upstream_uri).await
     }
 
-    /// Warms up every route's connections in the background, reporting to `readiness`.
-    pub fn warm_up(&self, readiness: &Arc<upstream::Readiness>) {
+    /// Starts the background work: the gate sweeper (it holds the gates weakly and ends with
+    /// the proxy) and each route's connection warm-up, reporting to `readiness`.
+    pub fn start_background(&self, readiness: &Arc<upstream::Readiness>) {
+        self.gates.spawn_sweeper();
         for r in &self.routes {
             tokio::spawn(upstream::warm_up(
                 r.config.clone(),

@@ -10,7 +10,8 @@
 //!   transcript record, handed to the bounded queue without waiting.
 //!
 //! A call that ends before any response was sent counts as status 499 (the client closed the
-//! request: nginx's convention) in the metrics and the record.
+//! request: nginx's convention) in the metrics and the record; one whose handling panicked
+//! (a bug) as 500, error kind `internal_panic`.
 
 use std::time::Duration;
 
@@ -242,6 +243,21 @@ impl Recorder {
         if let (Some(r), Some(t)) = (self.route(call), call.ttfb) {
             r.ttfb.observe(t.as_secs_f64());
         }
+        self.count_admission(call);
+    }
+
+    /// What the call's admission and pruning were: counted once, when the response starts
+    /// (or when the call ends without one), so that a long stream's pruning shows at once.
+    fn count_admission(&self, call: &Call) {
+        let Some(m) = self.route(call) else { return };
+        if let Some(w) = call.waited {
+            m.gate_wait.observe(w.as_secs_f64());
+        }
+        if let (Some(at), Some(w)) = (call.forwarded_at, call.waited) {
+            let own = at.saturating_duration_since(call.start).saturating_sub(w);
+            m.overhead.observe(own.as_secs_f64());
+        }
+        m.prune.observe(call);
     }
 
     fn count_response(&self, route: &str, status: u16) {
@@ -260,6 +276,7 @@ impl Finish for Recorder {
         if !responded {
             call.status = Some(match &call.failure {
                 Some(e) if end == End::Failed => e.status().as_u16(),
+                _ if end == End::Panicked => 500,
                 _ => CLIENT_CLOSED,
             });
             self.count_response(call.route_name(), call.status.unwrap_or(CLIENT_CLOSED));
@@ -287,14 +304,9 @@ impl Recorder {
         };
         let name = route.config.name.as_str();
         m.duration.observe(elapsed.as_secs_f64());
-        if let Some(w) = call.waited {
-            m.gate_wait.observe(w.as_secs_f64());
+        if !responded {
+            self.count_admission(call);
         }
-        if let (Some(at), Some(w)) = (call.forwarded_at, call.waited) {
-            let own = at.saturating_duration_since(call.start).saturating_sub(w);
-            m.overhead.observe(own.as_secs_f64());
-        }
-        m.prune.observe(call);
         if responded && call.chat {
             self.observe_usage(
                 name,
@@ -347,6 +359,7 @@ impl Recorder {
                 m.disconnects.inc();
                 Some("client_disconnect")
             }
+            End::Panicked => Some("internal_panic"),
             End::Timeout(phase) => {
                 self.metrics
                     .timeouts
@@ -461,27 +474,52 @@ fn record(
 fn log(call: &Call, end: End, error_kind: Option<&'static str>) {
     let route = call.route_name();
     let action = call.action.as_str();
+    // What pruning and the gate did, on every event: a pruned call that then fails still
+    // shows its figures.
+    let tokens_before = call.summary.as_ref().map(|s| s.tokens_before);
+    let tokens_after = call.summary.as_ref().map(|s| s.tokens_after);
+    let waited_ms = call.waited.map(|w| w.as_millis() as u64);
+    let error = call.failure.as_ref().map(|e| e.to_string());
     match end {
         End::Failed if call.route.is_none() => {
             tracing::debug!(method = %call.request.method, path = %call.request.uri.path(), kind = error_kind, "no route");
         }
-        End::Failed => {
-            let error = call
-                .failure
-                .as_ref()
-                .map(|e| e.to_string())
-                .unwrap_or_default();
-            match &call.failure {
-                Some(Error::ContextOverflow(r)) => {
-                    tracing::warn!(route, kind = error_kind, pinned_tokens = r.pinned_tokens, limit = r.limit, %error, "request rejected: pinned part over the token limit")
-                }
-                _ => tracing::warn!(route, kind = error_kind, action, %error, "request failed"),
+        End::Failed => match &call.failure {
+            Some(Error::ContextOverflow(r)) => {
+                tracing::warn!(
+                    route,
+                    kind = error_kind,
+                    pinned_tokens = r.pinned_tokens,
+                    limit = r.limit,
+                    error,
+                    "request rejected: pinned part over the token limit"
+                )
             }
+            _ => tracing::warn!(
+                route,
+                kind = error_kind,
+                action,
+                tokens_before,
+                tokens_after,
+                waited_ms,
+                error,
+                "request failed"
+            ),
+        },
+        End::Panicked => {
+            tracing::error!(
+                route,
+                action,
+                "request handling panicked (a bug: please report it)"
+            );
         }
         End::ClientGone if call.ttfb.is_none() => {
             tracing::info!(
                 route,
                 action,
+                tokens_before,
+                tokens_after,
+                waited_ms,
                 "client went away before the response headers"
             );
         }
@@ -489,6 +527,9 @@ fn log(call: &Call, end: End, error_kind: Option<&'static str>) {
             tracing::info!(
                 route,
                 action,
+                tokens_before,
+                tokens_after,
+                waited_ms,
                 "client went away before the end of the response"
             );
         }
@@ -497,11 +538,21 @@ fn log(call: &Call, end: End, error_kind: Option<&'static str>) {
                 route,
                 phase = phase.as_str(),
                 action,
+                tokens_before,
+                tokens_after,
+                waited_ms,
                 "timeout during the response body"
             );
         }
         End::UpstreamError => {
-            tracing::warn!(route, action, "upstream failed during the response body");
+            tracing::warn!(
+                route,
+                action,
+                tokens_before,
+                tokens_after,
+                waited_ms,
+                "upstream failed during the response body"
+            );
         }
         End::Complete => match (&call.summary, call.action) {
             (Some(s), PruneAction::Pruned | PruneAction::Shadow) => {

@@ -234,16 +234,18 @@ impl<B: Body> Drop for StreamBack<B> {
 }
 
 /// The body of every response ctxgate sends: a streamed upstream body or one ctxgate made.
+/// (A call answered with ctxgate's own error is recorded when the error is made, so a body
+/// ctxgate makes carries no call.)
 pub enum ResponseBody {
     /// The upstream's body, streamed through.
     Stream(StreamBack),
-    /// A body made by ctxgate (errors, admin pages), with an optional guard to run at its end.
-    Full(Full<Bytes>, Option<CallGuard>),
+    /// A body made by ctxgate (errors, admin pages).
+    Full(Full<Bytes>),
 }
 
 impl From<Bytes> for ResponseBody {
     fn from(b: Bytes) -> Self {
-        ResponseBody::Full(Full::new(b), None)
+        ResponseBody::Full(Full::new(b))
     }
 }
 
@@ -257,13 +259,8 @@ impl Body for ResponseBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             ResponseBody::Stream(s) => Pin::new(s).poll_frame(cx),
-            ResponseBody::Full(f, guard) => {
+            ResponseBody::Full(f) => {
                 let r = ready!(Pin::new(f).poll_frame(cx));
-                if r.is_none() {
-                    if let Some(mut g) = guard.take() {
-                        g.finish(End::Complete);
-                    }
-                }
                 Poll::Ready(r.map(|f| f.map_err(|never| match never {})))
             }
         }
@@ -272,25 +269,14 @@ impl Body for ResponseBody {
     fn is_end_stream(&self) -> bool {
         match self {
             ResponseBody::Stream(s) => s.is_end_stream(),
-            ResponseBody::Full(f, _) => f.is_end_stream(),
+            ResponseBody::Full(f) => f.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
             ResponseBody::Stream(s) => s.size_hint(),
-            ResponseBody::Full(f, _) => f.size_hint(),
-        }
-    }
-}
-
-impl Drop for ResponseBody {
-    fn drop(&mut self) {
-        // A ctxgate-made body is fully known: once hyper has it, the response is complete.
-        if let ResponseBody::Full(f, Some(g)) = self {
-            if f.is_end_stream() {
-                g.finish(End::Complete);
-            }
+            ResponseBody::Full(f) => f.size_hint(),
         }
     }
 }

@@ -2,12 +2,13 @@
 //! budget, conversation view, token counter) — no I/O — so it can be unit-tested,
 //! property-tested and benchmarked alone.
 //!
-//! Terms (docs/ARCHITECTURE.md, "Pruning"). A *turn* starts at a genuine user message (a tool result,
-//! or an Anthropic user message holding only `tool_result` blocks, does not start one). A
-//! *unit* is what stays or goes together: a message, or an assistant message with tool calls
-//! plus the results answering them. *Pinned*: leading system/developer messages (Anthropic:
-//! `system`), tool definitions, the user message opening the newest turn (the task) and the
-//! newest unit. The kept history is one contiguous tail of units plus the task.
+//! Terms (docs/ARCHITECTURE.md, "Pruning"). A *turn* starts at a genuine user message (a
+//! tool result, or an Anthropic user message holding only `tool_result` blocks, does not start
+//! one). A *unit* is what stays or goes together: a message, or an assistant message with tool
+//! calls plus the results answering them. *Pinned*: every system/developer message wherever it
+//! stands (Anthropic: `system`), tool definitions, the user message opening the newest turn
+//! (the task), the newest turn's newest tool exchange and the newest unit. The kept history is
+//! one contiguous tail of units plus the pinned units before it.
 //!
 //! Steps: count (newest first, exact only while the running total is within the limit;
 //! older messages use cached counts or a bytes/4 estimate, so the work grows with the

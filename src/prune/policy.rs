@@ -58,6 +58,10 @@ struct Work<'a> {
     turn_of: Vec<usize>,
     turns: usize,
     task_unit: Option<usize>,
+    /// Units kept whatever the budget, besides the newest: the task's, every unit holding a
+    /// system/developer message (wherever it stands), and the newest turn's newest tool
+    /// exchange (a later system note or reminder does not unpin it).
+    pinned: Vec<bool>,
     cut: Option<(usize, u64)>,
     /// Whether the pinned figure in a rejection is exact (counting stops past the limit).
     pinned_exact: bool,
@@ -138,6 +142,7 @@ impl<'a> Work<'a> {
             turn_of: vec![0; n],
             turns: 0,
             task_unit: None,
+            pinned: Vec::new(),
             cut: prev.and_then(|p| p.cut),
         };
         w.structure();
@@ -196,6 +201,30 @@ impl<'a> Work<'a> {
         }
         self.turns = turn;
         self.task_unit = task.map(|t| self.unit_of[t]);
+        self.pinned = vec![false; self.units.len()];
+        if let Some(t) = self.task_unit {
+            self.pinned[t] = true;
+        }
+        let mut newest_exchange = None;
+        for (u, &(start, end)) in self.units.iter().enumerate() {
+            let metas = || self.entries[start..end].iter().map(|e| &e.meta);
+            if metas().any(|m| m.system) {
+                self.pinned[u] = true;
+            }
+            if metas().any(|m| !m.calls.is_empty() || m.legacy_call) {
+                newest_exchange = Some(u);
+            }
+        }
+        // The newest tool exchange of the newest turn: the work the agent is in the middle
+        // of, even when a system note or reminder came after it (those open no turn).
+        if let Some(u) = newest_exchange.filter(|&u| self.task_unit.is_none_or(|t| u >= t)) {
+            self.pinned[u] = true;
+        }
+    }
+
+    /// The pinned units older than the newest, oldest first.
+    fn pinned_before(&self, unit: usize) -> impl Iterator<Item = usize> + '_ {
+        (0..unit).filter(|&u| self.pinned[u])
     }
 
     fn value(&mut self, i: usize) -> &Value {
@@ -324,12 +353,17 @@ impl<'a> Work<'a> {
         (total, true)
     }
 
+    /// Whether the first kept message that is not a system message, with the cut at
+    /// `cut_unit`, is a user message (Anthropic requires it).
     fn first_is_user(&self, cut_unit: usize) -> bool {
-        let first = match self.task_unit {
-            Some(t) if cut_unit > t => self.units[t].0,
-            _ => self.units[cut_unit].0,
-        };
-        self.entries[first].meta.user
+        let n = self.entries.len();
+        let kept = self
+            .pinned_before(cut_unit)
+            .flat_map(|u| self.units[u].0..self.units[u].1)
+            .chain(self.units[cut_unit].0..n);
+        kept.map(|i| &self.entries[i].meta)
+            .find(|m| !m.system)
+            .is_none_or(|m| m.user)
     }
 
     fn run(&mut self, prev_cut: Option<(usize, u64)>) -> Outcome {
@@ -388,8 +422,8 @@ impl<'a> Work<'a> {
 
         // Build the kept list.
         let mut kept: Vec<usize> = (0..self.sys_end).collect();
-        if let Some(t) = self.task_unit.filter(|&t| t < cut_unit) {
-            kept.extend(self.units[t].0..self.units[t].1);
+        for u in self.pinned_before(cut_unit).collect::<Vec<_>>() {
+            kept.extend(self.units[u].0..self.units[u].1);
         }
         kept.extend(start..n);
         self.finish(base, kept, fixed, moved)
@@ -440,13 +474,13 @@ impl<'a> Work<'a> {
         let (t, mut pinned_exact) = self.unit_pruned(newest, cap(fixed));
         let mut pinned = fixed + t;
         let mut pinned_msgs = self.sys_end + self.unit_len(newest);
-        if let Some(t) = self.task_unit.filter(|&t| t != newest) {
+        for u in self.pinned_before(newest).collect::<Vec<_>>() {
             if pinned_exact {
-                let (tt, exact) = self.unit_pruned(t, cap(pinned));
-                pinned += tt;
+                let (t, exact) = self.unit_pruned(u, cap(pinned));
+                pinned += t;
                 pinned_exact = exact;
             }
-            pinned_msgs += self.unit_len(t);
+            pinned_msgs += self.unit_len(u);
         }
         (pinned, pinned_msgs, pinned_exact)
     }
@@ -476,7 +510,7 @@ impl<'a> Work<'a> {
         let cu = self.unit_of[idx];
         let (mut total, mut msgs) = (pinned, pinned_msgs);
         for u in cu..newest {
-            if Some(u) == self.task_unit {
+            if self.pinned[u] {
                 continue;
             }
             msgs += self.unit_len(u);
@@ -505,7 +539,7 @@ impl<'a> Work<'a> {
         let (mut total, mut msgs) = (pinned, pinned_msgs);
         let mut cu = newest;
         for u in (0..newest).rev() {
-            if Some(u) == self.task_unit {
+            if self.pinned[u] {
                 cu = u;
                 continue;
             }
@@ -595,7 +629,7 @@ impl<'a> Work<'a> {
                 pinned_tokens: pinned,
                 limit,
                 message: format!(
-                    "prompt needs {at_least}{pinned} tokens for its pinned part (system, tools, task and newest message), over the limit of {limit} ({key})"
+                    "prompt needs {at_least}{pinned} tokens for its pinned part (system, tools, task, newest tool exchange and newest message), over the limit of {limit} ({key})"
                 ),
             })
         };
@@ -631,8 +665,8 @@ impl<'a> Work<'a> {
         let n = self.entries.len();
         let mut kept: Vec<usize> = (0..self.sys_end).collect();
         if let Some(newest) = self.units.len().checked_sub(1) {
-            if let Some(t) = self.task_unit.filter(|&t| t != newest) {
-                kept.extend(self.units[t].0..self.units[t].1);
+            for u in self.pinned_before(newest).collect::<Vec<_>>() {
+                kept.extend(self.units[u].0..self.units[u].1);
             }
             kept.extend(self.units[newest].0..n);
         }

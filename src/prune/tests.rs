@@ -417,7 +417,7 @@ fn overflow_reject_message() {
     assert_eq!(r.limit, 4000);
     assert_eq!(
         r.message,
-        format!("prompt needs at least {} tokens for its pinned part (system, tools, task and newest message), over the limit of 4000 (prune.hard_token_limit)", r.pinned_tokens)
+        format!("prompt needs at least {} tokens for its pinned part (system, tools, task, newest tool exchange and newest message), over the limit of 4000 (prune.hard_token_limit)", r.pinned_tokens)
     );
 }
 
@@ -765,10 +765,36 @@ fn check_structure(dialect: Dialect, orig_body: &[u8], out_body: &[u8]) {
         Some(orig.len() - 1),
         "newest message kept"
     );
-    // Contiguous tail, allowing one gap right after the pinned task.
-    let rest = &idx[sys..];
+    // Every system message, wherever it stands, is kept.
+    let is_sys = |i: usize| orig[i]["role"] == "system" || orig[i]["role"] == "developer";
+    for i in (0..orig.len()).filter(|&i| is_sys(i)) {
+        assert!(idx.contains(&i), "system message {i} dropped: kept {idx:?}");
+    }
+    // The newest turn's newest tool exchange is kept, whatever system notes follow it.
+    let genuine_at = |i: usize| {
+        let m = &orig[i];
+        m["role"] == "user"
+            && !(dialect == Dialect::Anthropic
+                && m["content"]
+                    .as_array()
+                    .is_some_and(|a| !a.is_empty() && a.iter().all(|b| b["type"] == "tool_result")))
+    };
+    let task_at = (0..orig.len()).rev().find(|&i| genuine_at(i));
+    let exchange = (task_at.unwrap_or(0)..orig.len())
+        .rev()
+        .find(|&i| !ids(&orig[i], dialect).0.is_empty());
+    if let Some(e) = exchange {
+        assert!(
+            idx.contains(&e),
+            "newest tool exchange {e} dropped: kept {idx:?}"
+        );
+    }
+    // Apart from the system messages: a contiguous tail, allowing one gap right after the
+    // pinned task.
+    let rest: Vec<usize> = idx[sys..].iter().copied().filter(|&i| !is_sys(i)).collect();
+    let rest = &rest[..];
     let gaps: Vec<usize> = (1..rest.len())
-        .filter(|&k| rest[k] != rest[k - 1] + 1)
+        .filter(|&k| (rest[k - 1] + 1..rest[k]).any(|i| !is_sys(i)))
         .collect();
     assert!(gaps.len() <= 1, "kept {idx:?}");
     if let Some(&g) = gaps.first() {
@@ -861,6 +887,9 @@ struct GenTurn {
     user_file_lines: usize,
     steps: Vec<(usize, usize)>, // (calls in the step, result lines)
     answer_words: usize,
+    /// A `role: "system"` message right after the user message (OpenAI only: Anthropic's
+    /// system prompt is a field, not a message).
+    system_note: bool,
 }
 
 fn gen_turn() -> impl Strategy<Value = GenTurn> {
@@ -869,18 +898,27 @@ fn gen_turn() -> impl Strategy<Value = GenTurn> {
         prop_oneof![Just(0usize), 5usize..60],
         prop::collection::vec((1usize..3, 1usize..40), 0..3),
         0usize..80,
+        prop::bool::weighted(0.3),
     )
         .prop_map(
-            |(user_words, user_file_lines, steps, answer_words)| GenTurn {
+            |(user_words, user_file_lines, steps, answer_words, system_note)| GenTurn {
                 user_words,
                 user_file_lines,
                 steps,
                 answer_words,
+                system_note,
             },
         )
 }
 
-fn render(turns: &[GenTurn], dialect: Dialect, end_in_tool: bool) -> Vec<u8> {
+/// A generated conversation as a request body; with `trailing_note` (OpenAI) a system note
+/// after the last message, as an agent appends one after a large tool result.
+fn render_with_note(
+    turns: &[GenTurn],
+    dialect: Dialect,
+    end_in_tool: bool,
+    trailing_note: bool,
+) -> Vec<u8> {
     let mut msgs: Vec<Value> = Vec::new();
     if dialect == Dialect::OpenAi {
         msgs.push(json!({"role":"system","content":"You are a careful agent."}));
@@ -898,6 +936,9 @@ fn render(turns: &[GenTurn], dialect: Dialect, end_in_tool: bool) -> Vec<u8> {
             Dialect::OpenAi => json!({"role":"user","content": text}),
             Dialect::Anthropic => json!({"role":"user","content":[{"type":"text","text": text}]}),
         });
+        if turn.system_note && dialect == Dialect::OpenAi {
+            msgs.push(json!({"role":"system","content": format!("note {t}: the working directory is /repo/{t}")}));
+        }
         let last_turn = t + 1 == turns.len();
         for (s, &(n_calls, lines)) in turn.steps.iter().enumerate() {
             let result: String = (0..lines)
@@ -934,6 +975,9 @@ fn render(turns: &[GenTurn], dialect: Dialect, end_in_tool: bool) -> Vec<u8> {
                 }
             });
         }
+    }
+    if trailing_note && dialect == Dialect::OpenAi {
+        msgs.push(json!({"role":"system","content":"reminder: keep the answer short"}));
     }
     let mut body = json!({"model":"gpt-4o","temperature":0.5});
     let obj = body.as_object_mut().unwrap();
@@ -983,10 +1027,11 @@ proptest! {
         turns in prop::collection::vec(gen_turn(), 1..8),
         anthropic in any::<bool>(),
         end_in_tool in any::<bool>(),
+        trailing_note in any::<bool>(),
         budget in gen_budget(),
     ) {
         let dialect = if anthropic { Dialect::Anthropic } else { Dialect::OpenAi };
-        let body = render(&turns, dialect, end_in_tool);
+        let body = render_with_note(&turns, dialect, end_in_tool, trailing_note);
         let req = ChatRequest::parse(dialect, &body).unwrap();
         let c = counter();
         let v = view();
@@ -1043,4 +1088,49 @@ proptest! {
         let again = elide::elide_text(&text, min_lines, &c, Encoding::O200kBase).map(|x| x.0).unwrap_or_else(|| text.clone());
         prop_assert_eq!(once, again);
     }
+}
+
+#[test]
+fn system_turns_anywhere_and_the_newest_tool_exchange_stay_pinned() {
+    // What a coding agent sends: its prompt, a second system turn with the environment, the
+    // task, a first tool exchange, a second one with a large result, then a system note.
+    let big = "line of output from the tool\n".repeat(400);
+    let msgs = json!([
+        {"role":"system","content":"You are a coding agent."},
+        {"role":"system","content":"Working directory: /repo. Platform: linux. Agents: explore, plan."},
+        {"role":"user","content":"Fix the failing test in src/lib.rs."},
+        {"role":"assistant","content":null,"tool_calls":[{"id":"t1","type":"function","function":{"name":"read","arguments":"{\"p\":\"a\"}"}}]},
+        {"role":"tool","tool_call_id":"t1","content":"old ".repeat(300)},
+        {"role":"assistant","content":null,"tool_calls":[{"id":"t2","type":"function","function":{"name":"run","arguments":"{\"cmd\":\"cargo test\"}"}}]},
+        {"role":"tool","tool_call_id":"t2","content": big},
+        {"role":"system","content":"Reminder: the test output above is truncated."},
+    ]);
+    let body = json!({"model":"gpt-4o","messages": msgs})
+        .to_string()
+        .into_bytes();
+    let req = ChatRequest::parse(Dialect::OpenAi, &body).unwrap();
+    let c = counter();
+    let total = c.count_request(&req);
+    let budget = Budget {
+        hard_token_limit: total - 100,
+        target_tokens: total - 200,
+        max_messages: 0,
+        ..Budget::default()
+    };
+    let Outcome::Pruned { body: out, summary } = prune(&req, &budget, &view(), "agent", &c) else {
+        panic!("expected pruning");
+    };
+    let kept = messages(&out);
+    // Only the first, smaller exchange went: both system turns, the task, the newest exchange
+    // and the note stay, in order.
+    let roles: Vec<&str> = kept.iter().map(|m| m["role"].as_str().unwrap()).collect();
+    assert_eq!(
+        roles,
+        ["system", "system", "user", "assistant", "tool", "system"]
+    );
+    assert_eq!(kept[1], msgs[1]);
+    assert_eq!(kept[3], msgs[5]);
+    assert_eq!(kept[4], msgs[6]);
+    assert_eq!(kept[5], msgs[7]);
+    assert_eq!(summary.messages_dropped, 2);
 }

@@ -325,6 +325,7 @@ async fn rejection_limit_header_shadow_and_skips() {
     // Shadow mode forwards the original bytes.
     let up2 = mock(llm_reply).await;
     let gate2 = TestConfig::both(&up2)
+        .set("prune", "hard_token_limit", 4000)
         .set("prune", "mode", "shadow")
         .start()
         .await;

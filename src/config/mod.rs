@@ -328,12 +328,15 @@ pub struct Budget {
 }
 
 impl Default for Budget {
-    /// The seed values: 4000 tokens, target 2400, 5 messages, file contents kept 1 turn.
+    /// Room for a coding agent: 100,000 tokens (its system prompt and tools alone are
+    /// 8,000-25,000), the cut moving down to 60,000, no message cap (a cap moves the cut every
+    /// turn), file contents kept 1 turn. The small profile for short-context chat models
+    /// (4,000 tokens, 5 messages) is `examples/small-chat.toml`.
     fn default() -> Self {
         Budget {
-            hard_token_limit: 4000,
-            target_tokens: 2400,
-            max_messages: 5,
+            hard_token_limit: 100_000,
+            target_tokens: 60_000,
+            max_messages: 0,
             keep_file_content_turns: 1,
             min_file_lines: 20,
             reserve_output: false,

@@ -167,10 +167,10 @@ fn prune_levels_refine_each_other() {
     assert_eq!((b.hard_token_limit, b.target_tokens), (10000, 5000));
     assert_eq!(Budget::for_request(r, None, None).hard_token_limit, 10000);
 
-    let e = load(&format!("[prune]\ntarget_tokens = 5000\n{MIN}")).unwrap_err();
+    let e = load(&format!("[prune]\ntarget_tokens = 500000\n{MIN}")).unwrap_err();
     assert_eq!(
         e.to_string(),
-        "prune.target_tokens: must be between 1 and hard_token_limit (4000), got 5000"
+        "prune.target_tokens: must be between 1 and hard_token_limit (100000), got 500000"
     );
     let e = load(&format!("[prune]\non_overflow = \"drop\"\n{MIN}")).unwrap_err();
     assert_eq!(e.key, "prune.on_overflow");

@@ -203,3 +203,58 @@ async fn a_fresh_page_shows_every_known_series_at_zero() {
     has("ctxgate_http_request_duration_seconds_count{route=\"test\"} 0");
     stop(gate).await;
 }
+
+#[tokio::test]
+async fn compressed_answers_pass_untouched_and_their_usage_is_read() {
+    use std::io::Write;
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(OPENAI_JSON.as_bytes()).unwrap();
+    let gz = bytes::Bytes::from(gz.finish().unwrap());
+    let reply = gz.clone();
+    let up = mock(move |_| Reply::Full {
+        status: 200,
+        headers: vec![
+            ("content-type".into(), "application/json".into()),
+            ("content-encoding".into(), "gzip".into()),
+        ],
+        body: reply.clone(),
+    })
+    .await;
+    let gate = TestConfig::openai(&up).start().await;
+    let body = serde_json::json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}).to_string();
+    let (s, h, b) = send(
+        "POST",
+        &gate.url("/v1/chat/completions"),
+        &[("accept-encoding", "gzip")],
+        &body,
+    )
+    .await;
+    assert_eq!(s, 200);
+    assert_eq!(h["content-encoding"], "gzip");
+    assert_eq!(
+        b, gz,
+        "the client gets the upstream's compressed bytes as they were"
+    );
+    // The tap read the usage from the decoded answer: 21 prompt, 5 completion, 8 cached.
+    until_sample(
+        &gate,
+        "ctxgate_upstream_tokens_total{route=\"test\",type=\"input\"}",
+        21.0,
+    )
+    .await;
+    let page = metrics(&gate).await;
+    assert_eq!(
+        sample(
+            &page,
+            "ctxgate_upstream_tokens_total{route=\"test\",type=\"output\"}"
+        ),
+        5.0
+    );
+    assert_eq!(
+        sample(
+            &page,
+            "ctxgate_upstream_tokens_total{route=\"test\",type=\"cache_read\"}"
+        ),
+        8.0
+    );
+}

@@ -4,6 +4,11 @@
 //! partial SSE line), and parses only the events that can carry what it looks for, so it never
 //! delays a byte. Where each dialect keeps its usage is the dialect's own business
 //! ([`Wire::tap_json`], [`Wire::tap_event`]); this file is the machinery they share.
+//!
+//! A compressed answer (`Content-Encoding: gzip`, `deflate`, `br` or `zstd`; the SDKs ask for
+//! them) is decoded as it streams, for the tap only: the client gets the upstream's bytes
+//! untouched. Decoding stops (and usage is not read) past [`MAX_DECODED`] bytes or at the
+//! first corrupt byte; an encoding the tap does not know leaves usage unread.
 
 use bytes::Bytes;
 use serde_json::Value;
@@ -14,6 +19,142 @@ use super::Wire;
 const MAX_JSON_COPY: usize = 8 * 1024 * 1024;
 /// Longest SSE line the tap keeps while waiting for its end.
 const MAX_LINE: usize = 1024 * 1024;
+/// Most bytes the tap decodes from one compressed answer (a bound against decompression
+/// bombs; the answer itself is passed on whatever its size).
+pub const MAX_DECODED: usize = 64 * 1024 * 1024;
+
+/// A push decoder of one `Content-Encoding`, writing into a buffer the tap drains.
+enum Decoder {
+    Gzip(Box<flate2::write::GzDecoder<Vec<u8>>>),
+    /// HTTP's `deflate` is zlib-wrapped; some servers send raw deflate, told apart by the
+    /// first two bytes (held in `head` until both have come).
+    Deflate {
+        head: Vec<u8>,
+        kind: Option<Box<DeflateKind>>,
+    },
+    Brotli(Box<brotli_decompressor::DecompressorWriter<Vec<u8>>>),
+    Zstd(Box<zstd::stream::write::Decoder<'static, Vec<u8>>>),
+}
+
+enum DeflateKind {
+    Zlib(flate2::write::ZlibDecoder<Vec<u8>>),
+    Raw(flate2::write::DeflateDecoder<Vec<u8>>),
+}
+
+impl DeflateKind {
+    fn write(&mut self, chunk: &[u8]) -> std::io::Result<Vec<u8>> {
+        use std::io::Write;
+        match self {
+            DeflateKind::Zlib(d) => {
+                d.write_all(chunk)?;
+                Ok(std::mem::take(d.get_mut()))
+            }
+            DeflateKind::Raw(d) => {
+                d.write_all(chunk)?;
+                Ok(std::mem::take(d.get_mut()))
+            }
+        }
+    }
+
+    fn finish(&mut self) -> std::io::Result<Vec<u8>> {
+        match self {
+            DeflateKind::Zlib(d) => {
+                d.try_finish()?;
+                Ok(std::mem::take(d.get_mut()))
+            }
+            DeflateKind::Raw(d) => {
+                d.try_finish()?;
+                Ok(std::mem::take(d.get_mut()))
+            }
+        }
+    }
+}
+
+impl Decoder {
+    /// The decoder of a `Content-Encoding` value: `Ok(None)` for none (`identity`), `Err` for
+    /// one the tap cannot decode.
+    fn of(encoding: &str) -> Result<Option<Decoder>, ()> {
+        match encoding.trim().to_ascii_lowercase().as_str() {
+            "" | "identity" => Ok(None),
+            "gzip" | "x-gzip" => Ok(Some(Decoder::Gzip(Box::new(
+                flate2::write::GzDecoder::new(Vec::new()),
+            )))),
+            "deflate" => Ok(Some(Decoder::Deflate {
+                head: Vec::new(),
+                kind: None,
+            })),
+            "br" => Ok(Some(Decoder::Brotli(Box::new(
+                brotli_decompressor::DecompressorWriter::new(Vec::new(), 16 * 1024),
+            )))),
+            "zstd" => zstd::stream::write::Decoder::new(Vec::new())
+                .map(|d| Some(Decoder::Zstd(Box::new(d))))
+                .map_err(|_| ()),
+            _ => Err(()),
+        }
+    }
+
+    /// Decodes one chunk; returns what it decoded so far.
+    fn write(&mut self, chunk: &[u8]) -> std::io::Result<Vec<u8>> {
+        use std::io::Write;
+        match self {
+            Decoder::Gzip(d) => {
+                d.write_all(chunk)?;
+                Ok(std::mem::take(d.get_mut()))
+            }
+            Decoder::Deflate { head, kind } => {
+                let k = match kind {
+                    Some(k) => k,
+                    None => {
+                        head.extend_from_slice(chunk);
+                        if head.len() < 2 {
+                            return Ok(Vec::new());
+                        }
+                        let zlib = head[0] & 0x0f == 8
+                            && (u16::from(head[0]) << 8 | u16::from(head[1])) % 31 == 0;
+                        let k = kind.insert(Box::new(if zlib {
+                            DeflateKind::Zlib(flate2::write::ZlibDecoder::new(Vec::new()))
+                        } else {
+                            DeflateKind::Raw(flate2::write::DeflateDecoder::new(Vec::new()))
+                        }));
+                        let first = std::mem::take(head);
+                        return k.write(&first);
+                    }
+                };
+                k.write(chunk)
+            }
+            Decoder::Brotli(d) => {
+                d.write_all(chunk)?;
+                Ok(std::mem::take(d.get_mut()))
+            }
+            Decoder::Zstd(d) => {
+                d.write_all(chunk)?;
+                Ok(std::mem::take(d.get_mut()))
+            }
+        }
+    }
+
+    /// Flushes what the decoder still holds, at the end of the answer.
+    fn finish(&mut self) -> std::io::Result<Vec<u8>> {
+        use std::io::Write;
+        match self {
+            Decoder::Gzip(d) => {
+                d.try_finish()?;
+                Ok(std::mem::take(d.get_mut()))
+            }
+            Decoder::Deflate { kind: Some(k), .. } => k.finish(),
+            Decoder::Deflate { head, kind: None } if head.is_empty() => Ok(Vec::new()),
+            Decoder::Deflate { .. } => Err(std::io::ErrorKind::UnexpectedEof.into()),
+            Decoder::Brotli(d) => {
+                d.flush()?;
+                Ok(std::mem::take(d.get_mut()))
+            }
+            Decoder::Zstd(d) => {
+                d.flush()?;
+                Ok(std::mem::take(d.get_mut()))
+            }
+        }
+    }
+}
 
 /// What the tap found.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -46,6 +187,12 @@ impl Tapped {
 pub struct UsageTap {
     wire: &'static dyn Wire,
     sse: bool,
+    /// Set for a compressed answer.
+    decoder: Option<Decoder>,
+    /// Bytes decoded so far.
+    decoded: usize,
+    /// Usage cannot be read (an unknown encoding, corrupt data, past [`MAX_DECODED`]).
+    blind: bool,
     /// Non-streamed body copy, or the current partial SSE line.
     buf: Vec<u8>,
     overflow: bool,
@@ -59,6 +206,9 @@ impl UsageTap {
         UsageTap {
             wire,
             sse,
+            decoder: None,
+            decoded: 0,
+            blind: false,
             buf: Vec::new(),
             overflow: false,
             found: Tapped {
@@ -68,8 +218,50 @@ impl UsageTap {
         }
     }
 
-    /// Feeds one chunk of the response body.
+    /// Reads the answer through its `Content-Encoding` (none when absent).
+    pub fn decoding(mut self, content_encoding: Option<&str>) -> Self {
+        match content_encoding.map(Decoder::of) {
+            None | Some(Ok(None)) => {}
+            Some(Ok(Some(d))) => self.decoder = Some(d),
+            Some(Err(())) => {
+                tracing::debug!(
+                    encoding = content_encoding.unwrap_or_default(),
+                    "answer in an encoding the usage tap cannot decode; usage not read"
+                );
+                self.blind = true;
+            }
+        }
+        self
+    }
+
+    /// Feeds one chunk of the response body (as it came from the upstream).
     pub fn feed(&mut self, chunk: &Bytes) {
+        if self.blind {
+            return;
+        }
+        let Some(d) = self.decoder.as_mut() else {
+            self.feed_plain(chunk);
+            return;
+        };
+        match d.write(chunk) {
+            Ok(plain) => self.feed_decoded(plain),
+            Err(_) => self.blind = true,
+        }
+    }
+
+    fn feed_decoded(&mut self, plain: Vec<u8>) {
+        self.decoded += plain.len();
+        if self.decoded > MAX_DECODED {
+            self.blind = true;
+            return;
+        }
+        if !plain.is_empty() {
+            self.feed_plain(&plain);
+        }
+    }
+
+    /// Feeds decoded bytes.
+    fn feed_plain(&mut self, chunk: &[u8]) {
         if !self.sse {
             if self.buf.len() + chunk.len() > MAX_JSON_COPY {
                 self.overflow = true;
@@ -99,6 +291,18 @@ impl UsageTap {
 
     /// What was found; call once the body has ended.
     pub fn finish(mut self) -> Tapped {
+        if let Some(mut d) = self.decoder.take() {
+            match d.finish() {
+                Ok(plain) if !self.blind => self.feed_decoded(plain),
+                _ => self.blind = true,
+            }
+        }
+        if self.blind {
+            return Tapped {
+                text: self.found.text.take().filter(|t| !t.is_empty()),
+                ..Tapped::default()
+            };
+        }
         if !self.sse && !self.overflow && !self.buf.is_empty() {
             let body = std::mem::take(&mut self.buf);
             self.wire.tap_json(&body, &mut self.found);
@@ -302,6 +506,98 @@ mod tests {
                 "{body}"
             );
         }
+    }
+
+    /// Feeds `bytes` in chunks of `n` through a tap reading `encoding`.
+    fn tap_encoded(dialect: Dialect, sse: bool, encoding: &str, bytes: &[u8], n: usize) -> Tapped {
+        let mut t = UsageTap::new(dialect.wire(), sse, false).decoding(Some(encoding));
+        for c in bytes.chunks(n) {
+            t.feed(&Bytes::copy_from_slice(c));
+        }
+        t.finish()
+    }
+
+    const ANSWER: &[u8] = include_bytes!("../../tests/fixtures/openai-answer.json");
+
+    #[test]
+    fn compressed_answers_are_read_in_every_encoding() {
+        use std::io::Write;
+        let want = (Some(31), Some(4), Some(16));
+        let figures = |t: Tapped| (t.input_tokens, t.output_tokens, t.cache_read_tokens);
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        gz.write_all(ANSWER).unwrap();
+        let gz = gz.finish().unwrap();
+        let mut zl = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+        zl.write_all(ANSWER).unwrap();
+        let zl = zl.finish().unwrap();
+        let mut raw = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::fast());
+        raw.write_all(ANSWER).unwrap();
+        let raw = raw.finish().unwrap();
+        let zst = zstd::encode_all(ANSWER, 3).unwrap();
+        // Made with Python's brotli package (the crate here only decodes).
+        let br = include_bytes!("../../tests/fixtures/openai-answer.json.br");
+        for (enc, bytes) in [
+            ("gzip", &gz[..]),
+            ("deflate", &zl[..]),
+            ("deflate", &raw[..]),
+            ("br", &br[..]),
+            ("zstd", &zst[..]),
+            ("GZIP", &gz[..]),
+        ] {
+            for n in [1, 7, 4096] {
+                assert_eq!(
+                    figures(tap_encoded(Dialect::OpenAi, false, enc, bytes, n)),
+                    want,
+                    "{enc} in chunks of {n}"
+                );
+            }
+        }
+        // A compressed SSE stream, Anthropic's, split mid-event.
+        let events = "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":10,\"cache_read_input_tokens\":5,\"output_tokens\":1}}}\n\nevent: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":9}}\n\n";
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        gz.write_all(events.as_bytes()).unwrap();
+        let gz = gz.finish().unwrap();
+        let t = tap_encoded(Dialect::Anthropic, true, "gzip", &gz, 5);
+        assert_eq!((t.input_tokens, t.output_tokens), (Some(15), Some(9)));
+        // Identity is no encoding at all.
+        assert_eq!(
+            figures(tap_encoded(Dialect::OpenAi, false, "identity", ANSWER, 9)),
+            want
+        );
+    }
+
+    #[test]
+    fn undecodable_answers_leave_usage_unread() {
+        // An unknown encoding, corrupt bytes, and a bomb past the decoding bound.
+        let none = (None, None);
+        let figures = |t: Tapped| (t.input_tokens, t.output_tokens);
+        assert_eq!(
+            figures(tap_encoded(Dialect::OpenAi, false, "compress", ANSWER, 64)),
+            none
+        );
+        assert_eq!(
+            figures(tap_encoded(Dialect::OpenAi, false, "gzip", ANSWER, 64)),
+            none
+        );
+        assert_eq!(
+            figures(tap_encoded(
+                Dialect::OpenAi,
+                false,
+                "br",
+                b"\xff\xfe nonsense",
+                4
+            )),
+            none
+        );
+        let zeros = vec![b' '; MAX_DECODED + 1024];
+        let mut body = zeros;
+        body.extend_from_slice(ANSWER);
+        let bomb = zstd::encode_all(&body[..], 1).unwrap();
+        assert!(bomb.len() < 64 * 1024, "{}", bomb.len());
+        assert_eq!(
+            figures(tap_encoded(Dialect::OpenAi, false, "zstd", &bomb, 8192)),
+            none
+        );
     }
 
     #[test]

@@ -303,11 +303,14 @@ impl Proxy {
             .is_some_and(|v| v.starts_with("text/event-stream"));
         // Usage is read from chat answers only: nothing else carries prompt usage.
         if call.chat {
-            call.tap = Some(UsageTap::new(
-                call.dialect.wire(),
-                sse,
-                self.transcripts.include_bodies(),
-            ));
+            let encoding = parts
+                .headers
+                .get(header::CONTENT_ENCODING)
+                .map(|v| v.to_str().unwrap_or("unreadable"));
+            call.tap = Some(
+                UsageTap::new(call.dialect.wire(), sse, self.transcripts.include_bodies())
+                    .decoding(encoding),
+            );
         }
         call.status = Some(parts.status.as_u16());
         call.ttfb = Some(call.start.elapsed());

@@ -443,3 +443,57 @@ async fn client_disconnect_cancels_upstream_and_frees_the_gate() {
         1.0
     );
 }
+
+#[tokio::test]
+async fn an_agents_token_counts_do_not_wait_behind_its_stream() {
+    // Claude Code calls count_tokens with its session header while its own message stream
+    // is in flight: the count must not queue behind the stream.
+    let (tx, rx) = mpsc::channel::<Bytes>(4);
+    let rx = Mutex::new(Some(rx));
+    let up = mock(move |r| {
+        if r.uri.ends_with("/count_tokens") {
+            return Reply::json("{\"input_tokens\":42}");
+        }
+        match rx.lock().unwrap().take() {
+            Some(rx) => Reply::Stream {
+                content_type: "text/event-stream".into(),
+                chunks: rx,
+            },
+            None => Reply::json(ANTHROPIC_JSON),
+        }
+    })
+    .await;
+    let gate = TestConfig::one("/anthropic/", &up.url(), "anthropic")
+        .set("gates", "max_queue_per_conversation", 0)
+        .start()
+        .await;
+    let session = [("x-claude-code-session-id", "cc-1")];
+    let body = r#"{"model":"claude-sonnet-4-5","max_tokens":64,"stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+    let req = session
+        .iter()
+        .fold(
+            http::Request::post(gate.url("/anthropic/v1/messages")),
+            |b, (k, v)| b.header(*k, *v),
+        )
+        .body(http_body_util::Full::new(Bytes::from(body)))
+        .unwrap();
+    let resp = client().request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    // The stream holds its conversation's only slot, and no one may queue: a second chat
+    // call of the session is refused at once, a token count is answered.
+    let (s, _, _) = send("POST", &gate.url("/anthropic/v1/messages"), &session, body).await;
+    assert_eq!(s, 429);
+    let (s, _, b) = send(
+        "POST",
+        &gate.url("/anthropic/v1/messages/count_tokens"),
+        &session,
+        r#"{"model":"claude-sonnet-4-5","messages":[{"role":"user","content":"hi"}]}"#,
+    )
+    .await;
+    assert_eq!(s, 200);
+    assert_eq!(b, Bytes::from_static(b"{\"input_tokens\":42}"));
+    drop(tx);
+    let rest = resp.into_body().collect().await.unwrap().to_bytes();
+    assert!(rest.is_empty());
+    assert_gates_idle(&gate).await;
+}

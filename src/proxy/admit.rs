@@ -1,5 +1,6 @@
-//! Phase 3, admit: a call with a conversation waits for its conversation's slot, then the
-//! route's and the global cap; a call with none (model lists, embeddings) takes only the caps.
+//! Phase 3, admit: a chat call with a conversation waits for its conversation's slot, then the
+//! route's and the global cap; every other call (model lists, embeddings, token counts, chat
+//! calls known only by a fingerprint) takes only the caps.
 //! The permit is stored in the [`Call`] and released when the call ends, on every path. The
 //! gates themselves (semaphores, bounded queues, the sweeper) are `crate::gate`; this file
 //! builds them from `[gates]` and owns their metric families.
@@ -38,8 +39,10 @@ impl Proxy {
     /// Waits for the call's permit; a refusal is the 429 error.
     pub(super) async fn admit(&self, call: &mut Call) -> Result<(), Error> {
         let route = call.route_name();
+        // Only chat calls run one at a time per conversation: an agent's other calls (token
+        // counts, model lists) carry its session id too, and must not wait behind its stream.
         // A fingerprint is a guess: unless configured, it keys the view but not a gate.
-        let gated = !call.guessed_conversation || self.gate_fingerprinted;
+        let gated = call.chat && (!call.guessed_conversation || self.gate_fingerprinted);
         let admitted = match call.conversation.as_deref().filter(|_| gated) {
             Some(id) => self.gates.acquire(id, route).await,
             None => self.gates.acquire_shared(route).await,

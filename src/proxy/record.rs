@@ -513,24 +513,18 @@ fn log(call: &Call, end: End, error_kind: Option<&'static str>) {
                 "request handling panicked (a bug: please report it)"
             );
         }
-        End::ClientGone if call.ttfb.is_none() => {
-            tracing::info!(
-                route,
-                action,
-                tokens_before,
-                tokens_after,
-                waited_ms,
-                "client went away before the response headers"
-            );
-        }
         End::ClientGone => {
+            let when = match call.ttfb {
+                None => "the response headers",
+                Some(_) => "the end of the response",
+            };
             tracing::info!(
                 route,
                 action,
                 tokens_before,
                 tokens_after,
                 waited_ms,
-                "client went away before the end of the response"
+                "client went away before {when}"
             );
         }
         End::Timeout(phase) => {

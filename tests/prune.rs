@@ -359,3 +359,35 @@ async fn rejection_limit_header_shadow_and_skips() {
     assert_eq!(v["error"]["code"], "invalid_chat_body");
     assert!(up3.requests().is_empty());
 }
+
+#[tokio::test]
+async fn a_compressed_chat_body_is_forwarded_untouched_and_counted_as_skipped() {
+    use std::io::Write;
+    let up = mock(llm_reply).await;
+    // Even with on_parse_error = "reject": a compressed body is not an unparseable one.
+    let gate = TestConfig::both(&up)
+        .set("prune", "hard_token_limit", 1000)
+        .set("prune", "on_parse_error", "reject")
+        .start()
+        .await;
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(SEED.as_bytes()).unwrap();
+    let gz = Bytes::from(gz.finish().unwrap());
+    let req = http::Request::post(gate.url("/v1/chat/completions"))
+        .header("content-encoding", "gzip")
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(gz.clone()))
+        .unwrap();
+    let resp = client().request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let got = up.requests();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].body, gz, "forwarded byte for byte");
+    assert_eq!(got[0].headers["content-encoding"], "gzip");
+    until_sample(
+        &gate,
+        "ctxgate_prune_actions_total{action=\"skipped\",route=\"openai\"}",
+        1.0,
+    )
+    .await;
+}

@@ -7,6 +7,9 @@
 //! The id keys the gate and the conversation view; it is never a metric label and never
 //! logged in full.
 //!
+//! A compressed chat body (`Content-Encoding` on the request) is not parsed: it is forwarded
+//! as it came and counted as skipped.
+//!
 //! Reading and parsing a large body (over `heavy::INLINE_BYTES`) runs on the heavy pool, not on
 //! an async worker.
 
@@ -45,6 +48,23 @@ impl Proxy {
             return Ok(());
         };
         let frames = read_body(body, self.max_body_bytes).await?;
+        // A compressed chat body (Content-Encoding on the request) is forwarded as it came and
+        // counted as skipped: never parsed as if it were plain, never refused as unparseable.
+        if let Some(enc) = req
+            .headers
+            .get(http::header::CONTENT_ENCODING)
+            .filter(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"))
+        {
+            tracing::debug!(route = %cfg.name, encoding = ?enc, "compressed chat body; forwarded unchanged");
+            call.identify(conversation_id(
+                &req.headers,
+                &self.conversation,
+                |_| None,
+                || None,
+            ));
+            call.payload = Payload::Opaque(frames.join());
+            return Ok(());
+        }
         let (bytes, parsed, id) = if frames.len() > INLINE_BYTES {
             let (f, h, c, r) = (
                 frames.clone(),

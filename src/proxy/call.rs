@@ -186,7 +186,8 @@ impl Call {
             start: Instant::now(),
             ts: crate::transcript::now_ts(),
             route: None,
-            dialect: Dialect::guess(request.uri.path(), &request.headers),
+            // Set by route; guessed from the request only when no route matches.
+            dialect: Dialect::OpenAi,
             request,
             payload: Payload::Stream(body),
             conversation: None,

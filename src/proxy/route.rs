@@ -9,6 +9,7 @@ use std::sync::Arc;
 use http::{header, HeaderMap, Method, Uri};
 
 use crate::config::Route;
+use crate::dialect::Dialect;
 use crate::error::Error;
 
 use super::call::{Call, RouteState};
@@ -17,7 +18,12 @@ use super::Proxy;
 impl Proxy {
     /// Routes the call: sets `call.route` and `call.dialect`, and returns the upstream URL.
     pub(super) fn route(&self, call: &mut Call) -> Result<Uri, Error> {
-        let route = self.find_route(&call.request.method, &call.request.uri)?;
+        let route = self
+            .find_route(&call.request.method, &call.request.uri)
+            .inspect_err(|_| {
+                // No route, no dialect: answer in the one the request most likely speaks.
+                call.dialect = Dialect::guess(call.request.uri.path(), &call.request.headers);
+            })?;
         call.dialect = route.config.dialect;
         call.route = Some(route.clone());
         if let Some(len) = content_length(&call.request.headers) {

@@ -122,6 +122,19 @@ pub struct ModelPrune {
     pub budget: Budget,
 }
 
+/// Who answers a route's count-tokens requests (Anthropic `POST …/v1/messages/count_tokens`,
+/// OpenAI `POST …/responses/input_tokens`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CountTokens {
+    /// Forwarded to the upstream like any other request.
+    #[default]
+    Upstream,
+    /// Answered by ctxgate with its own count, for upstreams that lack the endpoint
+    /// (Anthropic-compatible endpoints of GLM, Kimi, DeepSeek).
+    Local,
+}
+
 /// What happens to a chat request whose body cannot be parsed as one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -254,6 +267,8 @@ pub struct Route {
     pub timeouts: Timeouts,
     /// Cap on this route's calls in flight (none: only the global cap applies).
     pub max_inflight: Option<usize>,
+    /// Who answers count-tokens requests.
+    pub count_tokens: CountTokens,
     /// This route's pruning.
     pub prune: RoutePrune,
 }
@@ -290,6 +305,10 @@ pub enum Dialect {
     OpenAi,
     /// Anthropic's Messages API.
     Anthropic,
+    /// OpenAI's Responses API. Not a route's value: an `openai` route serves it on its
+    /// `…/responses` paths ([`Dialect::for_path`]).
+    #[serde(rename = "openai-responses", skip_deserializing)]
+    Responses,
 }
 
 impl Dialect {
@@ -298,6 +317,21 @@ impl Dialect {
         match self {
             Dialect::OpenAi => "openai",
             Dialect::Anthropic => "anthropic",
+            Dialect::Responses => "openai-responses",
+        }
+    }
+
+    /// The dialect a request on a route of this dialect speaks: an `openai` route serves
+    /// chat completions and, on `…/responses` and `…/responses/input_tokens`, the Responses
+    /// API.
+    pub fn for_path(self, path: &str) -> Dialect {
+        match self {
+            Dialect::OpenAi
+                if path.ends_with("/responses") || path.ends_with("/responses/input_tokens") =>
+            {
+                Dialect::Responses
+            }
+            d => d,
         }
     }
 }

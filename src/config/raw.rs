@@ -129,6 +129,7 @@ struct RawRoute {
     tls: Option<RawTls>,
     timeouts: Option<RawTimeouts>,
     max_inflight: Option<usize>,
+    count_tokens: Option<CountTokens>,
     prune: Option<RawPrune>,
 }
 
@@ -283,6 +284,7 @@ impl RawConfig {
                 },
                 timeouts: route_timeouts,
                 max_inflight: r.max_inflight,
+                count_tokens: r.count_tokens.unwrap_or_default(),
                 prune: route_prune,
             });
         }

@@ -228,3 +228,38 @@ fn secret_is_masked() {
     assert_eq!(format!("{s:?}"), "*****");
     assert_eq!(serde_json::to_string(&s).unwrap(), "\"*****\"");
 }
+
+#[test]
+fn count_tokens_is_upstream_unless_local_and_responses_is_no_route_value() {
+    assert_eq!(
+        load(MIN).unwrap().routes[0].count_tokens,
+        CountTokens::Upstream
+    );
+    let c = load(&format!("{MIN}count_tokens = \"local\"\n")).unwrap();
+    assert_eq!(c.routes[0].count_tokens, CountTokens::Local);
+    let e = load(&format!("{MIN}count_tokens = \"remote\"\n")).unwrap_err();
+    assert_eq!(e.key, "routes[0].count_tokens");
+    assert!(
+        e.problem.contains("remote") && e.problem.contains("local"),
+        "{e}"
+    );
+    // The Responses API is served by "openai" routes; it is not a route's dialect.
+    let e = load(&MIN.replace("\"openai\"\n", "\"openai-responses\"\n")).unwrap_err();
+    assert_eq!(e.key, "routes[0].dialect");
+    assert_eq!(
+        Dialect::OpenAi.for_path("/v1/responses"),
+        Dialect::Responses
+    );
+    assert_eq!(
+        Dialect::OpenAi.for_path("/v1/responses/input_tokens"),
+        Dialect::Responses
+    );
+    assert_eq!(
+        Dialect::OpenAi.for_path("/v1/chat/completions"),
+        Dialect::OpenAi
+    );
+    assert_eq!(
+        Dialect::Anthropic.for_path("/v1/responses"),
+        Dialect::Anthropic
+    );
+}

@@ -1,6 +1,7 @@
 //! Anthropic's Messages API.
 //!
-//! - Pruned: `POST …/v1/messages`.
+//! - Pruned: `POST …/v1/messages`. `POST …/v1/messages/count_tokens` passes through, or is
+//!   answered locally (`{"input_tokens": N}`) on a route with `count_tokens = "local"`.
 //! - Errors: `{"type":"error","error":{"type","message"}}`; a stream in error ends with an
 //!   `event: error` event whose data is that object.
 //! - Usage, non-streaming: `usage.input_tokens`, `output_tokens`, `cache_read_input_tokens`,
@@ -37,6 +38,10 @@ fn usage(u: &Value, f: &mut Tapped) {
 }
 
 impl Wire for Anthropic {
+    fn is_count(&self, method: &Method, path: &str) -> bool {
+        method == Method::POST && path.ends_with("/v1/messages/count_tokens")
+    }
+
     fn is_chat(&self, method: &Method, path: &str) -> bool {
         method == Method::POST && path.ends_with("/v1/messages")
     }

@@ -1,7 +1,9 @@
 //! The wire formats ctxgate speaks, one file each, behind one trait ([`Wire`]):
 //!
 //! - [`openai_chat`]: OpenAI-compatible chat completions (OpenAI, GLM, Kimi, DeepSeek, …);
-//! - [`anthropic`]: Anthropic's Messages API.
+//! - [`anthropic`]: Anthropic's Messages API;
+//! - [`openai_responses`]: OpenAI's Responses API, served by `openai` routes on their
+//!   `…/responses` paths ([`Dialect::for_path`]).
 //!
 //! A dialect owns what differs on the wire: which requests it prunes, the JSON shape of an
 //! error and of the SSE event that ends a stream in error, the wording of a context overflow,
@@ -16,6 +18,7 @@
 
 pub mod anthropic;
 pub mod openai_chat;
+pub mod openai_responses;
 pub mod tap;
 
 use http::{HeaderMap, Method};
@@ -70,6 +73,17 @@ pub trait Wire: Sync {
     /// Brings the usage found to ctxgate's meaning once the answer has ended (input tokens
     /// always include the cached part).
     fn finish_usage(&self, _found: &mut Tapped) {}
+
+    /// Whether a request is the format's count-tokens request (its body is a chat body),
+    /// which a route with `count_tokens = "local"` answers itself.
+    fn is_count(&self, _method: &Method, _path: &str) -> bool {
+        false
+    }
+
+    /// The answer of the count-tokens endpoint for `tokens`.
+    fn count_answer(&self, tokens: u64) -> String {
+        format!("{{\"input_tokens\":{tokens}}}")
+    }
 }
 
 impl Dialect {
@@ -78,6 +92,16 @@ impl Dialect {
         match self {
             Dialect::OpenAi => &openai_chat::OpenAiChat,
             Dialect::Anthropic => &anthropic::Anthropic,
+            Dialect::Responses => &openai_responses::OpenAiResponses,
+        }
+    }
+
+    /// The top-level field that holds the conversation: `messages`, or the Responses API's
+    /// `input`.
+    pub fn items_key(self) -> &'static str {
+        match self {
+            Dialect::OpenAi | Dialect::Anthropic => "messages",
+            Dialect::Responses => "input",
         }
     }
 
@@ -88,7 +112,7 @@ impl Dialect {
         if path.ends_with("/v1/messages") || headers.contains_key("anthropic-version") {
             Dialect::Anthropic
         } else {
-            Dialect::OpenAi
+            Dialect::OpenAi.for_path(path)
         }
     }
 }

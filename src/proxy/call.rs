@@ -156,6 +156,8 @@ pub struct Call {
     pub budget: Option<Budget>,
     /// What pruning did.
     pub action: PruneAction,
+    /// Why pruning skipped the request (`PruneAction::Skipped`).
+    pub prune_reason: Option<&'static str>,
     /// Pruning's figures (not for rejected or skipped requests).
     pub summary: Option<Summary>,
     /// How long the prune phase took.
@@ -199,6 +201,7 @@ impl Call {
             waited: None,
             budget: None,
             action: PruneAction::None,
+            prune_reason: None,
             summary: None,
             prune_took: None,
             request_messages: None,

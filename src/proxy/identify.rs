@@ -19,6 +19,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
 use crate::config::{Conversation, OnParseError, Route};
+use crate::dialect::Dialect;
 use crate::error::Error;
 use crate::prune::{ChatRequest, ParseError};
 
@@ -34,7 +35,7 @@ impl Proxy {
         };
         let cfg = &route.config;
         let req = &call.request;
-        if !cfg.dialect.wire().is_chat(&req.method, req.uri.path()) {
+        if !call.dialect.wire().is_chat(&req.method, req.uri.path()) {
             call.identify(conversation_id(
                 &req.headers,
                 &self.conversation,
@@ -63,8 +64,10 @@ impl Proxy {
                 || None,
             ));
             call.payload = Payload::Opaque(frames.join());
+            call.prune_reason = Some("compressed_body");
             return Ok(());
         }
+        let dialect = call.dialect;
         let (bytes, parsed, id) = if frames.len() > INLINE_BYTES {
             let (f, h, c, r) = (
                 frames.clone(),
@@ -75,7 +78,7 @@ impl Proxy {
             self.heavy
                 .run(move || {
                     let bytes = f.join();
-                    let (parsed, id) = parse_and_identify(&r, &bytes, &h, &c);
+                    let (parsed, id) = parse_and_identify(&r, dialect, &bytes, &h, &c);
                     (bytes, parsed, id)
                 })
                 .await
@@ -85,7 +88,8 @@ impl Proxy {
                 })
         } else {
             let bytes = frames.join();
-            let (parsed, id) = parse_and_identify(cfg, &bytes, &req.headers, &self.conversation);
+            let (parsed, id) =
+                parse_and_identify(cfg, dialect, &bytes, &req.headers, &self.conversation);
             (bytes, parsed, id)
         };
         call.identify(id);
@@ -102,6 +106,7 @@ impl Proxy {
             Err(e) => {
                 tracing::debug!(route = %cfg.name, error = %e, "chat body not parseable; forwarded unchanged");
                 call.payload = Payload::Opaque(bytes);
+                call.prune_reason = Some("unparseable");
             }
         }
         Ok(())
@@ -111,11 +116,12 @@ impl Proxy {
 /// Parses a chat body and finds its conversation id (header, body field, or fingerprint).
 fn parse_and_identify(
     route: &Route,
+    dialect: Dialect,
     body: &[u8],
     headers: &HeaderMap,
     conversation: &Conversation,
 ) -> (Result<ChatRequest, ParseError>, Option<Identity>) {
-    let parsed = ChatRequest::parse(route.dialect, body);
+    let parsed = ChatRequest::parse(dialect, body);
     let p = parsed.as_ref().ok();
     let id = conversation_id(
         headers,

@@ -16,6 +16,7 @@
 
 pub mod admit;
 pub mod call;
+pub mod count;
 pub mod forward;
 pub mod heavy;
 pub mod identify;
@@ -125,19 +126,37 @@ impl Proxy {
         let (parts, body) = req.into_parts();
         let mut call = Call::new(self.recorder.clone(), parts, body);
         Ok(match self.phases(&mut call).await {
-            Ok(upstream) => self.stream_back(call, upstream),
+            Ok(Answer::Upstream(upstream)) => self.stream_back(call, upstream),
+            Ok(Answer::Local(resp)) => self.answer_locally(call, resp),
             Err(e) => fail(call, e),
         })
     }
 
     /// Phases 1 to 5; phase 6 (`stream_back`) takes the call over with the response, and the
-    /// call records itself (phase 7) when it ends.
-    async fn phases(&self, call: &mut Call) -> Result<Response<Incoming>, Error> {
+    /// call records itself (phase 7) when it ends. A count-tokens request of a route that
+    /// counts locally is answered right after `route` (`count.rs`).
+    async fn phases(&self, call: &mut Call) -> Result<Answer, Error> {
         let upstream_uri = self.route(call)?;
+        if let Some(resp) = self.count_locally(call).await? {
+            return Ok(Answer::Local(resp));
+        }
         self.identify(call).await?;
         self.admit(call).await?;
         self.prune(call).await?;
-        self.forward(call, upstream_uri).await
+        self.forward(call, upstream_uri).await.map(Answer::Upstream)
+    }
+
+    /// Sends an answer ctxgate made itself, and records the call.
+    fn answer_locally(
+        &self,
+        mut call: Call,
+        resp: Response<ResponseBody>,
+    ) -> Response<ResponseBody> {
+        call.status = Some(resp.status().as_u16());
+        call.ttfb = Some(call.start.elapsed());
+        self.recorder.responded(&call);
+        call.end(End::Complete);
+        resp
     }
 
     /// Starts the background work: the gate sweeper (it holds the gates weakly and ends with
@@ -165,6 +184,12 @@ impl Proxy {
             }
         })
     }
+}
+
+/// What the phases end with: the upstream's response, or one ctxgate made itself.
+enum Answer {
+    Upstream(Response<Incoming>),
+    Local(Response<ResponseBody>),
 }
 
 /// Ends a call with the error ctxgate answers: recorded, then rendered in its dialect.

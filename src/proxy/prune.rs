@@ -55,10 +55,18 @@ impl Proxy {
         let cfg = &route.config;
         let payload = std::mem::take(&mut call.payload);
         let (bytes, req) = match payload {
+            Payload::Chat(bytes, req) if cfg.prune.enabled && req.unprunable().is_some() => {
+                call.action = PruneAction::Skipped;
+                call.prune_reason = req.unprunable().map(|u| u.as_str());
+                call.payload = Payload::Ready(bytes);
+                return Ok(());
+            }
             Payload::Chat(bytes, req) if cfg.prune.enabled => (bytes, req),
             Payload::Opaque(bytes) => {
                 if cfg.prune.enabled {
                     call.action = PruneAction::Skipped;
+                } else {
+                    call.prune_reason = None;
                 }
                 call.payload = Payload::Ready(bytes);
                 return Ok(());
@@ -81,12 +89,13 @@ impl Proxy {
         let forward = match outcome {
             None => {
                 call.action = PruneAction::Skipped;
+                call.prune_reason = Some("prune_failed");
                 bytes
             }
             Some(outcome) => self.apply(outcome, bytes, call)?,
         };
         if self.transcripts.include_bodies() {
-            call.request_messages = messages_of(&forward);
+            call.request_messages = messages_of(&forward, call.dialect.items_key());
         }
         call.payload = Payload::Ready(forward);
         Ok(())
@@ -183,9 +192,9 @@ pub fn prune_guarded(
 }
 
 /// The `messages` of a chat body, for transcripts with `include_bodies = true`.
-fn messages_of(body: &[u8]) -> Option<serde_json::Value> {
+fn messages_of(body: &[u8], key: &str) -> Option<serde_json::Value> {
     let mut v: serde_json::Value = serde_json::from_slice(body).ok()?;
-    Some(v.get_mut("messages")?.take())
+    Some(v.get_mut(key)?.take())
 }
 
 /// The headers a pruned response carries: tokens before and after, messages dropped.

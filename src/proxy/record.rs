@@ -456,6 +456,7 @@ fn record(
         messages_after: s.map(|s| s.messages_after as u64),
         files_elided: s.map(|s| s.files_elided as u64),
         prune_action: call.action.as_str().to_string(),
+        prune_reason: call.prune_reason.map(str::to_string),
         usage_ratio: usage_ratio(&tapped, s),
         usage: Usage {
             input_tokens: tapped.input_tokens,

@@ -24,7 +24,7 @@ impl Proxy {
                 // No route, no dialect: answer in the one the request most likely speaks.
                 call.dialect = Dialect::guess(call.request.uri.path(), &call.request.headers);
             })?;
-        call.dialect = route.config.dialect;
+        call.dialect = route.config.dialect.for_path(call.request.uri.path());
         call.route = Some(route.clone());
         if let Some(len) = content_length(&call.request.headers) {
             if len > self.max_body_bytes {

@@ -316,7 +316,7 @@ impl Proxy {
         call.ttfb = Some(call.start.elapsed());
         self.recorder.responded(&call);
         let (timeouts, dialect) = match &call.route {
-            Some(r) => (r.config.timeouts, r.config.dialect),
+            Some(r) => (r.config.timeouts, call.dialect),
             None => (crate::config::Timeouts::default(), call.dialect),
         };
         let timers = StreamTimers {

@@ -34,6 +34,20 @@ pub(crate) fn elide_message(
     counter: &Counter,
     enc: Encoding,
 ) -> usize {
+    if dialect == Dialect::Responses {
+        // Responses items: a message's `content`, a tool output's `output`; `reasoning` and
+        // `compaction` items are opaque and never edited.
+        let ty = v.get("type").and_then(Value::as_str).unwrap_or("message");
+        let key = match ty {
+            "message" => "content",
+            t if t.ends_with("_call_output") => "output",
+            _ => return 0,
+        };
+        return match v.get_mut(key) {
+            Some(c) => elide_content(c, dialect, min_lines, counter, enc),
+            None => 0,
+        };
+    }
     let Some(content) = v.get_mut("content") else {
         return 0;
     };
@@ -82,7 +96,7 @@ fn elide_part(
         .unwrap_or("")
         .to_string();
     match ty.as_str() {
-        "text" | "input_text" => match map.get_mut("text") {
+        "text" | "input_text" | "output_text" => match map.get_mut("text") {
             Some(Value::String(s)) => match elide_text(s, min_lines, counter, enc) {
                 Some((t, n)) => {
                     *s = t;
@@ -98,7 +112,7 @@ fn elide_part(
         },
         "image_url" | "input_image" | "image" => {
             let tokens = image_tokens(dialect, map).unwrap_or(0);
-            replace_with_marker(map, &marker("image", tokens));
+            replace_with_marker(map, dialect, &marker("image", tokens));
             1
         }
         "file" | "input_file" => {
@@ -111,12 +125,12 @@ fn elide_part(
                 .unwrap_or("attachment")
                 .to_string();
             let tokens = payload_tokens(map, counter, enc);
-            replace_with_marker(map, &marker(&format!("file {name}"), tokens));
+            replace_with_marker(map, dialect, &marker(&format!("file {name}"), tokens));
             1
         }
         "input_audio" => {
             let tokens = payload_tokens(map, counter, enc);
-            replace_with_marker(map, &marker("audio", tokens));
+            replace_with_marker(map, dialect, &marker("audio", tokens));
             1
         }
         "document" => {
@@ -126,7 +140,7 @@ fn elide_part(
                 .unwrap_or("document")
                 .to_string();
             let tokens = payload_tokens(map, counter, enc);
-            replace_with_marker(map, &marker(&format!("file {name}"), tokens));
+            replace_with_marker(map, dialect, &marker(&format!("file {name}"), tokens));
             1
         }
         _ => 0,
@@ -157,10 +171,16 @@ fn walk_strings(v: &Value, key: &str, f: &mut dyn FnMut(&str, &str)) {
     }
 }
 
-fn replace_with_marker(map: &mut Map<String, Value>, text: &str) {
+/// Replaces a part with a text part (Responses: `input_text`; only input parts carry files)
+/// holding `text`.
+fn replace_with_marker(map: &mut Map<String, Value>, dialect: Dialect, text: &str) {
     let cache_control = map.remove("cache_control");
     map.clear();
-    map.insert("type".to_string(), Value::String("text".to_string()));
+    let ty = match dialect {
+        Dialect::Responses => "input_text",
+        Dialect::OpenAi | Dialect::Anthropic => "text",
+    };
+    map.insert("type".to_string(), Value::String(ty.to_string()));
     map.insert("text".to_string(), Value::String(text.to_string()));
     if let Some(cc) = cache_control {
         map.insert("cache_control".to_string(), cc);

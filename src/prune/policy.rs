@@ -29,7 +29,7 @@ pub fn prune(
     let key = StateKey {
         enc,
         min_file_lines: budget.min_file_lines,
-        anthropic: req.dialect() == Dialect::Anthropic,
+        dialect: req.dialect(),
     };
     let prev = view.get(conversation).filter(|s| s.key == key);
     let mut w = Work::new(req, budget, counter, enc, prev.as_deref());
@@ -173,6 +173,9 @@ impl<'a> Work<'a> {
             }
             if meta.legacy_call {
                 legacy_call = Some(i);
+            }
+            if meta.joins_next && i + 1 < n {
+                link_end[i] = link_end[i].max(i + 1);
             }
         }
         let mut i = self.sys_end;
@@ -734,15 +737,15 @@ impl<'a> Work<'a> {
         let mut best: Option<(usize, Vec<Seg>, usize)> = None;
         for pass_system in [false, true] {
             for (k, v) in vals.iter().enumerate() {
-                if (kept[k] < self.sys_end) != pass_system {
+                if (kept[k] < self.sys_end) != pass_system || is_opaque(v) {
                     continue;
                 }
                 let mut paths = Vec::new();
-                text_paths(
-                    v.get("content").unwrap_or(&Value::Null),
-                    &mut vec![Seg::Key("content".into())],
-                    &mut paths,
-                );
+                for key in ["content", "output"] {
+                    if let Some(c) = v.get(key) {
+                        text_paths(c, &mut vec![Seg::Key(key.into())], &mut paths);
+                    }
+                }
                 for (len, p) in paths {
                     if len > 64 && best.as_ref().is_none_or(|b| len > b.2) {
                         best = Some((k, p, len));
@@ -767,6 +770,15 @@ impl<'a> Work<'a> {
 }
 
 /// A step in a JSON path.
+/// A Responses item ctxgate never edits: `reasoning` (its text and signature-like encrypted
+/// content are checked by the API) and `compaction` (opaque).
+fn is_opaque(v: &Value) -> bool {
+    matches!(
+        v.get("type").and_then(Value::as_str),
+        Some("reasoning" | "compaction")
+    )
+}
+
 #[derive(Debug, Clone)]
 enum Seg {
     Key(String),

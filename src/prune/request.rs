@@ -11,7 +11,9 @@ use serde_json::value::RawValue;
 use serde_json::Value;
 
 use crate::dialect::Dialect;
-use crate::prune::tokens::{func_init, model_encoding, Counter, Encoding, REPLY_PRIMING};
+use crate::prune::tokens::{
+    func_init, model_encoding, Counter, Encoding, REPLY_PRIMING, TOKENS_PER_MESSAGE,
+};
 
 /// Why a body is not a chat request ctxgate can prune.
 #[derive(Debug, thiserror::Error)]
@@ -22,15 +24,35 @@ pub enum ParseError {
     /// The body is JSON but not an object.
     #[error("body is not a json object")]
     NotObject,
-    /// There is no `messages` field.
-    #[error("body has no \"messages\" field")]
-    NoMessages,
-    /// `messages` is not an array.
-    #[error("\"messages\" is not an array")]
-    MessagesNotArray,
-    /// A message is not an object.
-    #[error("messages[{0}] is not an object")]
-    MessageNotObject(usize),
+    /// There is no `messages` field (Responses: `input`).
+    #[error("body has no \"{0}\" field")]
+    NoMessages(&'static str),
+    /// `messages` (`input`) is not an array.
+    #[error("\"{0}\" is not an array")]
+    MessagesNotArray(&'static str),
+    /// A message (an input item) is not an object.
+    #[error("{0}[{1}] is not an object")]
+    MessageNotObject(&'static str, usize),
+}
+
+/// Why a parsed request is forwarded as it came, unpruned (the record's `prune_reason`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unprunable {
+    /// A Responses `input` given as one string: there are no items to choose from.
+    StringInput,
+    /// A Responses request with `previous_response_id`: the server holds the history, the
+    /// request carries only the new items.
+    PreviousResponseId,
+}
+
+impl Unprunable {
+    /// The record's `prune_reason`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Unprunable::StringInput => "string_input",
+            Unprunable::PreviousResponseId => "previous_response_id",
+        }
+    }
 }
 
 /// One message of the request: its raw JSON and a fingerprint of those bytes.
@@ -52,23 +74,33 @@ pub struct ChatRequest {
     max_output: Option<u64>,
     stream: bool,
     body_len: usize,
+    /// A Responses `input` given as a string.
+    input_text: Option<String>,
+    unprunable: Option<Unprunable>,
 }
 
 impl ChatRequest {
     /// Parses a chat body. Unknown fields are kept, raw and in order.
     pub fn parse(dialect: Dialect, body: &[u8]) -> Result<ChatRequest, ParseError> {
-        let top: TopLevel = serde_json::from_slice(body)?;
+        let key = dialect.items_key();
+        let mut de = serde_json::Deserializer::from_slice(body);
+        let top = TopLevel::parse(&mut de, key)?;
+        de.end()?;
         let fields = top.fields.ok_or(ParseError::NotObject)?;
         let messages_at = fields
             .iter()
-            .rposition(|(k, _)| k == "messages")
-            .ok_or(ParseError::NoMessages)?;
+            .rposition(|(k, _)| k == key)
+            .ok_or(ParseError::NoMessages(key))?;
         // The visitor already split the last `messages` array (one scan of the body).
-        let list = top.messages.ok_or(ParseError::MessagesNotArray)?;
+        let (list, input_text) = match top.items {
+            Items::List(list) => (list, None),
+            Items::Text(t) if dialect == Dialect::Responses => (Vec::new(), Some(t)),
+            _ => return Err(ParseError::MessagesNotArray(key)),
+        };
         let mut messages = Vec::with_capacity(list.len());
         for (i, raw) in list.into_iter().enumerate() {
             if !raw.get().starts_with('{') {
-                return Err(ParseError::MessageNotObject(i));
+                return Err(ParseError::MessageNotObject(key, i));
             }
             let fp = hash64(raw.get().as_bytes(), 0x5eed);
             let chars = count_chars(raw.get());
@@ -83,6 +115,8 @@ impl ChatRequest {
             max_output: None,
             stream: false,
             body_len: body.len(),
+            unprunable: input_text.as_ref().map(|_| Unprunable::StringInput),
+            input_text,
         };
         req.model = req
             .field_value("model")
@@ -94,7 +128,19 @@ impl ChatRequest {
             .field_value("stream")
             .and_then(|v| v.as_bool())
             .unwrap_or(false);
+        if dialect == Dialect::Responses
+            && req
+                .raw_field("previous_response_id")
+                .is_some_and(|v| v.get() != "null")
+        {
+            req.unprunable = Some(Unprunable::PreviousResponseId);
+        }
         Ok(req)
+    }
+
+    /// Why this request is forwarded unpruned whatever its size, if it is.
+    pub fn unprunable(&self) -> Option<Unprunable> {
+        self.unprunable
     }
 
     /// The dialect the body was parsed as.
@@ -161,10 +207,15 @@ impl ChatRequest {
         let mut buf = Vec::with_capacity(256);
         buf.extend_from_slice(route.as_bytes());
         buf.push(0);
-        if let Some(sys) = self.raw_field("system") {
-            buf.extend_from_slice(sys.get().as_bytes());
+        for k in ["system", "instructions"] {
+            if let Some(sys) = self.raw_field(k) {
+                buf.extend_from_slice(sys.get().as_bytes());
+            }
         }
         buf.push(0);
+        if let Some(t) = &self.input_text {
+            buf.extend_from_slice(t.as_bytes());
+        }
         for m in &self.messages {
             let Ok(v) = serde_json::from_str::<Value>(m.raw.get()) else {
                 continue;
@@ -187,7 +238,9 @@ impl ChatRequest {
     /// The encoding for this request: by model (OpenAI), else `fallback`.
     pub(crate) fn encoding(&self, counter: &Counter, fallback: Encoding) -> Encoding {
         match (self.dialect, self.model()) {
-            (Dialect::OpenAi, Some(m)) => model_encoding(m).unwrap_or(fallback),
+            (Dialect::OpenAi | Dialect::Responses, Some(m)) => {
+                model_encoding(m).unwrap_or(fallback)
+            }
             _ => {
                 let _ = counter;
                 fallback
@@ -209,10 +262,10 @@ impl ChatRequest {
     }
 
     /// A hash of what [`ChatRequest::fixed_tokens`] counts besides leading system messages:
-    /// tools, functions, Anthropic `system`.
+    /// tools, functions, Anthropic `system`, Responses `instructions`.
     pub(crate) fn fixed_fp(&self) -> u64 {
         let mut h = 0u64;
-        for k in ["tools", "functions", "system"] {
+        for k in FIXED_FIELDS {
             if let Some(r) = self.raw_field(k) {
                 h = h.rotate_left(7) ^ hash64(r.get().as_bytes(), 3);
             }
@@ -225,7 +278,7 @@ impl ChatRequest {
     /// against.
     pub(crate) fn fixed_bytes(&self) -> Vec<u8> {
         let mut out = Vec::new();
-        for k in ["tools", "functions", "system"] {
+        for k in FIXED_FIELDS {
             if let Some(r) = self.raw_field(k) {
                 out.extend_from_slice(k.as_bytes());
                 out.push(0xFF);
@@ -250,10 +303,22 @@ impl ChatRequest {
                 total += counter.count_tools(enc, func_init(enc), &v);
             }
         }
-        if self.dialect == Dialect::Anthropic {
-            if let Some(v) = self.field_value("system") {
-                total += counter.count_value(enc, self.dialect, &v);
+        match self.dialect {
+            Dialect::Anthropic => {
+                if let Some(v) = self.field_value("system") {
+                    total += counter.count_value(enc, self.dialect, &v);
+                }
             }
+            Dialect::Responses => {
+                // `instructions` is a system message ahead of the input.
+                if let Some(Value::String(s)) = self.field_value("instructions") {
+                    total += TOKENS_PER_MESSAGE + 1 + counter.count_text(enc, &s);
+                }
+                if let Some(t) = &self.input_text {
+                    total += TOKENS_PER_MESSAGE + 1 + counter.count_text(enc, t);
+                }
+            }
+            Dialect::OpenAi => {}
         }
         total
     }
@@ -315,6 +380,9 @@ impl ChatRequest {
     }
 }
 
+/// Top-level fields counted as the fixed part beside the messages.
+const FIXED_FIELDS: [&str; 4] = ["tools", "functions", "system", "instructions"];
+
 fn push_field(out: &mut Vec<u8>, k: &str, v: &RawValue, replace: Option<(&str, &str)>) {
     match replace {
         Some((rk, rv)) if rk == k => out.extend_from_slice(rv.as_bytes()),
@@ -330,142 +398,132 @@ fn write_json_string(out: &mut Vec<u8>, s: &str) {
 }
 
 /// The top level of a body: `Some(fields)` for an object, `None` for any other JSON value;
-/// the last `messages` value, when an array, comes split into its elements (its raw value
-/// in `fields` is then not needed: the messages are re-emitted from the elements).
+/// the last value under the items key (`messages`, or Responses `input`), when an array,
+/// comes split into its elements (its raw value in `fields` is then not needed: the items are
+/// re-emitted from the elements).
 struct TopLevel {
     fields: Option<Vec<(String, Box<RawValue>)>>,
-    messages: Option<Vec<Box<RawValue>>>,
+    items: Items,
 }
 
-/// A `messages` value: an array split into raw elements in the same scan, or not an array.
-enum MessagesValue {
+/// The items value: an array split into raw elements in the same scan, a string (a Responses
+/// `input` may be one), or something else.
+enum Items {
     List(Vec<Box<RawValue>>),
-    NotArray,
+    Text(String),
+    Other,
 }
 
-impl<'de> Deserialize<'de> for MessagesValue {
+impl TopLevel {
+    fn parse<'de, D: Deserializer<'de>>(d: D, key: &'static str) -> Result<TopLevel, D::Error> {
+        de::DeserializeSeed::deserialize(TopSeed(key), d)
+    }
+}
+
+struct TopSeed(&'static str);
+
+impl<'de> de::DeserializeSeed<'de> for TopSeed {
+    type Value = TopLevel;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<TopLevel, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for TopSeed {
+    type Value = TopLevel;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a json value")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<TopLevel, A::Error> {
+        let mut fields = Vec::new();
+        let mut items = Items::Other;
+        while let Some(k) = map.next_key::<String>()? {
+            if k == self.0 {
+                items = map.next_value::<Items>()?;
+                fields.push((k, empty_raw()));
+                continue;
+            }
+            let v: Box<RawValue> = map.next_value()?;
+            fields.push((k, v));
+        }
+        Ok(TopLevel {
+            fields: Some(fields),
+            items,
+        })
+    }
+    fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<TopLevel, A::Error> {
+        while seq.next_element::<de::IgnoredAny>()?.is_some() {}
+        Ok(TopLevel::NOT_OBJECT)
+    }
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<TopLevel, E> {
+        Ok(TopLevel::NOT_OBJECT)
+    }
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<TopLevel, E> {
+        Ok(TopLevel::NOT_OBJECT)
+    }
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<TopLevel, E> {
+        Ok(TopLevel::NOT_OBJECT)
+    }
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<TopLevel, E> {
+        Ok(TopLevel::NOT_OBJECT)
+    }
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<TopLevel, E> {
+        Ok(TopLevel::NOT_OBJECT)
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<TopLevel, E> {
+        Ok(TopLevel::NOT_OBJECT)
+    }
+}
+
+impl TopLevel {
+    const NOT_OBJECT: TopLevel = TopLevel {
+        fields: None,
+        items: Items::Other,
+    };
+}
+
+impl<'de> Deserialize<'de> for Items {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct V;
         impl<'de> Visitor<'de> for V {
-            type Value = MessagesValue;
+            type Value = Items;
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str("a json value")
             }
-            fn visit_seq<A: de::SeqAccess<'de>>(
-                self,
-                mut seq: A,
-            ) -> Result<MessagesValue, A::Error> {
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Items, A::Error> {
                 let mut list = Vec::new();
                 while let Some(m) = seq.next_element::<Box<RawValue>>()? {
                     list.push(m);
                 }
-                Ok(MessagesValue::List(list))
+                Ok(Items::List(list))
             }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<MessagesValue, A::Error> {
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Items, A::Error> {
                 while map
                     .next_entry::<de::IgnoredAny, de::IgnoredAny>()?
                     .is_some()
                 {}
-                Ok(MessagesValue::NotArray)
+                Ok(Items::Other)
             }
-            fn visit_str<E: de::Error>(self, _: &str) -> Result<MessagesValue, E> {
-                Ok(MessagesValue::NotArray)
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<Items, E> {
+                Ok(Items::Text(s.to_string()))
             }
-            fn visit_bool<E: de::Error>(self, _: bool) -> Result<MessagesValue, E> {
-                Ok(MessagesValue::NotArray)
+            fn visit_string<E: de::Error>(self, s: String) -> Result<Items, E> {
+                Ok(Items::Text(s))
             }
-            fn visit_i64<E: de::Error>(self, _: i64) -> Result<MessagesValue, E> {
-                Ok(MessagesValue::NotArray)
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Items, E> {
+                Ok(Items::Other)
             }
-            fn visit_u64<E: de::Error>(self, _: u64) -> Result<MessagesValue, E> {
-                Ok(MessagesValue::NotArray)
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Items, E> {
+                Ok(Items::Other)
             }
-            fn visit_f64<E: de::Error>(self, _: f64) -> Result<MessagesValue, E> {
-                Ok(MessagesValue::NotArray)
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Items, E> {
+                Ok(Items::Other)
             }
-            fn visit_unit<E: de::Error>(self) -> Result<MessagesValue, E> {
-                Ok(MessagesValue::NotArray)
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Items, E> {
+                Ok(Items::Other)
             }
-        }
-        d.deserialize_any(V)
-    }
-}
-
-impl<'de> Deserialize<'de> for TopLevel {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = TopLevel;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a json value")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<TopLevel, A::Error> {
-                let mut fields = Vec::new();
-                let mut messages = None;
-                while let Some(k) = map.next_key::<String>()? {
-                    if k == "messages" {
-                        match map.next_value::<MessagesValue>()? {
-                            MessagesValue::List(list) => {
-                                messages = Some(list);
-                                fields.push((k, empty_raw()));
-                            }
-                            MessagesValue::NotArray => {
-                                messages = None;
-                                fields.push((k, empty_raw()));
-                            }
-                        }
-                        continue;
-                    }
-                    let v: Box<RawValue> = map.next_value()?;
-                    fields.push((k, v));
-                }
-                Ok(TopLevel {
-                    fields: Some(fields),
-                    messages,
-                })
-            }
-            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<TopLevel, A::Error> {
-                while seq.next_element::<de::IgnoredAny>()?.is_some() {}
-                Ok(TopLevel {
-                    fields: None,
-                    messages: None,
-                })
-            }
-            fn visit_str<E: de::Error>(self, _: &str) -> Result<TopLevel, E> {
-                Ok(TopLevel {
-                    fields: None,
-                    messages: None,
-                })
-            }
-            fn visit_bool<E: de::Error>(self, _: bool) -> Result<TopLevel, E> {
-                Ok(TopLevel {
-                    fields: None,
-                    messages: None,
-                })
-            }
-            fn visit_i64<E: de::Error>(self, _: i64) -> Result<TopLevel, E> {
-                Ok(TopLevel {
-                    fields: None,
-                    messages: None,
-                })
-            }
-            fn visit_u64<E: de::Error>(self, _: u64) -> Result<TopLevel, E> {
-                Ok(TopLevel {
-                    fields: None,
-                    messages: None,
-                })
-            }
-            fn visit_f64<E: de::Error>(self, _: f64) -> Result<TopLevel, E> {
-                Ok(TopLevel {
-                    fields: None,
-                    messages: None,
-                })
-            }
-            fn visit_unit<E: de::Error>(self) -> Result<TopLevel, E> {
-                Ok(TopLevel {
-                    fields: None,
-                    messages: None,
-                })
+            fn visit_unit<E: de::Error>(self) -> Result<Items, E> {
+                Ok(Items::Other)
             }
         }
         d.deserialize_any(V)
@@ -494,6 +552,9 @@ pub(crate) struct Meta {
     pub(crate) legacy_call: bool,
     /// Legacy `function` role result.
     pub(crate) legacy_result: bool,
+    /// Stays with the item after it (a Responses `reasoning` item: the API refuses a
+    /// reasoning item without the item that follows it, and that item without it).
+    pub(crate) joins_next: bool,
 }
 
 impl Meta {
@@ -507,8 +568,10 @@ impl Meta {
             answers: Vec::new(),
             legacy_call: false,
             legacy_result: false,
+            joins_next: false,
         };
         match dialect {
+            Dialect::Responses => m.responses_item(v),
             Dialect::OpenAi => {
                 m.genuine_user = m.user;
                 if let Some(calls) = v.get("tool_calls").and_then(Value::as_array) {
@@ -550,6 +613,32 @@ impl Meta {
             }
         }
         m
+    }
+
+    /// A Responses `input` item: a message (with or without `"type": "message"`), a tool call
+    /// with a `call_id` (`function_call`, `custom_tool_call`, `local_shell_call`,
+    /// `computer_call`, `shell_call`, `apply_patch_call`, …), the output answering it (the same
+    /// type with `_output`), an MCP approval request and its response, a `reasoning` item, or
+    /// something self-contained (`mcp_call`, `web_search_call`, `compaction`, …).
+    fn responses_item(&mut self, v: &Value) {
+        let ty = v.get("type").and_then(Value::as_str).unwrap_or("message");
+        let str_at = |k: &str| v.get(k).and_then(Value::as_str).map(str::to_string);
+        match ty {
+            "message" => self.genuine_user = self.user,
+            "reasoning" => self.joins_next = true,
+            "mcp_approval_request" => self.calls.extend(str_at("id")),
+            "mcp_approval_response" => self.answers.extend(str_at("approval_request_id")),
+            t if t.ends_with("_call_output") => self
+                .answers
+                .extend(str_at("call_id").or_else(|| str_at("id"))),
+            t if t.ends_with("_call") => self.calls.extend(str_at("call_id")),
+            _ => {}
+        }
+        // Only messages have roles that pin or open turns.
+        if ty != "message" {
+            self.system = false;
+            self.user = false;
+        }
     }
 }
 

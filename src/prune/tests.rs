@@ -41,13 +41,24 @@ fn fixture(name: &str) -> Vec<u8> {
     std::fs::read(path).unwrap()
 }
 
+/// The dialect a test body is written in, as far as its items key tells: Responses bodies
+/// hold `input`.
+fn dialect_of(body: &[u8]) -> Dialect {
+    let v: Value = serde_json::from_slice(body).unwrap();
+    if v.get("input").is_some() {
+        Dialect::Responses
+    } else {
+        Dialect::OpenAi
+    }
+}
+
 fn messages(body: &[u8]) -> Vec<Value> {
     let v: Value = serde_json::from_slice(body).unwrap();
-    v["messages"].as_array().unwrap().clone()
+    v[dialect_of(body).items_key()].as_array().unwrap().clone()
 }
 
 fn raw_messages(body: &[u8]) -> Vec<String> {
-    let req = ChatRequest::parse(Dialect::OpenAi, body).unwrap();
+    let req = ChatRequest::parse(dialect_of(body), body).unwrap();
     req.messages
         .iter()
         .map(|m| m.raw.get().to_string())
@@ -150,15 +161,15 @@ fn parse_errors() {
     ));
     assert!(matches!(
         ChatRequest::parse(Dialect::OpenAi, b"{\"model\":\"x\"}"),
-        Err(ParseError::NoMessages)
+        Err(ParseError::NoMessages("messages"))
     ));
     assert!(matches!(
         ChatRequest::parse(Dialect::OpenAi, b"{\"messages\":{}}"),
-        Err(ParseError::MessagesNotArray)
+        Err(ParseError::MessagesNotArray("messages"))
     ));
     assert!(matches!(
         ChatRequest::parse(Dialect::OpenAi, b"{\"messages\":[{\"role\":\"user\"},3]}"),
-        Err(ParseError::MessageNotObject(1))
+        Err(ParseError::MessageNotObject("messages", 1))
     ));
 }
 
@@ -702,6 +713,8 @@ fn origin(orig: &[Value], orig_raw: &[String], out: &[Value], out_raw: &[String]
                         && orig[i]["role"] == m["role"]
                         && orig[i].get("tool_call_id") == m.get("tool_call_id")
                         && orig[i].get("tool_calls") == m.get("tool_calls")
+                        && orig[i].get("call_id") == m.get("call_id")
+                        && orig[i].get("type") == m.get("type")
                 })
             })
             .unwrap_or_else(|| {
@@ -739,6 +752,13 @@ fn ids(m: &Value, dialect: Dialect) -> (Vec<String>, Vec<String>) {
                 }
             }
         }
+        Dialect::Responses => match m["type"].as_str() {
+            Some("function_call") => calls.push(m["call_id"].as_str().unwrap().to_string()),
+            Some("function_call_output") => {
+                answers.push(m["call_id"].as_str().unwrap().to_string())
+            }
+            _ => {}
+        },
     }
     (calls, answers)
 }
@@ -839,6 +859,26 @@ fn check_structure(dialect: Dialect, orig_body: &[u8], out_body: &[u8]) {
     if dialect == Dialect::Anthropic {
         assert_eq!(out[0]["role"], "user");
     }
+    // Responses: a reasoning item goes with the item after it, both byte-identical.
+    for (j, m) in out.iter().enumerate() {
+        if m["type"] == "reasoning" {
+            assert_eq!(out_raw[j], orig_raw[idx[j]], "reasoning item edited");
+            assert!(
+                j + 1 < out.len() && idx[j + 1] == idx[j] + 1,
+                "reasoning item {} forwarded without the item after it: kept {idx:?}",
+                idx[j]
+            );
+        }
+    }
+    for (i, m) in orig.iter().enumerate() {
+        if i > 0 && orig[i - 1]["type"] == "reasoning" && idx.contains(&i) {
+            assert!(
+                idx.contains(&(i - 1)),
+                "item {i} lost its reasoning item: {idx:?}"
+            );
+        }
+        let _ = m;
+    }
 }
 
 /// Top-level fields other than `messages` are kept, raw and in order.
@@ -850,7 +890,7 @@ fn check_fields(orig_body: &[u8], out_body: &[u8]) {
         out.keys().collect::<Vec<_>>()
     );
     for (k, v) in &orig {
-        if k != "messages" {
+        if k != "messages" && k != "input" {
             assert_eq!(&out[k], v, "{k}");
         }
     }
@@ -920,8 +960,10 @@ fn render_with_note(
     trailing_note: bool,
 ) -> Vec<u8> {
     let mut msgs: Vec<Value> = Vec::new();
-    if dialect == Dialect::OpenAi {
-        msgs.push(json!({"role":"system","content":"You are a careful agent."}));
+    match dialect {
+        Dialect::OpenAi => msgs.push(json!({"role":"system","content":"You are a careful agent."})),
+        Dialect::Responses => msgs.push(json!({"type":"message","role":"developer","content":[{"type":"input_text","text":"Sandbox: workspace-write."}]})),
+        Dialect::Anthropic => {}
     }
     let mut call = 0;
     for (t, turn) in turns.iter().enumerate() {
@@ -935,9 +977,14 @@ fn render_with_note(
         msgs.push(match dialect {
             Dialect::OpenAi => json!({"role":"user","content": text}),
             Dialect::Anthropic => json!({"role":"user","content":[{"type":"text","text": text}]}),
+            Dialect::Responses => json!({"type":"message","role":"user","content":[{"type":"input_text","text": text}]}),
         });
-        if turn.system_note && dialect == Dialect::OpenAi {
-            msgs.push(json!({"role":"system","content": format!("note {t}: the working directory is /repo/{t}")}));
+        let note = format!("note {t}: the working directory is /repo/{t}");
+        match dialect {
+            _ if !turn.system_note => {}
+            Dialect::OpenAi => msgs.push(json!({"role":"system","content": note})),
+            Dialect::Responses => msgs.push(json!({"role":"developer","content": note})),
+            Dialect::Anthropic => {}
         }
         let last_turn = t + 1 == turns.len();
         for (s, &(n_calls, lines)) in turn.steps.iter().enumerate() {
@@ -964,6 +1011,21 @@ fn render_with_note(
                     msgs.push(json!({"role":"user","content": ids.iter().map(|id|
                         json!({"type":"tool_result","tool_use_id": id,"content": result})).collect::<Vec<_>>()}));
                 }
+                Dialect::Responses => {
+                    // As Codex sends them: the reasoning item, the calls, then the outputs.
+                    msgs.push(
+                        json!({"type":"reasoning","id": format!("rs_{t}_{s}"),"summary":[],
+                        "encrypted_content": format!("gAAAAB{}", "Qk9QUw".repeat(40 + s * 7))}),
+                    );
+                    for id in &ids {
+                        msgs.push(json!({"type":"function_call","id": format!("fc_{id}"),"call_id": id,"name":"run","arguments":"{\"cmd\":\"ls\"}"}));
+                    }
+                    for id in &ids {
+                        msgs.push(
+                            json!({"type":"function_call_output","call_id": id,"output": result}),
+                        );
+                    }
+                }
             }
         }
         if !last_turn || (!end_in_tool && turn.answer_words > 0) {
@@ -973,11 +1035,21 @@ fn render_with_note(
                 Dialect::Anthropic => {
                     json!({"role":"assistant","content":[{"type":"text","text": a}]})
                 }
+                Dialect::Responses => {
+                    json!({"type":"message","role":"assistant","content":[{"type":"output_text","text": a}]})
+                }
             });
         }
     }
-    if trailing_note && dialect == Dialect::OpenAi {
-        msgs.push(json!({"role":"system","content":"reminder: keep the answer short"}));
+    match dialect {
+        _ if !trailing_note => {}
+        Dialect::OpenAi => {
+            msgs.push(json!({"role":"system","content":"reminder: keep the answer short"}))
+        }
+        Dialect::Responses => msgs.push(
+            json!({"type":"message","role":"system","content":[{"type":"input_text","text":"reminder: keep the answer short"}]}),
+        ),
+        Dialect::Anthropic => {}
     }
     let mut body = json!({"model":"gpt-4o","temperature":0.5});
     let obj = body.as_object_mut().unwrap();
@@ -985,8 +1057,17 @@ fn render_with_note(
         obj.insert("system".into(), json!([{"type":"text","text":"You are a careful agent.","cache_control":{"type":"ephemeral"}}]));
         obj.insert("max_tokens".into(), json!(256));
     }
-    obj.insert("messages".into(), Value::Array(msgs));
-    obj.insert("tools".into(), json!([{"type":"function","function":{"name":"run","description":"Run a command.","parameters":{"type":"object","properties":{"cmd":{"type":"string","description":"Command."}}}}}]));
+    if dialect == Dialect::Responses {
+        obj.insert("model".into(), json!("gpt-5"));
+        obj.insert("instructions".into(), json!("You are a careful agent."));
+        obj.insert("input".into(), Value::Array(msgs));
+        obj.insert("tools".into(), json!([{"type":"function","name":"run","description":"Run a command.","strict":false,"parameters":{"type":"object","properties":{"cmd":{"type":"string","description":"Command."}}}}]));
+        obj.insert("store".into(), json!(false));
+        obj.insert("include".into(), json!(["reasoning.encrypted_content"]));
+    } else {
+        obj.insert("messages".into(), Value::Array(msgs));
+        obj.insert("tools".into(), json!([{"type":"function","function":{"name":"run","description":"Run a command.","parameters":{"type":"object","properties":{"cmd":{"type":"string","description":"Command."}}}}}]));
+    }
     obj.insert("zz_unknown".into(), json!({"keep": [1, 2, 3]}));
     body.to_string().into_bytes()
 }
@@ -1025,12 +1106,12 @@ proptest! {
     #[test]
     fn pruning_properties(
         turns in prop::collection::vec(gen_turn(), 1..8),
-        anthropic in any::<bool>(),
+        dialect in prop_oneof![Just(Dialect::OpenAi), Just(Dialect::Anthropic), Just(Dialect::Responses)],
         end_in_tool in any::<bool>(),
         trailing_note in any::<bool>(),
         budget in gen_budget(),
     ) {
-        let dialect = if anthropic { Dialect::Anthropic } else { Dialect::OpenAi };
+        let anthropic = dialect == Dialect::Anthropic;
         let body = render_with_note(&turns, dialect, end_in_tool, trailing_note);
         let req = ChatRequest::parse(dialect, &body).unwrap();
         let c = counter();
@@ -1133,4 +1214,191 @@ fn system_turns_anywhere_and_the_newest_tool_exchange_stay_pinned() {
     assert_eq!(kept[4], msgs[6]);
     assert_eq!(kept[5], msgs[7]);
     assert_eq!(summary.messages_dropped, 2);
+}
+
+// ---------------------------------------------------------------- Responses API
+
+/// A Codex-like Responses body: instructions, tools, a developer turn, the task, reasoning
+/// before each call, a compaction item from an earlier compaction, and big tool outputs.
+fn responses_body(steps: usize) -> (Vec<u8>, Vec<Value>) {
+    let mut input = vec![
+        json!({"type":"message","role":"developer","content":[{"type":"input_text","text":"<permissions>workspace-write</permissions>"}]}),
+        json!({"type":"compaction","encrypted_content":"gAAAAABcompacted".repeat(50)}),
+        json!({"type":"message","role":"user","content":[{"type":"input_text","text":"Make the tests pass."}]}),
+    ];
+    for s in 0..steps {
+        input.push(json!({"type":"reasoning","id":format!("rs_{s}"),"summary":[{"type":"summary_text","text":"Look at the file."}],"content":null,"encrypted_content":format!("gAAAAB{s}").repeat(60)}));
+        input.push(json!({"type":"function_call","id":format!("fc_{s}"),"call_id":format!("call_{s}"),"name":"shell","arguments":format!("{{\"command\":[\"cat\",\"f{s}.rs\"]}}")}));
+        input.push(json!({"type":"function_call_output","call_id":format!("call_{s}"),"output": format!("fn f{s}() {{}}\n").repeat(300)}));
+    }
+    let body = json!({
+        "model": "gpt-5-codex",
+        "instructions": "You are Codex, a coding agent.",
+        "input": input,
+        "tools": [{"type":"function","name":"shell","description":"Runs a shell command.","strict":false,
+                   "parameters":{"type":"object","properties":{"command":{"type":"array","items":{"type":"string"}}}}},
+                  {"type":"custom","name":"apply_patch","description":"Applies a patch.","format":{"type":"grammar","syntax":"lark","definition":"start: begin_patch hunk+ end_patch\nbegin_patch: \"*** Begin Patch\" LF"}}],
+        "tool_choice": "auto",
+        "parallel_tool_calls": false,
+        "reasoning": {"effort":"medium","summary":"auto"},
+        "store": false,
+        "stream": true,
+        "include": ["reasoning.encrypted_content"],
+        "prompt_cache_key": "019a-session",
+    });
+    (body.to_string().into_bytes(), input)
+}
+
+#[test]
+fn responses_items_are_parsed_as_units() {
+    let (body, input) = responses_body(3);
+    let req = ChatRequest::parse(Dialect::Responses, &body).unwrap();
+    assert_eq!(req.message_count(), input.len());
+    assert_eq!(req.model(), Some("gpt-5-codex"));
+    assert!(req.is_stream());
+    assert_eq!(req.unprunable(), None);
+    assert_eq!(
+        req.field_str("prompt_cache_key").as_deref(),
+        Some("019a-session")
+    );
+    // The same body read as chat completions has no messages.
+    assert!(matches!(
+        ChatRequest::parse(Dialect::OpenAi, &body),
+        Err(ParseError::NoMessages("messages"))
+    ));
+    let s = br#"{"model":"gpt-5","input":"Say hi","instructions":"Be brief."}"#;
+    let r = ChatRequest::parse(Dialect::Responses, s).unwrap();
+    assert_eq!(r.unprunable(), Some(request::Unprunable::StringInput));
+    // Instructions and the string count; the fingerprint depends on both.
+    let other = br#"{"model":"gpt-5","input":"Say bye","instructions":"Be brief."}"#;
+    let o = ChatRequest::parse(Dialect::Responses, other).unwrap();
+    assert_ne!(r.fingerprint("openai"), o.fingerprint("openai"));
+    assert!(counter().count_request(&r) > counter().count_request(&o) - 3);
+    let p = br#"{"model":"gpt-5","previous_response_id":"resp_1","input":[{"role":"user","content":"go on"}]}"#;
+    let r = ChatRequest::parse(Dialect::Responses, p).unwrap();
+    assert_eq!(
+        r.unprunable(),
+        Some(request::Unprunable::PreviousResponseId)
+    );
+    let n = br#"{"model":"gpt-5","previous_response_id":null,"input":[{"role":"user","content":"go on"}]}"#;
+    assert_eq!(
+        ChatRequest::parse(Dialect::Responses, n)
+            .unwrap()
+            .unprunable(),
+        None
+    );
+    assert!(matches!(
+        ChatRequest::parse(Dialect::Responses, br#"{"model":"gpt-5"}"#),
+        Err(ParseError::NoMessages("input"))
+    ));
+    assert!(matches!(
+        ChatRequest::parse(Dialect::Responses, br#"{"input":[{"type":"message"},3]}"#),
+        Err(ParseError::MessageNotObject("input", 1))
+    ));
+}
+
+#[test]
+fn responses_function_tools_count_like_chat_tools() {
+    let c = counter();
+    let chat = json!({"model":"gpt-5","messages":[{"role":"user","content":"hi"}],
+        "tools":[{"type":"function","function":{"name":"get_weather","description":"Get the weather.",
+        "parameters":{"type":"object","properties":{"city":{"type":"string","description":"City."}}}}}]});
+    let resp = json!({"model":"gpt-5","input":[{"type":"message","role":"user","content":"hi"}],
+        "tools":[{"type":"function","name":"get_weather","description":"Get the weather.","strict":true,
+        "parameters":{"type":"object","properties":{"city":{"type":"string","description":"City."}}}}]});
+    let a =
+        c.count_request(&ChatRequest::parse(Dialect::OpenAi, chat.to_string().as_bytes()).unwrap());
+    let b = c.count_request(
+        &ChatRequest::parse(Dialect::Responses, resp.to_string().as_bytes()).unwrap(),
+    );
+    // The item's "type":"message" is bookkeeping, not text: the same count.
+    assert_eq!(a, b);
+}
+
+#[test]
+fn responses_pruning_keeps_reasoning_with_its_call_and_opaque_items_intact() {
+    let (body, input) = responses_body(6);
+    let req = ChatRequest::parse(Dialect::Responses, &body).unwrap();
+    let c = counter();
+    let total = c.count_request(&req);
+    let budget = Budget {
+        hard_token_limit: total / 2,
+        target_tokens: total / 3,
+        max_messages: 0,
+        keep_file_content_turns: 0,
+        ..Budget::default()
+    };
+    let out = prune(&req, &budget, &view(), "codex", &c);
+    let Outcome::Pruned {
+        body: pruned,
+        summary,
+    } = &out
+    else {
+        panic!("{out:?}")
+    };
+    assert!(summary.tokens_after <= budget.hard_token_limit);
+    assert_eq!(count_body(Dialect::Responses, pruned), summary.tokens_after);
+    check_structure(Dialect::Responses, &body, pruned);
+    check_fields(&body, pruned);
+    let kept = messages(pruned);
+    let orig_raw = raw_messages(&body);
+    let kept_raw = raw_messages(pruned);
+    // The developer turn and the task are pinned; the compaction item, opaque, is either
+    // forwarded byte for byte or dropped whole.
+    assert_eq!(kept[0], input[0]);
+    assert!(kept.iter().any(|m| m == &input[2]));
+    for (k, m) in kept.iter().enumerate() {
+        if m["type"] == "compaction" {
+            assert_eq!(kept_raw[k], orig_raw[1]);
+        }
+    }
+    // Whole steps went, oldest first; the newest step is whole and unedited.
+    let n = kept.len();
+    assert_eq!(&kept_raw[n - 3..], &orig_raw[orig_raw.len() - 3..]);
+    assert_eq!(
+        (kept.len() - 2 - usize::from(kept[1]["type"] == "compaction")) % 3,
+        0
+    );
+}
+
+#[test]
+fn responses_elision_edits_tool_outputs_but_never_reasoning() {
+    let file: String = (0..40).map(|i| format!("let x{i} = {i};\n")).collect();
+    let fenced = format!("```rust src/a.rs\n{file}```\n");
+    let input = json!([
+        {"type":"message","role":"user","content":[{"type":"input_text","text":"task one"}]},
+        {"type":"reasoning","id":"rs_1","summary":[],"content":[{"type":"reasoning_text","text": fenced}],"encrypted_content":"gAAAAB"},
+        {"type":"function_call","call_id":"c1","name":"shell","arguments":"{}"},
+        {"type":"function_call_output","call_id":"c1","output": fenced},
+        {"type":"message","role":"assistant","content":[{"type":"output_text","text":"done one"}]},
+        {"type":"message","role":"user","content":[{"type":"input_text","text": format!("task two {}", "pad ".repeat(400))}]},
+    ]);
+    let body = json!({"model":"gpt-5","input": input})
+        .to_string()
+        .into_bytes();
+    let req = ChatRequest::parse(Dialect::Responses, &body).unwrap();
+    let c = counter();
+    let total = c.count_request(&req);
+    let budget = Budget {
+        hard_token_limit: total - 50,
+        target_tokens: total - 60,
+        max_messages: 0,
+        keep_file_content_turns: 1,
+        min_file_lines: 10,
+        ..Budget::default()
+    };
+    let out = prune(&req, &budget, &view(), "e", &c);
+    let Outcome::Pruned {
+        body: pruned,
+        summary,
+    } = &out
+    else {
+        panic!("{out:?}")
+    };
+    assert_eq!(summary.files_elided, 1);
+    assert_eq!(summary.messages_dropped, 0);
+    let kept = messages(pruned);
+    assert_eq!(kept[1], input[1], "reasoning untouched");
+    let out = kept[3]["output"].as_str().unwrap();
+    assert!(out.starts_with("[ctxgate: elided file src/a.rs, "), "{out}");
 }

@@ -189,12 +189,20 @@ impl Counter {
             cap,
             exact: true,
         };
+        let responses = dialect == Dialect::Responses;
         if let Value::Object(map) = msg {
             for (k, v) in map {
+                // A Responses item's type, ids and status are bookkeeping, not model text.
+                if responses && matches!(k.as_str(), "type" | "id" | "call_id" | "status") {
+                    continue;
+                }
                 match v {
+                    Value::String(s) if is_payload_key(k, s) => {
+                        t.total += estimate_bytes(s.len());
+                    }
                     Value::String(s) => {
                         t.text(s);
-                        if k == "name" {
+                        if k == "name" && !responses {
                             t.total += TOKENS_PER_NAME;
                         }
                     }
@@ -450,8 +458,11 @@ impl Tally<'_> {
 }
 
 /// Inline binary payloads, estimated rather than encoded.
+/// (Encrypted reasoning, Responses `encrypted_content`, is opaque too: what the model reads
+/// from it cannot be known, so its base64 is estimated like any payload.)
 fn is_payload_key(key: &str, s: &str) -> bool {
-    matches!(key, "data" | "file_data") || (key == "url" && s.starts_with("data:"))
+    matches!(key, "data" | "file_data" | "encrypted_content")
+        || (key == "url" && s.starts_with("data:"))
 }
 
 /// The fixed estimate for an image part/block, if `map` is one.
@@ -471,7 +482,7 @@ pub(crate) fn image_tokens(dialect: Dialect, map: &serde_json::Map<String, Value
             })
         }
         (Dialect::Anthropic, "image") => Some(ANTHROPIC_IMAGE_TOKENS),
-        (Dialect::OpenAi, "image") => Some(IMAGE_TOKENS),
+        (Dialect::OpenAi | Dialect::Responses, "image") => Some(IMAGE_TOKENS),
         _ => None,
     }
 }

@@ -113,7 +113,7 @@ impl ConvState {
 pub(crate) struct StateKey {
     pub(crate) enc: Encoding,
     pub(crate) min_file_lines: u64,
-    pub(crate) anthropic: bool,
+    pub(crate) dialect: crate::dialect::Dialect,
 }
 
 /// What the view knows about one message.

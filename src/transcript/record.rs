@@ -41,6 +41,10 @@ pub struct Record {
     pub files_elided: Option<u64>,
     /// What pruning did: `unchanged`, `pruned`, `rejected`, `skipped`, `shadow` or `none`.
     pub prune_action: String,
+    /// Why a chat request was forwarded unpruned (`skipped`): `compressed_body`,
+    /// `unparseable`, `string_input`, `previous_response_id` or `prune_failed`.
+    #[serde(default)]
+    pub prune_reason: Option<String>,
     /// Token usage reported by the upstream's response.
     pub usage: Usage,
     /// Upstream prompt tokens divided by ctxgate's count of the forwarded prompt.

@@ -49,7 +49,8 @@ fn rec(i: usize) -> Record {
         messages_before: Some(12),
         messages_after: odd.then_some(8),
         files_elided: Some(i as u64 % 3),
-        prune_action: if odd { "pruned" } else { "unchanged" }.into(),
+        prune_action: if odd { "pruned" } else { "skipped" }.into(),
+        prune_reason: (!odd).then(|| "previous_response_id".to_string()),
         usage: Usage {
             input_tokens: Some(880 + i as u64),
             output_tokens: Some(42),
@@ -666,7 +667,7 @@ async fn pg_rows(client: &tokio_postgres::Client) -> Vec<Record> {
                     stream, tokens_before, tokens_before_exact, tokens_after, messages_before,
                     messages_after, files_elided, prune_action, input_tokens, output_tokens,
                     cache_read_tokens, cache_write_tokens, usage_ratio, error_kind,
-                    request_messages::text, response_text
+                    request_messages::text, response_text, prune_reason
              FROM ctxgate_transcripts ORDER BY id",
             &[],
         )
@@ -703,6 +704,7 @@ async fn pg_rows(client: &tokio_postgres::Client) -> Vec<Record> {
                 .get::<_, Option<String>>(22)
                 .map(|s| serde_json::from_str(&s).unwrap()),
             response_text: r.get(23),
+            prune_reason: r.get(24),
         })
         .collect()
 }

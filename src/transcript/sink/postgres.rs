@@ -62,7 +62,8 @@ const CREATE_TABLE: &str = "CREATE TABLE IF NOT EXISTS ctxgate_transcripts (
     usage_ratio double precision,
     error_kind text,
     request_messages jsonb,
-    response_text text
+    response_text text,
+    prune_reason text
 )";
 
 /// Every column ctxgate inserts, in insert order, with the type used when a migration adds
@@ -92,6 +93,7 @@ pub const COLUMNS: &[(&str, &str)] = &[
     ("error_kind", "text"),
     ("request_messages", "jsonb"),
     ("response_text", "text"),
+    ("prune_reason", "text"),
 ];
 
 /// Indexes ctxgate creates: name and definition.
@@ -430,6 +432,7 @@ struct Row {
     error_kind: Option<String>,
     request_messages: Option<String>,
     response_text: Option<String>,
+    prune_reason: Option<String>,
 }
 
 impl From<&Record> for Row {
@@ -461,6 +464,7 @@ impl From<&Record> for Row {
             error_kind: r.error_kind.as_deref().map(text),
             request_messages: r.request_messages.as_ref().map(json_text),
             response_text: r.response_text.as_deref().map(text),
+            prune_reason: r.prune_reason.as_deref().map(text),
         }
     }
 }
@@ -494,6 +498,7 @@ fn params(rows: &[Row]) -> Vec<&(dyn ToSql + Sync)> {
             &r.error_kind,
             &r.request_messages,
             &r.response_text,
+            &r.prune_reason,
         ]);
     }
     p

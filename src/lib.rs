@@ -4,6 +4,7 @@
 //! docs/ARCHITECTURE.md for the map of the code.
 
 pub mod admin;
+pub mod coding;
 pub mod config;
 pub mod dialect;
 pub mod error;

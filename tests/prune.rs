@@ -360,34 +360,79 @@ async fn rejection_limit_header_shadow_and_skips() {
     assert!(up3.requests().is_empty());
 }
 
+/// A compressed chat body: gzip and zstd are decoded, pruned like a plain one and forwarded
+/// decoded (no Content-Encoding, the decoded length); a coding ctxgate does not read, or a
+/// corrupt body, is forwarded byte for byte and counted as skipped — even with
+/// `on_parse_error = "reject"`, since a compressed body is not an unparseable one.
 #[tokio::test]
-async fn a_compressed_chat_body_is_forwarded_untouched_and_counted_as_skipped() {
+async fn compressed_chat_bodies_are_decoded_for_pruning_or_forwarded_untouched() {
     use std::io::Write;
     let up = mock(llm_reply).await;
-    // Even with on_parse_error = "reject": a compressed body is not an unparseable one.
     let gate = TestConfig::both(&up)
-        .set("prune", "hard_token_limit", 1000)
+        .set("prune", "hard_token_limit", 4000)
         .set("prune", "on_parse_error", "reject")
         .start()
         .await;
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
     gz.write_all(SEED.as_bytes()).unwrap();
     let gz = Bytes::from(gz.finish().unwrap());
-    let req = http::Request::post(gate.url("/v1/chat/completions"))
-        .header("content-encoding", "gzip")
-        .header("content-type", "application/json")
-        .body(http_body_util::Full::new(gz.clone()))
+    let zst = Bytes::from(zstd::encode_all(SEED.as_bytes(), 3).unwrap());
+    let post = |enc: &str, body: Bytes| {
+        http::Request::post(gate.url("/v1/chat/completions"))
+            .header("content-encoding", enc)
+            .header("content-type", "application/json")
+            .header("x-conversation-id", format!("compressed-{enc}"))
+            .body(http_body_util::Full::new(body))
+            .unwrap()
+    };
+    for (enc, body) in [("gzip", gz.clone()), ("zstd", zst)] {
+        let resp = client().request(post(enc, body)).await.unwrap();
+        assert_eq!(resp.status(), 200, "{enc}");
+        assert!(
+            resp.headers().contains_key("x-ctxgate-tokens-after"),
+            "{enc} pruned"
+        );
+    }
+    let got = up.requests();
+    assert_eq!(got.len(), 2);
+    for r in &got {
+        assert!(!r.headers.contains_key("content-encoding"));
+        assert_eq!(
+            r.headers["content-length"],
+            r.body.len().to_string().as_str()
+        );
+        let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        assert!(v["messages"].as_array().unwrap().len() < 22, "pruned");
+    }
+    assert_eq!(got[0].body, got[1].body, "same conversation, same bytes");
+    // Not decodable: forwarded byte for byte, skipped.
+    let resp = client()
+        .request(post("compress", gz.clone()))
+        .await
         .unwrap();
-    let resp = client().request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let corrupt = Bytes::from_static(b"\x1f\x8b not really gzip");
+    let resp = client()
+        .request(post("gzip", corrupt.clone()))
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 200);
     let got = up.requests();
-    assert_eq!(got.len(), 1);
-    assert_eq!(got[0].body, gz, "forwarded byte for byte");
-    assert_eq!(got[0].headers["content-encoding"], "gzip");
+    assert_eq!(got.len(), 4);
+    assert_eq!(got[2].body, gz, "forwarded byte for byte");
+    assert_eq!(got[2].headers["content-encoding"], "compress");
+    assert_eq!(got[3].body, corrupt);
+    assert_eq!(got[3].headers["content-encoding"], "gzip");
     until_sample(
         &gate,
         "ctxgate_prune_actions_total{action=\"skipped\",route=\"openai\"}",
-        1.0,
+        2.0,
+    )
+    .await;
+    until_sample(
+        &gate,
+        "ctxgate_prune_actions_total{action=\"pruned\",route=\"openai\"}",
+        2.0,
     )
     .await;
 }

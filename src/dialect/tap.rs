@@ -10,10 +10,10 @@
 //! untouched. Decoding stops (and usage is not read) past [`MAX_DECODED`] bytes or at the
 //! first corrupt byte; an encoding the tap does not know leaves usage unread.
 
-use std::io::Write as _;
-
 use bytes::Bytes;
 use serde_json::Value;
+
+use crate::coding::Decoder;
 
 use super::Wire;
 
@@ -24,96 +24,6 @@ const MAX_LINE: usize = 1024 * 1024;
 /// Most bytes the tap decodes from one compressed answer (a bound against decompression
 /// bombs; the answer itself is passed on whatever its size).
 pub const MAX_DECODED: usize = 64 * 1024 * 1024;
-
-/// A push decoder: fed the encoded chunks, it hands back what it decoded so far.
-trait Push: Send + Sync {
-    /// Decodes one chunk.
-    fn push(&mut self, chunk: &[u8]) -> std::io::Result<Vec<u8>>;
-    /// Flushes what is left, at the end of the answer.
-    fn end(&mut self) -> std::io::Result<Vec<u8>>;
-}
-
-/// A `Push` for a `Write`-based decoder into a `Vec`, ended by `$end`.
-macro_rules! push_decoder {
-    ($t:ty, $end:ident) => {
-        impl Push for $t {
-            fn push(&mut self, chunk: &[u8]) -> std::io::Result<Vec<u8>> {
-                std::io::Write::write_all(self, chunk)?;
-                Ok(std::mem::take(self.get_mut()))
-            }
-            fn end(&mut self) -> std::io::Result<Vec<u8>> {
-                self.$end()?;
-                Ok(std::mem::take(self.get_mut()))
-            }
-        }
-    };
-}
-
-push_decoder!(flate2::write::GzDecoder<Vec<u8>>, try_finish);
-push_decoder!(flate2::write::ZlibDecoder<Vec<u8>>, try_finish);
-push_decoder!(flate2::write::DeflateDecoder<Vec<u8>>, try_finish);
-push_decoder!(brotli_decompressor::DecompressorWriter<Vec<u8>>, flush);
-push_decoder!(zstd::stream::write::Decoder<'static, Vec<u8>>, flush);
-
-/// The decoder of one `Content-Encoding`.
-enum Decoder {
-    Ready(Box<dyn Push>),
-    /// HTTP's `deflate` is zlib-wrapped; some servers send raw deflate, told apart by the
-    /// first two bytes, held here until both have come.
-    DeflateHead(Vec<u8>),
-}
-
-impl Decoder {
-    /// The decoder of a `Content-Encoding` value: `Ok(None)` for none (`identity`), `Err` for
-    /// one the tap cannot decode.
-    fn of(encoding: &str) -> Result<Option<Decoder>, ()> {
-        let ready = |d: Box<dyn Push>| Ok(Some(Decoder::Ready(d)));
-        match encoding.trim().to_ascii_lowercase().as_str() {
-            "" | "identity" => Ok(None),
-            "gzip" | "x-gzip" => ready(Box::new(flate2::write::GzDecoder::new(Vec::new()))),
-            "deflate" => Ok(Some(Decoder::DeflateHead(Vec::new()))),
-            "br" => ready(Box::new(brotli_decompressor::DecompressorWriter::new(
-                Vec::new(),
-                16 * 1024,
-            ))),
-            "zstd" => match zstd::stream::write::Decoder::new(Vec::new()) {
-                Ok(d) => ready(Box::new(d)),
-                Err(_) => Err(()),
-            },
-            _ => Err(()),
-        }
-    }
-
-    /// Decodes one chunk; returns what it decoded so far.
-    fn write(&mut self, chunk: &[u8]) -> std::io::Result<Vec<u8>> {
-        let head = match self {
-            Decoder::Ready(d) => return d.push(chunk),
-            Decoder::DeflateHead(head) => head,
-        };
-        head.extend_from_slice(chunk);
-        if head.len() < 2 {
-            return Ok(Vec::new());
-        }
-        let zlib = head[0] & 0x0f == 8 && (u16::from(head[0]) << 8 | u16::from(head[1])) % 31 == 0;
-        let mut d: Box<dyn Push> = if zlib {
-            Box::new(flate2::write::ZlibDecoder::new(Vec::new()))
-        } else {
-            Box::new(flate2::write::DeflateDecoder::new(Vec::new()))
-        };
-        let first = d.push(head);
-        *self = Decoder::Ready(d);
-        first
-    }
-
-    /// Flushes what the decoder still holds, at the end of the answer.
-    fn finish(&mut self) -> std::io::Result<Vec<u8>> {
-        match self {
-            Decoder::Ready(d) => d.end(),
-            Decoder::DeflateHead(head) if head.is_empty() => Ok(Vec::new()),
-            Decoder::DeflateHead(_) => Err(std::io::ErrorKind::UnexpectedEof.into()),
-        }
-    }
-}
 
 /// What the tap found.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

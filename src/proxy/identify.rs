@@ -7,8 +7,10 @@
 //! The id keys the gate and the conversation view; it is never a metric label and never
 //! logged in full.
 //!
-//! A compressed chat body (`Content-Encoding` on the request) is not parsed: it is forwarded
-//! as it came and counted as skipped.
+//! A compressed chat body (`Content-Encoding: gzip`, `deflate`, `br` or `zstd` on the request)
+//! is decoded within `max_body_bytes` and handled as a plain one; it goes upstream decoded
+//! (without the header), pruned or not. A body in another coding, corrupt, or decoding past
+//! the limit is forwarded as it came and counted as skipped (`compressed_body`).
 //!
 //! Reading and parsing a large body (over `heavy::INLINE_BYTES`) runs on the heavy pool, not on
 //! an async worker.
@@ -18,6 +20,7 @@ use http::HeaderMap;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
+use crate::coding::{decode_all, DecodeError};
 use crate::config::{Conversation, OnParseError, Route};
 use crate::dialect::Dialect;
 use crate::error::Error;
@@ -48,25 +51,49 @@ impl Proxy {
         let Payload::Stream(body) = std::mem::take(&mut call.payload) else {
             return Ok(());
         };
-        let frames = read_body(body, self.max_body_bytes).await?;
-        // A compressed chat body (Content-Encoding on the request) is forwarded as it came and
-        // counted as skipped: never parsed as if it were plain, never refused as unparseable.
-        if let Some(enc) = req
+        let mut frames = read_body(body, self.max_body_bytes).await?;
+        // A compressed chat body (Content-Encoding on the request) is decoded, within
+        // `max_body_bytes`, and goes upstream decoded (pruned or not); one ctxgate cannot
+        // decode is forwarded as it came and counted as skipped: never parsed as if it were
+        // plain, never refused as unparseable.
+        let encoding = req
             .headers
             .get(http::header::CONTENT_ENCODING)
-            .filter(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"))
-        {
-            tracing::debug!(route = %cfg.name, encoding = ?enc, "compressed chat body; forwarded unchanged");
-            call.identify(conversation_id(
-                &req.headers,
-                &self.conversation,
-                |_| None,
-                || None,
-            ));
-            call.payload = Payload::Opaque(frames.join());
-            call.prune_reason = Some("compressed_body");
-            return Ok(());
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+            .filter(|v| !v.trim().eq_ignore_ascii_case("identity"));
+        if let Some(enc) = encoding {
+            let limit = usize::try_from(self.max_body_bytes).unwrap_or(usize::MAX);
+            let compressed = frames.clone();
+            let e2 = enc.clone();
+            let decoded = self
+                .heavy
+                .run(move || decode_all(&e2, &compressed.join(), limit))
+                .await
+                .unwrap_or_else(|_| Err(DecodeError::Corrupt(enc.clone())));
+            match decoded {
+                Ok(Some(plain)) => {
+                    let h = &mut call.request.headers;
+                    h.remove(http::header::CONTENT_ENCODING);
+                    h.insert(http::header::CONTENT_LENGTH, plain.len().into());
+                    frames = Frames::one(Bytes::from(plain));
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::debug!(route = %cfg.name, error = %e, "compressed chat body; forwarded unchanged");
+                    let req = &call.request;
+                    call.identify(conversation_id(
+                        &req.headers,
+                        &self.conversation,
+                        |_| None,
+                        || None,
+                    ));
+                    call.payload = Payload::Opaque(frames.join());
+                    call.prune_reason = Some("compressed_body");
+                    return Ok(());
+                }
+            }
         }
+        let req = &call.request;
         let dialect = call.dialect;
         let (bytes, parsed, id) = if frames.len() > INLINE_BYTES {
             let (f, h, c, r) = (
@@ -140,6 +167,14 @@ pub struct Frames {
 }
 
 impl Frames {
+    /// One frame.
+    pub fn one(b: Bytes) -> Frames {
+        Frames {
+            len: b.len(),
+            frames: vec![b],
+        }
+    }
+
     /// Total bytes.
     pub fn len(&self) -> usize {
         self.len

@@ -127,7 +127,7 @@ fn codex_request(steps: usize) -> Value {
     for s in 0..steps {
         input.push(json!({"type": "reasoning", "id": format!("rs_{s}"), "summary": [], "content": null, "encrypted_content": encrypted(s)}));
         input.push(json!({"type": "function_call", "id": format!("fc_{s}"), "call_id": format!("call_{s}"), "name": "shell", "arguments": format!("{{\"command\":[\"cat\",\"src/m{s}.rs\"]}}")}));
-        let out = format!("pub fn m{s}(x: u64) -> u64 {{ x * {s} }}\n").repeat(120);
+        let out = format!("pub fn m{s}(x: u64) -> u64 {{ x * {s} }}\n").repeat(40);
         input.push(
             json!({"type": "function_call_output", "call_id": format!("call_{s}"), "output": out}),
         );
@@ -161,7 +161,7 @@ async fn a_growing_codex_session_is_pruned_and_recorded() {
     let up = mock(responses_reply).await;
     let dir = TempDir::new("responses-e2e");
     let gate = cfg(&up, &dir).start().await;
-    let turns = 12;
+    let turns = 20;
     for steps in 0..turns {
         let body = codex_request(steps).to_string();
         let (s, h, b) = send("POST", &gate.url("/v1/responses"), &[], &body).await;
@@ -196,10 +196,29 @@ async fn a_growing_codex_session_is_pruned_and_recorded() {
                 "newest step whole"
             );
         }
-        if steps >= 8 {
+        if steps >= 12 {
             assert!(input.len() < orig.len(), "turn {steps} dropped items");
         }
     }
+    // Cache-stable: between cut moves, each forwarded input starts with the previous one
+    // byte for byte (the provider's prompt cache keeps hitting).
+    let forwarded: Vec<Vec<Value>> = reqs
+        .iter()
+        .map(|r| {
+            let v: Value = serde_json::from_slice(&r.body).unwrap();
+            v["input"].as_array().unwrap().clone()
+        })
+        .collect();
+    let stable = forwarded
+        .windows(2)
+        .filter(|w| w[1].starts_with(&w[0]))
+        .count();
+
+    assert!(
+        stable >= 15,
+        "{stable} of {} turns kept the prefix",
+        turns - 1
+    );
     stop(gate).await;
     let records = jsonl_records(&dir.0);
     assert_eq!(records.len(), turns);

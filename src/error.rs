@@ -20,6 +20,8 @@ pub enum Phase {
     StreamIdle,
     /// The whole call (`timeouts.total`).
     Total,
+    /// A response chunk the client did not take (`timeouts.client_write`).
+    ClientWrite,
 }
 
 impl Phase {
@@ -30,6 +32,7 @@ impl Phase {
             Phase::ResponseHeaders => "response_headers",
             Phase::StreamIdle => "stream_idle",
             Phase::Total => "total",
+            Phase::ClientWrite => "client_write",
         }
     }
 }
@@ -71,6 +74,9 @@ pub enum Error {
     /// A phase ran past its timeout before the response started.
     #[error("{}", timeout_message(*.phase, *.after))]
     Timeout { phase: Phase, after: Duration },
+    /// ctxgate is shutting down and `shutdown_grace` is over: the call was cut.
+    #[error("ctxgate is shutting down: the call was cut at the end of shutdown_grace")]
+    ShuttingDown,
 }
 
 fn timeout_message(phase: Phase, after: Duration) -> String {
@@ -79,6 +85,7 @@ fn timeout_message(phase: Phase, after: Duration) -> String {
         Phase::ResponseHeaders => "upstream sent no response headers",
         Phase::StreamIdle => "upstream sent nothing",
         Phase::Total => "upstream call did not finish",
+        Phase::ClientWrite => "the client did not read the response",
     };
     format!(
         "{what} within {} (timeouts.{})",
@@ -101,6 +108,7 @@ impl Error {
             Error::BadChatBody(_) => StatusCode::BAD_REQUEST,
             Error::ContextOverflow(_) => StatusCode::BAD_REQUEST,
             Error::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            Error::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -133,6 +141,11 @@ impl Error {
                 phase: Phase::Total,
                 ..
             } => "timeout_total",
+            Error::Timeout {
+                phase: Phase::ClientWrite,
+                ..
+            } => "timeout_client_write",
+            Error::ShuttingDown => "shutdown",
         }
     }
 
@@ -148,7 +161,12 @@ impl Error {
             Error::Gate(r) => (ErrorClass::RateLimit, r.reason()),
             Error::BadChatBody(_) => (ErrorClass::InvalidRequest, "invalid_chat_body"),
             Error::ContextOverflow(_) => (ErrorClass::InvalidRequest, "context_length_exceeded"),
+            Error::Timeout {
+                phase: Phase::ClientWrite,
+                ..
+            } => (ErrorClass::Timeout, "client_timeout"),
             Error::Timeout { .. } => (ErrorClass::Timeout, "upstream_timeout"),
+            Error::ShuttingDown => (ErrorClass::Upstream, "shutting_down"),
         }
     }
 
@@ -168,7 +186,7 @@ impl Error {
     /// The SSE event that ends a stream this error broke off mid-body, in `dialect`'s format.
     pub fn sse_event(&self, dialect: Dialect) -> String {
         let (class, code) = match self {
-            Error::Timeout { .. } => (ErrorClass::Timeout, "upstream_timeout"),
+            Error::Timeout { .. } | Error::ShuttingDown => self.wire(),
             _ => (ErrorClass::Upstream, "upstream_error"),
         };
         dialect

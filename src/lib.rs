@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod coding;
 pub mod config;
+pub mod conn;
 pub mod dialect;
 pub mod error;
 pub mod gate;
@@ -68,8 +69,16 @@ pub async fn serve(
         routes = config.routes.len(), "ctxgate serving");
     let p = proxy.clone();
     let handler = move |req| p.clone().handle(req);
-    let clean =
-        server::serve_until(listener, handler, shutdown, config.shutdown_grace, "proxy").await;
+    let cutter = proxy.clone();
+    let clean = server::serve_until(
+        listener,
+        handler,
+        shutdown,
+        config.shutdown_grace,
+        "proxy",
+        move || cutter.cut_calls(),
+    )
+    .await;
     tracing::info!(clean, "proxy stopped");
 
     // In-flight calls are done (or the grace period is over): drain and flush the records.

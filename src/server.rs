@@ -16,6 +16,7 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
+use crate::conn::{ConnKill, Killable};
 use crate::proxy::stream::ResponseBody;
 
 /// The connection builder: HTTP/1.1 with keep-alive, and HTTP/2 with prior knowledge (h2c).
@@ -26,15 +27,22 @@ fn builder() -> auto::Builder<TokioExecutor> {
     b
 }
 
+/// How long connections get, once the grace period is over and their calls are cut, to send
+/// the error that ends each call before they are dropped.
+const CUT_FLUSH: Duration = Duration::from_secs(1);
+
 /// Accepts connections on `listener` and serves each with `handler` until `shutdown`
 /// resolves; then stops accepting and waits up to `grace` for open connections to finish.
-/// Returns whether every connection finished within the grace period.
+/// When the grace period ends with connections still open, `cut` is called (it ends the calls
+/// still running, each with its error and its record) and they get [`CUT_FLUSH`] more to send
+/// it. Returns whether every connection finished within the grace period.
 pub async fn serve_until<H, F>(
     listener: TcpListener,
     handler: H,
     shutdown: impl Future<Output = ()>,
     grace: Duration,
     name: &'static str,
+    cut: impl FnOnce(),
 ) -> bool
 where
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
@@ -57,7 +65,15 @@ where
                 };
                 let _ = stream.set_nodelay(true);
                 let h = handler.clone();
-                let conn = builder.serve_connection(TokioIo::new(stream), service_fn(h));
+                // The connection's kill switch rides in each request, so the request path can
+                // close a connection whose client stopped reading.
+                let kill = ConnKill::default();
+                let io = TokioIo::new(Killable::new(stream, kill.clone()));
+                let service = service_fn(move |mut req: Request<Incoming>| {
+                    req.extensions_mut().insert(kill.clone());
+                    h(req)
+                });
+                let conn = builder.serve_connection(io, service);
                 let fut = graceful.watch(conn.into_owned());
                 tokio::spawn(async move {
                     if let Err(e) = fut.await {
@@ -70,13 +86,19 @@ where
     }
     drop(listener);
     tracing::info!(listener = name, grace = ?grace, "stopped accepting; draining connections");
+    let drained = graceful.shutdown();
+    tokio::pin!(drained);
     tokio::select! {
-        _ = graceful.shutdown() => true,
-        _ = tokio::time::sleep(grace) => {
-            tracing::warn!(listener = name, "grace period over with connections still open");
-            false
-        }
+        _ = &mut drained => return true,
+        _ = tokio::time::sleep(grace) => {}
     }
+    tracing::warn!(
+        listener = name,
+        "grace period over with calls still running; cutting them"
+    );
+    cut();
+    let _ = tokio::time::timeout(CUT_FLUSH, drained).await;
+    false
 }
 
 /// Serves the admin endpoints until `shutdown` resolves.
@@ -86,5 +108,13 @@ pub async fn serve_admin(
     shutdown: impl Future<Output = ()>,
 ) {
     let handler = move |req| admin.clone().handle(req);
-    serve_until(listener, handler, shutdown, Duration::from_secs(1), "admin").await;
+    serve_until(
+        listener,
+        handler,
+        shutdown,
+        Duration::from_secs(1),
+        "admin",
+        || {},
+    )
+    .await;
 }

@@ -232,6 +232,10 @@ pub struct Timeouts {
     /// The whole call, from the request's arrival to the response's last byte.
     #[serde(serialize_with = "ser_duration")]
     pub total: Duration,
+    /// Longest time a response chunk may wait for the client to take it (a client that stops
+    /// reading): the call then ends, its permit and upstream connection are released.
+    #[serde(serialize_with = "ser_duration")]
+    pub client_write: Duration,
 }
 
 impl Default for Timeouts {
@@ -241,6 +245,7 @@ impl Default for Timeouts {
             response_headers: Duration::from_secs(120),
             stream_idle: Duration::from_secs(60),
             total: Duration::from_secs(300),
+            client_write: Duration::from_secs(30),
         }
     }
 }

@@ -116,6 +116,7 @@ struct RawTimeouts {
     response_headers: Option<String>,
     stream_idle: Option<String>,
     total: Option<String>,
+    client_write: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -535,6 +536,7 @@ fn resolve_timeouts(key: &str, base: Timeouts, raw: RawTimeouts) -> Result<Timeo
         )?,
         stream_idle: get("stream_idle", &raw.stream_idle, base.stream_idle)?,
         total,
+        client_write: get("client_write", &raw.client_write, base.client_write)?,
     };
     for (name, explicit, d) in [
         (

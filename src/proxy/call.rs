@@ -15,6 +15,7 @@ use bytes::Bytes;
 use http::request::Parts;
 use hyper::body::Incoming;
 
+use crate::conn::ConnKill;
 use crate::dialect::{Dialect, Tapped, UsageTap};
 use crate::error::{Error, Phase};
 use crate::gate::Permit;
@@ -122,6 +123,8 @@ pub enum End {
     ClientGone,
     /// Handling the call panicked (a bug) and unwound through it.
     Panicked,
+    /// `shutdown_grace` ended while the response was still streaming: cut.
+    Shutdown,
 }
 
 /// One call, from arrival to its record.
@@ -177,6 +180,9 @@ pub struct Call {
     pub tap: Option<UsageTap>,
     /// The error ctxgate answered with, or that broke the call off.
     pub failure: Option<Error>,
+    /// The client connection's kill switch (none for a request not from the server's own
+    /// accept loop).
+    pub conn: Option<ConnKill>,
     /// Set while the call is unrecorded; taken by the one recording.
     recorder: Option<Arc<dyn Finish>>,
 }
@@ -184,6 +190,7 @@ pub struct Call {
 impl Call {
     /// A call that has just arrived.
     pub fn new(recorder: Arc<dyn Finish>, request: Parts, body: Incoming) -> Call {
+        let conn = request.extensions.get::<ConnKill>().cloned();
         Call {
             start: Instant::now(),
             ts: crate::transcript::now_ts(),
@@ -202,6 +209,7 @@ impl Call {
             budget: None,
             action: PruneAction::None,
             prune_reason: None,
+            conn,
             summary: None,
             prune_took: None,
             request_messages: None,

@@ -50,9 +50,18 @@ impl Proxy {
         call.forwarded_at = Some(std::time::Instant::now());
         let deadline = tokio::time::Instant::now() + cfg.timeouts.total;
         call.deadline = Some(deadline);
-        await_headers(route.client.request(up_req), &cfg.timeouts, deadline)
-            .await?
-            .map_err(|e| classify(&e, cfg, self.max_body_bytes))
+        let mut cut = self.cut.subscribe();
+        let shutdown = async move {
+            if cut.wait_for(|c| *c).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::select! {
+            r = await_headers(route.client.request(up_req), &cfg.timeouts, deadline) => {
+                r?.map_err(|e| classify(&e, cfg, self.max_body_bytes))
+            }
+            _ = shutdown => Err(Error::ShuttingDown),
+        }
     }
 }
 
@@ -194,6 +203,7 @@ mod tests {
         response_headers: Duration::from_secs(120),
         stream_idle: Duration::from_secs(60),
         total: Duration::from_secs(300),
+        client_write: Duration::from_secs(30),
     };
 
     #[tokio::test(start_paused = true)]

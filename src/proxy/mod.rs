@@ -58,6 +58,8 @@ pub struct Proxy {
     recorder: Arc<Recorder>,
     gauges: Gauges,
     warmup: upstream::WarmupMetrics,
+    /// Turns true when the shutdown grace period is over: calls still running are cut.
+    cut: tokio::sync::watch::Sender<bool>,
 }
 
 /// Gauges read from the gates and the view when `/metrics` is scraped.
@@ -115,6 +117,7 @@ impl Proxy {
                 prune: m.prune,
             },
             warmup: m.warmup,
+            cut: tokio::sync::watch::Sender::new(false),
         })
     }
 
@@ -157,6 +160,14 @@ impl Proxy {
         self.recorder.responded(&call);
         call.end(End::Complete);
         resp
+    }
+
+    /// Cuts every call still running (the shutdown grace period is over): a streaming
+    /// response ends with the dialect's error (an SSE error event, or a cut body) and is
+    /// recorded as `shutdown`; a call still waiting for its upstream's headers is answered
+    /// 503. The records reach the transcript queue before the writer drains it.
+    pub fn cut_calls(&self) {
+        self.cut.send_replace(true);
     }
 
     /// Starts the background work: the gate sweeper (it holds the gates weakly and ends with

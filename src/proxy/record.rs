@@ -40,11 +40,12 @@ const UPSTREAM_ERROR_KINDS: [&str; 6] = [
 ];
 
 /// The phases of `ctxgate_timeouts_total`.
-const PHASES: [Phase; 4] = [
+const PHASES: [Phase; 5] = [
     Phase::Connect,
     Phase::ResponseHeaders,
     Phase::StreamIdle,
     Phase::Total,
+    Phase::ClientWrite,
 ];
 
 /// Token types of `ctxgate_upstream_tokens_total`.
@@ -367,6 +368,7 @@ impl Recorder {
                     .inc();
                 Some(match phase {
                     Phase::StreamIdle => "timeout_stream_idle",
+                    Phase::ClientWrite => "timeout_client_write",
                     _ => "timeout_total",
                 })
             }
@@ -377,6 +379,7 @@ impl Recorder {
                     .inc();
                 Some("upstream_body")
             }
+            End::Shutdown => Some("shutdown"),
         }
     }
 
@@ -547,6 +550,15 @@ fn log(call: &Call, end: End, error_kind: Option<&'static str>) {
                 tokens_after,
                 waited_ms,
                 "upstream failed during the response body"
+            );
+        }
+        End::Shutdown => {
+            tracing::warn!(
+                route,
+                action,
+                tokens_before,
+                tokens_after,
+                "response cut: shutdown_grace ended while it was streaming"
             );
         }
         End::Complete => match (&call.summary, call.action) {

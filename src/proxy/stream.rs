@@ -15,17 +15,20 @@
 //! which cancels the upstream request).
 
 use std::pin::Pin;
-use std::task::{ready, Context, Poll};
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{ready, Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::Full;
 use hyper::body::Incoming;
+use tokio::sync::{oneshot, watch};
 use tokio::time::{Instant, Sleep};
 
 use http::{header, HeaderValue, Response, StatusCode};
 
+use crate::conn::ConnKill;
 use crate::dialect::{Dialect, UsageTap};
 use crate::error::{Error, Phase};
 
@@ -73,54 +76,247 @@ pub struct StreamTimers {
     pub deadline: Instant,
     /// The configured `total`, for the error message.
     pub total: Duration,
+    /// Longest time a chunk handed to hyper may wait for the client to take it.
+    pub client_write: Duration,
 }
 
 enum State {
     Streaming,
+    /// Ended from outside (a timer the client's reading does not drive, or the shutdown cut):
+    /// the next poll gets this error (an SSE event, or a body error), then the end.
+    Cut(Error),
     Done,
 }
 
-/// The upstream body streamed through with timers and the call guard.
-pub struct StreamBack<B: Body = Incoming> {
-    inner: B,
+/// What can end a stream from outside: the shutdown cut, and the client connection's kill
+/// switch (for a client that stopped reading).
+#[derive(Default)]
+pub struct Outside {
+    /// Turns true when the shutdown grace period is over.
+    pub cut: Option<watch::Receiver<bool>>,
+    /// Closes the client's connection.
+    pub conn: Option<ConnKill>,
+}
+
+/// How long a stream cut by `total` or the shutdown has to hand its error to the client
+/// before the connection is closed under it (a client that reads nothing never takes it).
+const DELIVER: Duration = Duration::from_secs(1);
+
+/// What the body and its watchdog share.
+struct Live<B> {
+    /// The upstream body; dropped (which cancels the upstream call) when the call is cut.
+    inner: Option<B>,
     timers: StreamTimers,
     /// Fires at the earlier of the idle deadline and the total deadline.
     sleep: Pin<Box<Sleep>>,
     /// When the last chunk arrived (the idle timer is re-armed lazily from it).
     last_activity: Instant,
+    /// Set when a chunk was handed to hyper, cleared when hyper polls again: while set, the
+    /// chunk waits on the client.
+    handed_at: Option<Instant>,
+    /// The task that polled last, woken when the call is cut.
+    waker: Option<Waker>,
     sse: bool,
     dialect: Dialect,
     state: State,
     guard: CallGuard,
+    /// Dropped when the body ends: stops the watchdog.
+    stop: Option<oneshot::Sender<()>>,
+}
+
+impl<B: Body> Live<B> {
+    fn streaming(&self) -> bool {
+        matches!(self.state, State::Streaming)
+    }
+
+    /// Ends the call from outside the body's own polling: records it, releases its permit,
+    /// cancels the upstream call, and leaves the error for the client's next poll.
+    fn cut(&mut self, end: End, err: Error) {
+        if !self.streaming() {
+            return;
+        }
+        self.guard.finish(end);
+        self.inner = None;
+        self.state = State::Cut(err);
+        self.stop = None;
+        if let Some(w) = self.waker.take() {
+            w.wake();
+        }
+    }
+
+    fn done(&mut self) {
+        self.state = State::Done;
+        self.inner = None;
+        self.stop = None;
+    }
+}
+
+/// The upstream body streamed through with timers and the call guard.
+///
+/// `stream_idle` and `total` are checked by the body while hyper polls it. hyper stops
+/// polling while the client is not reading (its TCP or HTTP/2 window is full), so a watchdog
+/// task, sharing the body's state, enforces `total` and `client_write` on its own: when either
+/// runs out the call is recorded, its permit released and the upstream call dropped, whether
+/// or not the client ever reads again. The same watchdog cuts the stream when the shutdown
+/// grace period ends.
+pub struct StreamBack<B: Body = Incoming> {
+    live: Arc<Mutex<Live<B>>>,
+}
+
+fn lock<B>(m: &Mutex<Live<B>>) -> std::sync::MutexGuard<'_, Live<B>> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl<B> StreamBack<B>
 where
-    B: Body<Data = Bytes> + Unpin,
+    B: Body<Data = Bytes> + Unpin + Send + 'static,
     B::Error: std::error::Error + Send + Sync + 'static,
 {
-    /// Wraps an upstream body.
+    /// Wraps an upstream body; `cut` turns true when the shutdown grace period is over.
     pub fn new(
         inner: B,
         timers: StreamTimers,
         sse: bool,
         dialect: Dialect,
         guard: CallGuard,
+        outside: Outside,
     ) -> Self {
         let now = Instant::now();
         let first = (now + timers.stream_idle).min(timers.deadline);
-        StreamBack {
-            inner,
+        let (stop, stopped) = oneshot::channel();
+        let live = Arc::new(Mutex::new(Live {
+            inner: Some(inner),
             timers,
             sleep: Box::pin(tokio::time::sleep_until(first)),
             last_activity: now,
+            handed_at: None,
+            waker: None,
             sse,
             dialect,
             state: State::Streaming,
             guard,
+            stop: Some(stop),
+        }));
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(watchdog(Arc::downgrade(&live), timers, stopped, outside));
+        }
+        StreamBack { live }
+    }
+}
+
+/// Enforces `total` and `client_write` without the client's help, and the shutdown cut.
+/// `client_write` is checked every half of it, so it fires between once and one and a half
+/// times its setting after the client stopped taking chunks.
+async fn watchdog<B: Body>(
+    live: Weak<Mutex<Live<B>>>,
+    timers: StreamTimers,
+    mut stopped: oneshot::Receiver<()>,
+    outside: Outside,
+) {
+    let Outside { mut cut, conn } = outside;
+    let tick = (timers.client_write / 2).max(Duration::from_millis(10));
+    let kill = || {
+        if let Some(c) = &conn {
+            c.kill();
+        }
+    };
+    loop {
+        let next = (Instant::now() + tick).min(timers.deadline);
+        let shutdown = async {
+            let cut_now = match cut.as_mut() {
+                Some(rx) => rx.wait_for(|c| *c).await.is_ok(),
+                None => false,
+            };
+            if !cut_now {
+                std::future::pending::<()>().await;
+            }
+        };
+        let cutting = tokio::select! {
+            _ = &mut stopped => return,
+            _ = tokio::time::sleep_until(next) => false,
+            _ = shutdown => true,
+        };
+        match check(&live, &timers, cutting) {
+            Check::Going => continue,
+            Check::Over => return,
+            Check::Stuck => {
+                // The client takes nothing: it will not take the error either.
+                kill();
+                return;
+            }
+            Check::Cut => {
+                // The error waits for the client's next read; a client that reads nothing
+                // loses its connection instead of keeping it open.
+                tokio::time::sleep(DELIVER).await;
+                let taken = live
+                    .upgrade()
+                    .is_none_or(|l| !matches!(lock(&l).state, State::Cut(_)));
+                if !taken {
+                    kill();
+                }
+                return;
+            }
         }
     }
+}
 
+/// What the watchdog found.
+enum Check {
+    /// Still streaming, within its timers.
+    Going,
+    /// The body ended on its own.
+    Over,
+    /// Cut by `total` or the shutdown: its error awaits the client.
+    Cut,
+    /// Cut because the client stopped reading.
+    Stuck,
+}
+
+fn check<B: Body>(live: &Weak<Mutex<Live<B>>>, timers: &StreamTimers, cutting: bool) -> Check {
+    let Some(strong) = live.upgrade() else {
+        return Check::Over;
+    };
+    let mut l = lock(&strong);
+    if !l.streaming() {
+        return Check::Over;
+    }
+    let now = Instant::now();
+    if cutting {
+        l.cut(End::Shutdown, Error::ShuttingDown);
+        return Check::Cut;
+    }
+    if now >= timers.deadline {
+        let after = timers.total;
+        l.cut(
+            End::Timeout(Phase::Total),
+            Error::Timeout {
+                phase: Phase::Total,
+                after,
+            },
+        );
+        return Check::Cut;
+    }
+    if l.handed_at
+        .is_some_and(|t| now.saturating_duration_since(t) >= timers.client_write)
+    {
+        let after = timers.client_write;
+        l.cut(
+            End::Timeout(Phase::ClientWrite),
+            Error::Timeout {
+                phase: Phase::ClientWrite,
+                after,
+            },
+        );
+        return Check::Stuck;
+    }
+    Check::Going
+}
+
+impl<B> Live<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: std::error::Error + Send + Sync + 'static,
+{
     /// Checks the timer; returns the phase that fired, if one did. Re-arms the timer lazily
     /// (only when it fires early because chunks kept arriving), so a busy stream does not
     /// touch the timer wheel on every chunk.
@@ -142,14 +338,75 @@ where
         }
     }
 
-    fn end_with(&mut self, end: End, err: Error) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        self.guard.finish(end);
-        self.state = State::Done;
+    /// The frame that tells the client of `err`: an SSE error event, or a body error (hyper
+    /// then closes the connection, so the client cannot take a cut body for a whole one).
+    fn error_frame(&mut self, err: Error) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.done();
         if self.sse {
             let event = err.sse_event(self.dialect);
             Poll::Ready(Some(Ok(Frame::data(Bytes::from(event)))))
         } else {
             Poll::Ready(Some(Err(Box::new(err))))
+        }
+    }
+
+    fn end_with(&mut self, end: End, err: Error) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.guard.finish(end);
+        self.error_frame(err)
+    }
+
+    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.handed_at = None;
+        match std::mem::replace(&mut self.state, State::Streaming) {
+            State::Done => {
+                self.state = State::Done;
+                return Poll::Ready(None);
+            }
+            State::Cut(err) => return self.error_frame(err),
+            State::Streaming => {}
+        }
+        let Some(inner) = self.inner.as_mut() else {
+            self.done();
+            return Poll::Ready(None);
+        };
+        match Pin::new(inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                let now = Instant::now();
+                self.last_activity = now;
+                self.handed_at = Some(now);
+                if let Some(data) = frame.data_ref() {
+                    self.guard.on_data(data);
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(None) => {
+                self.guard.finish(End::Complete);
+                self.done();
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Err(e))) => {
+                let reason = error_chain(&e);
+                self.end_with(
+                    End::UpstreamError,
+                    Error::UpstreamReset {
+                        upstream: String::new(),
+                        reason,
+                    },
+                )
+            }
+            Poll::Pending => {
+                if !self.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                    self.waker = Some(cx.waker().clone());
+                }
+                let Some(phase) = self.poll_timer(cx) else {
+                    return Poll::Pending;
+                };
+                let after = match phase {
+                    Phase::Total => self.timers.total,
+                    _ => self.timers.stream_idle,
+                };
+                self.end_with(End::Timeout(phase), Error::Timeout { phase, after })
+            }
         }
     }
 }
@@ -168,56 +425,22 @@ where
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = self.get_mut();
-        if matches!(this.state, State::Done) {
-            return Poll::Ready(None);
-        }
-        match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) => {
-                this.last_activity = Instant::now();
-                if let Some(data) = frame.data_ref() {
-                    this.guard.on_data(data);
-                }
-                Poll::Ready(Some(Ok(frame)))
-            }
-            Poll::Ready(None) => {
-                this.guard.finish(End::Complete);
-                this.state = State::Done;
-                Poll::Ready(None)
-            }
-            Poll::Ready(Some(Err(e))) => {
-                let reason = error_chain(&e);
-                this.end_with(
-                    End::UpstreamError,
-                    Error::UpstreamReset {
-                        upstream: String::new(),
-                        reason,
-                    },
-                )
-            }
-            Poll::Pending => {
-                let Some(phase) = this.poll_timer(cx) else {
-                    return Poll::Pending;
-                };
-                let after = match phase {
-                    Phase::Total => this.timers.total,
-                    _ => this.timers.stream_idle,
-                };
-                this.end_with(End::Timeout(phase), Error::Timeout { phase, after })
-            }
-        }
+        lock(&self.live).poll_frame(cx)
     }
 
     fn is_end_stream(&self) -> bool {
-        match self.state {
+        let l = lock(&self.live);
+        match &l.state {
             State::Done => true,
-            State::Streaming => self.inner.is_end_stream(),
+            State::Cut(_) => false,
+            State::Streaming => l.inner.as_ref().is_none_or(|b| b.is_end_stream()),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
-        match self.state {
-            State::Streaming => self.inner.size_hint(),
+        let l = lock(&self.live);
+        match (&l.state, &l.inner) {
+            (State::Streaming, Some(b)) => b.size_hint(),
             _ => SizeHint::default(),
         }
     }
@@ -225,11 +448,18 @@ where
 
 impl<B: Body> Drop for StreamBack<B> {
     fn drop(&mut self) {
+        let mut l = lock(&self.live);
         // hyper stops polling once a body with a known length has delivered it all, so a body
         // dropped at its end is complete, not abandoned.
-        if matches!(self.state, State::Streaming) && self.inner.is_end_stream() {
-            self.guard.finish(End::Complete);
+        if l.streaming() && l.inner.as_ref().is_some_and(|b| b.is_end_stream()) {
+            l.guard.finish(End::Complete);
         }
+        // Otherwise the guard records the client as gone when the state goes.
+        l.stop = None;
+        l.inner = None;
+        let guard = std::mem::replace(&mut l.guard, CallGuard { hook: None });
+        drop(l);
+        drop(guard);
     }
 }
 
@@ -325,9 +555,15 @@ impl Proxy {
                 .deadline
                 .unwrap_or_else(|| Instant::now() + timeouts.total),
             total: timeouts.total,
+            client_write: timeouts.client_write,
         };
+        let conn_kill = call.conn.clone();
         let guard = CallGuard::new(Box::new(call));
-        let body = StreamBack::new(body, timers, sse, dialect, guard);
+        let outside = Outside {
+            cut: Some(self.cut.subscribe()),
+            conn: conn_kill,
+        };
+        let body = StreamBack::new(body, timers, sse, dialect, guard, outside);
         Response::from_parts(parts, ResponseBody::Stream(body))
     }
 }
@@ -375,6 +611,7 @@ mod tests {
 
     const IDLE: Duration = Duration::from_secs(60);
     const TOTAL: Duration = Duration::from_secs(300);
+    const CLIENT_WRITE: Duration = Duration::from_secs(1000);
 
     fn body(
         sse: bool,
@@ -386,6 +623,7 @@ mod tests {
             stream_idle: IDLE,
             deadline: Instant::now() + TOTAL,
             total: TOTAL,
+            client_write: CLIENT_WRITE,
         };
         let b = StreamBack::new(
             Chan(rx),
@@ -393,6 +631,7 @@ mod tests {
             sse,
             dialect,
             CallGuard::new(Box::new(Rec(ends.clone()))),
+            Outside::default(),
         );
         (tx, b, ends)
     }
@@ -471,6 +710,63 @@ mod tests {
         );
         assert_eq!(*ends.lock().unwrap(), [End::Timeout(Phase::StreamIdle)]);
         drop(tx);
+    }
+
+    /// A client that takes one chunk and then reads nothing: hyper stops polling the body,
+    /// and the watchdog still ends the call at `client_write` — recorded, the upstream side
+    /// dropped — and at `total` when chunks are not even waiting on the client.
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_stops_reading_is_cut_without_being_polled() {
+        let (tx, rx) = mpsc::channel(8);
+        let ends = Arc::new(Mutex::new(Vec::new()));
+        let timers = StreamTimers {
+            stream_idle: IDLE,
+            deadline: Instant::now() + TOTAL,
+            total: TOTAL,
+            client_write: Duration::from_secs(10),
+        };
+        let mut b = StreamBack::new(
+            Chan(rx),
+            timers,
+            true,
+            Dialect::OpenAi,
+            CallGuard::new(Box::new(Rec(ends.clone()))),
+            Outside::default(),
+        );
+        tx.send(Bytes::from_static(b"data: {}\n\n")).await.unwrap();
+        assert!(b.frame().await.unwrap().is_ok());
+        let t0 = Instant::now();
+        // Never polled again: the watchdog checks every 5 s, so it fires at 10-15 s.
+        while ends.lock().unwrap().is_empty() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let waited = t0.elapsed();
+        assert!(
+            waited >= Duration::from_secs(10) && waited <= Duration::from_secs(15),
+            "{waited:?}"
+        );
+        assert_eq!(*ends.lock().unwrap(), [End::Timeout(Phase::ClientWrite)]);
+        assert!(tx.is_closed(), "the upstream side was dropped");
+        // Should the client read again, it learns why the stream ended.
+        let ev = b.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert!(String::from_utf8_lossy(&ev).contains("timeouts.client_write"));
+        assert!(b.frame().await.is_none());
+
+        // `total` fires on time even if the body is never polled at all.
+        let (tx, mut b, ends) = body(true, Dialect::Anthropic);
+        let t0 = Instant::now();
+        while ends.lock().unwrap().is_empty() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(
+            t0.elapsed() - TOTAL < Duration::from_millis(200),
+            "{:?}",
+            t0.elapsed()
+        );
+        assert_eq!(*ends.lock().unwrap(), [End::Timeout(Phase::Total)]);
+        assert!(tx.is_closed());
+        let ev = b.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert!(String::from_utf8_lossy(&ev).starts_with("event: error\n"));
     }
 
     #[tokio::test(start_paused = true)]

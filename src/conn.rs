@@ -1,0 +1,187 @@
+//! A client connection that ctxgate can close from outside hyper.
+//!
+//! hyper owns each client connection and closes it only when its own I/O fails or finishes.
+//! A client that stops reading leaves hyper waiting forever on a full socket: the call on it
+//! can be ended (its permit released, its upstream call dropped), but the connection would
+//! sit there. [`Killable`] wraps the client's stream; the [`ConnKill`] that goes with it
+//! travels in every request's extensions, so the request path can [`ConnKill::kill`] the
+//! connection: the next (or the pending, which is woken) read or write fails, and hyper drops
+//! the connection.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// The kill switch of one client connection (cheap to clone).
+#[derive(Clone, Default)]
+pub struct ConnKill(Arc<Switch>);
+
+#[derive(Default)]
+struct Switch {
+    killed: AtomicBool,
+    /// The tasks waiting on the socket (reading, writing), woken by a kill.
+    wakers: Mutex<[Option<Waker>; 2]>,
+}
+
+impl ConnKill {
+    /// Closes the connection: its pending and future reads and writes fail.
+    pub fn kill(&self) {
+        self.0.killed.store(true, Ordering::Release);
+        let wakers = std::mem::take(&mut *self.0.wakers.lock().unwrap_or_else(|e| e.into_inner()));
+        for w in wakers.into_iter().flatten() {
+            w.wake();
+        }
+    }
+
+    /// Whether [`ConnKill::kill`] was called.
+    pub fn is_killed(&self) -> bool {
+        self.0.killed.load(Ordering::Acquire)
+    }
+
+    fn park(&self, slot: usize, cx: &Context<'_>) {
+        let mut w = self.0.wakers.lock().unwrap_or_else(|e| e.into_inner());
+        if !w[slot].as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            w[slot] = Some(cx.waker().clone());
+        }
+    }
+}
+
+fn killed() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::ConnectionAborted,
+        "connection closed by ctxgate",
+    )
+}
+
+/// A client stream with a kill switch.
+pub struct Killable<T> {
+    io: T,
+    kill: ConnKill,
+}
+
+impl<T> Killable<T> {
+    /// Wraps `io`; `kill` closes it.
+    pub fn new(io: T, kill: ConnKill) -> Self {
+        Killable { io, kill }
+    }
+}
+
+const READ: usize = 0;
+const WRITE: usize = 1;
+
+impl<T: AsyncRead + Unpin> AsyncRead for Killable<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if self.kill.is_killed() {
+            return Poll::Ready(Err(killed()));
+        }
+        let r = Pin::new(&mut self.io).poll_read(cx, buf);
+        if r.is_pending() {
+            self.kill.park(READ, cx);
+            // A kill between the check and the park must not be missed.
+            if self.kill.is_killed() {
+                return Poll::Ready(Err(killed()));
+            }
+        }
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Killable<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        if self.kill.is_killed() {
+            return Poll::Ready(Err(killed()));
+        }
+        let r = Pin::new(&mut self.io).poll_write(cx, buf);
+        if r.is_pending() {
+            self.kill.park(WRITE, cx);
+            if self.kill.is_killed() {
+                return Poll::Ready(Err(killed()));
+            }
+        }
+        r
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        if self.kill.is_killed() {
+            return Poll::Ready(Err(killed()));
+        }
+        let r = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        if r.is_pending() {
+            self.kill.park(WRITE, cx);
+            if self.kill.is_killed() {
+                return Poll::Ready(Err(killed()));
+            }
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.kill.is_killed() {
+            return Poll::Ready(Err(killed()));
+        }
+        let r = Pin::new(&mut self.io).poll_flush(cx);
+        if r.is_pending() {
+            self.kill.park(WRITE, cx);
+            if self.kill.is_killed() {
+                return Poll::Ready(Err(killed()));
+            }
+        }
+        r
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A writer blocked on a peer that reads nothing fails as soon as it is killed.
+    #[tokio::test]
+    async fn a_kill_wakes_a_blocked_writer() {
+        let (a, _b) = tokio::io::duplex(64);
+        let kill = ConnKill::default();
+        let mut w = Killable::new(a, kill.clone());
+        let blocked = tokio::spawn(async move { w.write_all(&[0u8; 1024]).await });
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        assert!(
+            !blocked.is_finished(),
+            "the peer reads nothing: the write waits"
+        );
+        kill.kill();
+        let e = blocked.await.unwrap().unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::ConnectionAborted);
+        let (a, mut b) = tokio::io::duplex(64);
+        let kill = ConnKill::default();
+        let mut r = Killable::new(a, kill.clone());
+        b.write_all(b"hi").await.unwrap();
+        let mut buf = [0u8; 2];
+        r.read_exact(&mut buf).await.unwrap();
+        kill.kill();
+        assert!(r.read(&mut buf).await.is_err());
+    }
+}

@@ -10,9 +10,10 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -23,11 +24,55 @@ pub struct ConnKill(Arc<Switch>);
 #[derive(Default)]
 struct Switch {
     killed: AtomicBool,
+    /// Why it was killed (the `reason` of `ctxgate_client_connections_closed_total`).
+    reason: Mutex<Option<&'static str>>,
     /// The tasks waiting on the socket (reading, writing), woken by a kill.
     wakers: Mutex<[Option<Waker>; 2]>,
+    /// Set by every read or write that moved bytes; cleared by the idle check.
+    touched: AtomicBool,
+    /// Calls in flight on the connection.
+    active: AtomicUsize,
+}
+
+/// One call in flight on a connection: counted from its arrival until it is dropped, so an
+/// idle check never closes a connection that is waiting on its upstream.
+pub struct InFlight(ConnKill);
+
+impl InFlight {
+    /// The connection's kill switch.
+    pub fn conn(&self) -> &ConnKill {
+        &self.0
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0 .0.active.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl ConnKill {
+    /// Counts a call in flight until the returned token is dropped.
+    pub fn call(&self) -> InFlight {
+        self.0.active.fetch_add(1, Ordering::AcqRel);
+        InFlight(self.clone())
+    }
+
+    /// Why the connection was killed, if it was.
+    pub fn reason(&self) -> Option<&'static str> {
+        *self.0.reason.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Closes the connection for `reason`: its pending and future reads and writes fail.
+    pub fn kill_for(&self, reason: &'static str) {
+        self.0
+            .reason
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_or_insert(reason);
+        self.kill();
+    }
+
     /// Closes the connection: its pending and future reads and writes fail.
     pub fn kill(&self) {
         self.0.killed.store(true, Ordering::Release);
@@ -40,6 +85,30 @@ impl ConnKill {
     /// Whether [`ConnKill::kill`] was called.
     pub fn is_killed(&self) -> bool {
         self.0.killed.load(Ordering::Acquire)
+    }
+
+    /// Closes the connection once it has had no call in flight and moved no bytes for
+    /// `idle` (checked every half of it, so it closes between once and one and a half times
+    /// `idle` after the last byte). Never returns: run it beside the connection.
+    pub async fn close_when_idle(&self, idle: Duration) -> std::convert::Infallible {
+        let tick = (idle / 2).max(Duration::from_millis(10));
+        let mut quiet = 0;
+        loop {
+            tokio::time::sleep(tick).await;
+            let touched = self.0.touched.swap(false, Ordering::AcqRel);
+            if touched || self.0.active.load(Ordering::Acquire) > 0 {
+                quiet = 0;
+                continue;
+            }
+            quiet += 1;
+            if quiet >= 2 && !self.is_killed() {
+                self.kill_for("idle_timeout");
+            }
+        }
+    }
+
+    fn touch(&self) {
+        self.0.touched.store(true, Ordering::Relaxed);
     }
 
     fn park(&self, slot: usize, cx: &Context<'_>) {
@@ -83,6 +152,9 @@ impl<T: AsyncRead + Unpin> AsyncRead for Killable<T> {
             return Poll::Ready(Err(killed()));
         }
         let r = Pin::new(&mut self.io).poll_read(cx, buf);
+        if matches!(r, Poll::Ready(Ok(()))) {
+            self.kill.touch();
+        }
         if r.is_pending() {
             self.kill.park(READ, cx);
             // A kill between the check and the park must not be missed.
@@ -104,6 +176,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Killable<T> {
             return Poll::Ready(Err(killed()));
         }
         let r = Pin::new(&mut self.io).poll_write(cx, buf);
+        if matches!(r, Poll::Ready(Ok(_))) {
+            self.kill.touch();
+        }
         if r.is_pending() {
             self.kill.park(WRITE, cx);
             if self.kill.is_killed() {
@@ -122,6 +197,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Killable<T> {
             return Poll::Ready(Err(killed()));
         }
         let r = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        if matches!(r, Poll::Ready(Ok(_))) {
+            self.kill.touch();
+        }
         if r.is_pending() {
             self.kill.park(WRITE, cx);
             if self.kill.is_killed() {
@@ -181,7 +259,30 @@ mod tests {
         b.write_all(b"hi").await.unwrap();
         let mut buf = [0u8; 2];
         r.read_exact(&mut buf).await.unwrap();
-        kill.kill();
+        kill.kill_for("test");
         assert!(r.read(&mut buf).await.is_err());
+        assert_eq!(kill.reason(), Some("test"));
+    }
+
+    /// Idle means no call in flight and no bytes: a call in flight keeps a quiet connection.
+    #[tokio::test(start_paused = true)]
+    async fn idle_connections_close_between_one_and_one_and_a_half_idle() {
+        let kill = ConnKill::default();
+        let call = kill.call();
+        let k = kill.clone();
+        tokio::spawn(async move { k.close_when_idle(Duration::from_secs(10)).await });
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert!(!kill.is_killed(), "a call is in flight");
+        drop(call);
+        let t0 = tokio::time::Instant::now();
+        while !kill.is_killed() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let waited = t0.elapsed();
+        assert!(
+            waited >= Duration::from_secs(5) && waited <= Duration::from_secs(16),
+            "{waited:?}"
+        );
+        assert_eq!(kill.reason(), Some("idle_timeout"));
     }
 }

@@ -74,6 +74,10 @@ pub enum Error {
     /// A phase ran past its timeout before the response started.
     #[error("{}", timeout_message(*.phase, *.after))]
     Timeout { phase: Phase, after: Duration },
+    /// The client's request body stalled (`server.body_idle_timeout`) or took too long
+    /// (`server.body_total_timeout`).
+    #[error("the request body did not arrive within {} ({key})", crate::config::fmt_duration(*.after))]
+    BodyTimeout { key: &'static str, after: Duration },
     /// ctxgate is shutting down and `shutdown_grace` is over: the call was cut.
     #[error("ctxgate is shutting down: the call was cut at the end of shutdown_grace")]
     ShuttingDown,
@@ -109,6 +113,7 @@ impl Error {
             Error::ContextOverflow(_) => StatusCode::BAD_REQUEST,
             Error::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             Error::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            Error::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
         }
     }
 
@@ -146,6 +151,7 @@ impl Error {
                 ..
             } => "timeout_client_write",
             Error::ShuttingDown => "shutdown",
+            Error::BodyTimeout { .. } => "body_timeout",
         }
     }
 
@@ -167,6 +173,7 @@ impl Error {
             } => (ErrorClass::Timeout, "client_timeout"),
             Error::Timeout { .. } => (ErrorClass::Timeout, "upstream_timeout"),
             Error::ShuttingDown => (ErrorClass::Upstream, "shutting_down"),
+            Error::BodyTimeout { .. } => (ErrorClass::InvalidRequest, "request_timeout"),
         }
     }
 

@@ -76,6 +76,8 @@ pub async fn serve(
         shutdown,
         config.shutdown_grace,
         "proxy",
+        &config.server,
+        Some(server::ConnMetrics::register(&metrics)),
         move || cutter.cut_calls(),
     )
     .await;

@@ -62,6 +62,8 @@ pub struct Config {
     /// How long in-flight requests may run after SIGTERM/SIGINT before the process exits.
     #[serde(serialize_with = "ser_duration")]
     pub shutdown_grace: Duration,
+    /// Client connections: how many, and how long each may take to send.
+    pub server: Server,
     /// Default timeouts; each route may override them.
     pub timeouts: Timeouts,
     /// Per-conversation gates and in-flight caps.
@@ -120,6 +122,45 @@ pub struct ModelPrune {
     /// The budget for matching models.
     #[serde(flatten)]
     pub budget: Budget,
+}
+
+/// The `[server]` table: limits on client connections, each closing what would otherwise sit
+/// open forever.
+#[derive(Debug, Clone, Serialize)]
+pub struct Server {
+    /// Client connections open at once; past it ctxgate stops accepting until one closes.
+    pub max_connections: usize,
+    /// A new connection must send its first bytes (the request line, or the whole HTTP/2
+    /// preface) within this.
+    #[serde(serialize_with = "ser_duration")]
+    pub first_bytes_timeout: Duration,
+    /// An HTTP/1.1 request's headers must arrive within this (also bounds an idle keep-alive
+    /// connection's wait for its next request).
+    #[serde(serialize_with = "ser_duration")]
+    pub header_read_timeout: Duration,
+    /// A connection with no call in flight and no bytes either way for this long is closed
+    /// (HTTP/2 and HTTP/1.1 alike).
+    #[serde(serialize_with = "ser_duration")]
+    pub idle_timeout: Duration,
+    /// Longest gap between two chunks of a request body ctxgate reads whole (chat requests).
+    #[serde(serialize_with = "ser_duration")]
+    pub body_idle_timeout: Duration,
+    /// Longest a request body ctxgate reads whole may take altogether.
+    #[serde(serialize_with = "ser_duration")]
+    pub body_total_timeout: Duration,
+}
+
+impl Default for Server {
+    fn default() -> Self {
+        Server {
+            max_connections: 4096,
+            first_bytes_timeout: Duration::from_secs(10),
+            header_read_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(120),
+            body_idle_timeout: Duration::from_secs(30),
+            body_total_timeout: Duration::from_secs(120),
+        }
+    }
 }
 
 /// Who answers a route's count-tokens requests (Anthropic `POST …/v1/messages/count_tokens`,

@@ -13,6 +13,7 @@ pub(super) struct RawConfig {
     admin_listen: Option<String>,
     max_body_bytes: Option<u64>,
     shutdown_grace: Option<String>,
+    server: Option<RawServer>,
     timeouts: Option<RawTimeouts>,
     gates: Option<RawGates>,
     conversation: Option<RawConversation>,
@@ -91,6 +92,17 @@ impl RawPrune {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
+struct RawServer {
+    max_connections: Option<usize>,
+    first_bytes_timeout: Option<String>,
+    header_read_timeout: Option<String>,
+    idle_timeout: Option<String>,
+    body_idle_timeout: Option<String>,
+    body_total_timeout: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawGates {
     max_concurrent_per_conversation: Option<usize>,
     max_queue_per_conversation: Option<usize>,
@@ -142,11 +154,12 @@ struct RawTls {
 
 /// Every top-level key of the file (the fields of [`RawConfig`]): an environment variable
 /// `CTXGATE_<KEY>…` is an override only when `<KEY>` is one of these.
-pub(super) const TOP_LEVEL_KEYS: [&str; 10] = [
+pub(super) const TOP_LEVEL_KEYS: [&str; 11] = [
     "listen",
     "admin_listen",
     "max_body_bytes",
     "shutdown_grace",
+    "server",
     "timeouts",
     "gates",
     "conversation",
@@ -179,6 +192,7 @@ impl RawConfig {
             self.timeouts.unwrap_or_default(),
         )?;
 
+        let server = validate_server(self.server.unwrap_or_default())?;
         let gates = validate_gates(self.gates.unwrap_or_default())?;
         let transcripts = validate_transcripts(self.transcripts.unwrap_or_default())?;
         let conversation = validate_conversation(self.conversation.unwrap_or_default())?;
@@ -294,6 +308,7 @@ impl RawConfig {
             admin_listen,
             max_body_bytes,
             shutdown_grace,
+            server,
             timeouts,
             gates,
             conversation,
@@ -448,6 +463,48 @@ fn validate_transcripts(raw: RawTranscripts) -> Result<TranscriptSettings, Confi
         },
         include_bodies: raw.include_bodies.unwrap_or(d.include_bodies),
         rotate_bytes: positive("rotate_bytes", raw.rotate_bytes, d.rotate_bytes)?,
+    })
+}
+
+fn validate_server(raw: RawServer) -> Result<Server, ConfigError> {
+    let d = Server::default();
+    let duration = |name: &str, v: &Option<String>, default: Duration| match v {
+        Some(s) => parse_duration(&format!("server.{name}"), s),
+        None => Ok(default),
+    };
+    let max_connections = match raw.max_connections {
+        Some(0) => {
+            return Err(ConfigError::new(
+                "server.max_connections",
+                "must be > 0, got 0",
+            ))
+        }
+        Some(n) => n,
+        None => d.max_connections,
+    };
+    Ok(Server {
+        max_connections,
+        first_bytes_timeout: duration(
+            "first_bytes_timeout",
+            &raw.first_bytes_timeout,
+            d.first_bytes_timeout,
+        )?,
+        header_read_timeout: duration(
+            "header_read_timeout",
+            &raw.header_read_timeout,
+            d.header_read_timeout,
+        )?,
+        idle_timeout: duration("idle_timeout", &raw.idle_timeout, d.idle_timeout)?,
+        body_idle_timeout: duration(
+            "body_idle_timeout",
+            &raw.body_idle_timeout,
+            d.body_idle_timeout,
+        )?,
+        body_total_timeout: duration(
+            "body_total_timeout",
+            &raw.body_total_timeout,
+            d.body_total_timeout,
+        )?,
     })
 }
 

@@ -15,7 +15,7 @@ use bytes::Bytes;
 use http::request::Parts;
 use hyper::body::Incoming;
 
-use crate::conn::ConnKill;
+use crate::conn::{ConnKill, InFlight};
 use crate::dialect::{Dialect, Tapped, UsageTap};
 use crate::error::{Error, Phase};
 use crate::gate::Permit;
@@ -180,9 +180,9 @@ pub struct Call {
     pub tap: Option<UsageTap>,
     /// The error ctxgate answered with, or that broke the call off.
     pub failure: Option<Error>,
-    /// The client connection's kill switch (none for a request not from the server's own
-    /// accept loop).
-    pub conn: Option<ConnKill>,
+    /// The client connection (its kill switch), counting this call as in flight on it; none
+    /// for a request not from the server's own accept loop.
+    pub conn: Option<InFlight>,
     /// Set while the call is unrecorded; taken by the one recording.
     recorder: Option<Arc<dyn Finish>>,
 }
@@ -190,7 +190,7 @@ pub struct Call {
 impl Call {
     /// A call that has just arrived.
     pub fn new(recorder: Arc<dyn Finish>, request: Parts, body: Incoming) -> Call {
-        let conn = request.extensions.get::<ConnKill>().cloned();
+        let conn = request.extensions.get::<ConnKill>().map(ConnKill::call);
         Call {
             start: Instant::now(),
             ts: crate::transcript::now_ts(),

@@ -39,7 +39,9 @@ impl Proxy {
         let super::call::Payload::Stream(body) = std::mem::take(&mut call.payload) else {
             return Ok(None);
         };
-        let bytes = read_body(body, self.max_body_bytes).await?.join();
+        let bytes = read_body(body, self.max_body_bytes, &self.server)
+            .await?
+            .join();
         let big = bytes.len() > INLINE_BYTES;
         let (dialect, counter) = (call.dialect, Arc::clone(&self.pruning.counter));
         let count = move || -> Result<(u64, Option<String>), String> {

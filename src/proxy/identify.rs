@@ -21,7 +21,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
 use crate::coding::{decode_all, DecodeError};
-use crate::config::{Conversation, OnParseError, Route};
+use crate::config::{Conversation, OnParseError, Route, Server};
 use crate::dialect::Dialect;
 use crate::error::Error;
 use crate::prune::{ChatRequest, ParseError};
@@ -51,7 +51,19 @@ impl Proxy {
         let Payload::Stream(body) = std::mem::take(&mut call.payload) else {
             return Ok(());
         };
-        let mut frames = read_body(body, self.max_body_bytes).await?;
+        let mut frames = match read_body(body, self.max_body_bytes, &self.server).await {
+            Ok(f) => f,
+            Err(e) => {
+                // A body that broke off still belongs to the conversation its headers name.
+                call.identify(conversation_id(
+                    &req.headers,
+                    &self.conversation,
+                    |_| None,
+                    || None,
+                ));
+                return Err(e);
+            }
+        };
         // A compressed chat body (Content-Encoding on the request) is decoded, within
         // `max_body_bytes`, and goes upstream decoded (pruned or not); one ctxgate cannot
         // decode is forwarded as it came and counted as skipped: never parsed as if it were
@@ -204,9 +216,29 @@ impl Frames {
 /// Reads a whole request body, refusing more than `limit` bytes. The frames are kept as they
 /// are, not joined: a large body is joined (one copy) on the low-priority pool that parses
 /// it, not on an async worker, where copying 20 MB would hold the worker for milliseconds.
-pub async fn read_body(mut body: Incoming, limit: u64) -> Result<Frames, Error> {
+/// Reads a request body whole, within `limit` bytes, `server.body_idle_timeout` between
+/// chunks and `server.body_total_timeout` in all (a client whose body stalls gets 408).
+pub async fn read_body(mut body: Incoming, limit: u64, t: &Server) -> Result<Frames, Error> {
     let mut out = Frames::default();
-    while let Some(frame) = body.frame().await {
+    let deadline = tokio::time::Instant::now() + t.body_total_timeout;
+    loop {
+        let idle_at = (tokio::time::Instant::now() + t.body_idle_timeout).min(deadline);
+        let frame = match tokio::time::timeout_at(idle_at, body.frame()).await {
+            Ok(Some(f)) => f,
+            Ok(None) => break,
+            Err(_) if idle_at >= deadline => {
+                return Err(Error::BodyTimeout {
+                    key: "server.body_total_timeout",
+                    after: t.body_total_timeout,
+                })
+            }
+            Err(_) => {
+                return Err(Error::BodyTimeout {
+                    key: "server.body_idle_timeout",
+                    after: t.body_idle_timeout,
+                })
+            }
+        };
         let frame = frame.map_err(|e| Error::BodyRead(e.to_string()))?;
         let Ok(data) = frame.into_data() else {
             continue; // trailers: nothing ctxgate forwards for a chat body

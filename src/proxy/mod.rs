@@ -49,6 +49,8 @@ pub struct Proxy {
     /// Routes sorted by prefix length, longest first, so the first match is the longest.
     routes: Vec<Arc<RouteState>>,
     max_body_bytes: u64,
+    /// Client-side limits (request-body timeouts).
+    server: crate::config::Server,
     conversation: Conversation,
     gates: Arc<Gates>,
     gate_fingerprinted: bool,
@@ -94,6 +96,7 @@ impl Proxy {
         Ok(Proxy {
             routes,
             max_body_bytes: config.max_body_bytes,
+            server: config.server.clone(),
             conversation: config.conversation.clone(),
             gates,
             gate_fingerprinted: config.gates.gate_fingerprinted,

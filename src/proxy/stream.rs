@@ -215,9 +215,9 @@ async fn watchdog<B: Body>(
 ) {
     let Outside { mut cut, conn } = outside;
     let tick = (timers.client_write / 2).max(Duration::from_millis(10));
-    let kill = || {
+    let kill = |reason| {
         if let Some(c) = &conn {
-            c.kill();
+            c.kill_for(reason);
         }
     };
     loop {
@@ -241,7 +241,7 @@ async fn watchdog<B: Body>(
             Check::Over => return,
             Check::Stuck => {
                 // The client takes nothing: it will not take the error either.
-                kill();
+                kill("client_write");
                 return;
             }
             Check::Cut => {
@@ -252,7 +252,7 @@ async fn watchdog<B: Body>(
                     .upgrade()
                     .is_none_or(|l| !matches!(lock(&l).state, State::Cut(_)));
                 if !taken {
-                    kill();
+                    kill("error_not_taken");
                 }
                 return;
             }
@@ -557,7 +557,7 @@ impl Proxy {
             total: timeouts.total,
             client_write: timeouts.client_write,
         };
-        let conn_kill = call.conn.clone();
+        let conn_kill = call.conn.as_ref().map(|c| c.conn().clone());
         let guard = CallGuard::new(Box::new(call));
         let outside = Outside {
             cut: Some(self.cut.subscribe()),

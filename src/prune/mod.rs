@@ -3,7 +3,7 @@
 //! property-tested and benchmarked alone.
 //!
 //! Terms (docs/ARCHITECTURE.md, "Pruning"). A *turn* starts at a genuine user message (a
-//! tool result, or an Anthropic user message holding only `tool_result` blocks, does not start
+//! tool result, or an Anthropic user message holding `tool_result` blocks, does not start
 //! one). A *unit* is what stays or goes together: a message, or an assistant message with tool
 //! calls plus the results answering them. *Pinned*: every system/developer message wherever it
 //! stands (Anthropic: `system`), tool definitions, the user message opening the newest turn

@@ -588,14 +588,10 @@ impl Meta {
                 m.legacy_result = role == "function";
             }
             Dialect::Anthropic => {
-                let mut only_results = true;
-                let mut any = false;
                 if let Some(blocks) = v.get("content").and_then(Value::as_array) {
                     for b in blocks {
-                        any = true;
                         match b.get("type").and_then(Value::as_str) {
                             Some("tool_use") | Some("server_tool_use") => {
-                                only_results = false;
                                 if let Some(id) = b.get("id").and_then(Value::as_str) {
                                     m.calls.push(id.to_string());
                                 }
@@ -605,11 +601,14 @@ impl Meta {
                                     m.answers.push(id.to_string());
                                 }
                             }
-                            _ => only_results = false,
+                            _ => {}
                         }
                     }
                 }
-                m.genuine_user = m.user && !(any && only_results);
+                // A user message that answers tool calls continues the turn, even with text
+                // beside the results (Claude Code adds <system-reminder> notes there): it is
+                // not a new task, and it cannot open the kept history (its calls precede it).
+                m.genuine_user = m.user && m.answers.is_empty();
             }
         }
         m

@@ -797,7 +797,7 @@ fn check_structure(dialect: Dialect, orig_body: &[u8], out_body: &[u8]) {
             && !(dialect == Dialect::Anthropic
                 && m["content"]
                     .as_array()
-                    .is_some_and(|a| !a.is_empty() && a.iter().all(|b| b["type"] == "tool_result")))
+                    .is_some_and(|a| a.iter().any(|b| b["type"] == "tool_result")))
     };
     let task_at = (0..orig.len()).rev().find(|&i| genuine_at(i));
     let exchange = (task_at.unwrap_or(0)..orig.len())
@@ -828,7 +828,7 @@ fn check_structure(dialect: Dialect, orig_body: &[u8], out_body: &[u8]) {
             m["role"] == "user"
                 && !(dialect == Dialect::Anthropic
                     && m["content"].as_array().is_some_and(|a| {
-                        !a.is_empty() && a.iter().all(|b| b["type"] == "tool_result")
+                        a.iter().any(|b| b["type"] == "tool_result")
                     }))
         };
         assert!(
@@ -1008,8 +1008,13 @@ fn render_with_note(
                 Dialect::Anthropic => {
                     msgs.push(json!({"role":"assistant","content": ids.iter().map(|id|
                         json!({"type":"tool_use","id": id,"name":"run","input":{"cmd":"ls"}})).collect::<Vec<_>>()}));
-                    msgs.push(json!({"role":"user","content": ids.iter().map(|id|
-                        json!({"type":"tool_result","tool_use_id": id,"content": result})).collect::<Vec<_>>()}));
+                    let mut blocks: Vec<Value> = ids.iter().map(|id|
+                        json!({"type":"tool_result","tool_use_id": id,"content": result})).collect();
+                    // Claude Code puts notes beside tool results; they open no turn.
+                    if turn.system_note {
+                        blocks.push(json!({"type":"text","text": format!("<system-reminder>step {s}</system-reminder>")}));
+                    }
+                    msgs.push(json!({"role":"user","content": blocks}));
                 }
                 Dialect::Responses => {
                     // As Codex sends them: the reasoning item, the calls, then the outputs.
@@ -1401,4 +1406,46 @@ fn responses_elision_edits_tool_outputs_but_never_reasoning() {
     assert_eq!(kept[1], input[1], "reasoning untouched");
     let out = kept[3]["output"].as_str().unwrap();
     assert!(out.starts_with("[ctxgate: elided file src/a.rs, "), "{out}");
+}
+
+/// Claude Code after its own compaction: the summary is a plain user message, and every later
+/// user message carries tool results with a note beside them. Those open no turn, so the
+/// summary stays the task, and the forwarded history starts with a user message (the API
+/// refuses an assistant one first).
+#[test]
+fn tool_results_with_notes_open_no_turn_and_the_history_starts_with_the_user() {
+    let mut msgs = vec![
+        json!({"role":"user","content":[{"type":"text","text":"This session is being continued from a previous conversation. Summary: fix the parser."}]}),
+    ];
+    for s in 0..8 {
+        let id = format!("toolu_{s}");
+        msgs.push(json!({"role":"assistant","content":[{"type":"tool_use","id": id,"name":"Read","input":{"file_path": format!("/r/{s}.rs")}}]}));
+        msgs.push(json!({"role":"user","content":[
+            {"type":"tool_result","tool_use_id": id,"content": "fn x() {}\n".repeat(200)},
+            {"type":"text","text":"<system-reminder>Keep going.</system-reminder>"}]}));
+    }
+    let body = json!({"model":"claude-sonnet-4-5","max_tokens":1024,
+        "system":[{"type":"text","text":"You are Claude Code."}],"messages": msgs})
+    .to_string()
+    .into_bytes();
+    let req = ChatRequest::parse(Dialect::Anthropic, &body).unwrap();
+    let c = counter();
+    let total = c.count_request(&req);
+    let budget = Budget {
+        hard_token_limit: total / 2,
+        target_tokens: total / 3,
+        max_messages: 0,
+        ..Budget::default()
+    };
+    let Outcome::Pruned { body: out, .. } = prune(&req, &budget, &view(), "cc", &c) else {
+        panic!("expected pruning");
+    };
+    let kept: Vec<Value> = serde_json::from_slice::<Value>(&out).unwrap()["messages"]
+        .as_array()
+        .unwrap()
+        .clone();
+    assert_eq!(kept[0], msgs[0], "the summary is the task, pinned and first");
+    assert_eq!(kept[1]["role"], "assistant");
+    assert!(kept.len() < msgs.len());
+    check_structure(Dialect::Anthropic, &body, &out);
 }

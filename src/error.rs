@@ -130,6 +130,7 @@ impl Error {
             Error::ContextOverflow(_) => "context_length_exceeded",
             Error::Gate(crate::gate::Rejected::QueueFull { .. }) => "gate_queue_full",
             Error::Gate(crate::gate::Rejected::QueueTimeout { .. }) => "gate_queue_timeout",
+            Error::Gate(crate::gate::Rejected::TableFull { .. }) => "gate_table_full",
             Error::Timeout {
                 phase: Phase::Connect,
                 ..

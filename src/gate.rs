@@ -52,6 +52,9 @@ pub struct Limits {
     pub max_inflight: usize,
     /// How long an unused gate is kept before [`Gates::sweep`] forgets it.
     pub idle_ttl: Duration,
+    /// Most gates kept at once (`max_conversations`): past it, a new conversation's gate
+    /// replaces the longest-idle unused one, and when every gate is in use it is refused.
+    pub max_conversations: usize,
 }
 
 impl Default for Limits {
@@ -62,6 +65,7 @@ impl Default for Limits {
             queue_timeout: Duration::from_secs(60),
             max_inflight: 1024,
             idle_ttl: Duration::from_secs(300),
+            max_conversations: 100_000,
         }
     }
 }
@@ -75,6 +79,12 @@ pub enum Rejected {
     )]
     QueueFull {
         /// The configured queue bound that was reached.
+        limit: usize,
+    },
+    /// The gate table is full of conversations in use (`gates.max_conversations`).
+    #[error("{limit} conversations are in flight already (gates.max_conversations)")]
+    TableFull {
+        /// The configured bound.
         limit: usize,
     },
     /// No slot came free within the deadline.
@@ -92,6 +102,7 @@ impl Rejected {
     pub fn reason(&self) -> &'static str {
         match self {
             Rejected::QueueFull { .. } => "queue_full",
+            Rejected::TableFull { .. } => "too_many_conversations",
             Rejected::QueueTimeout { .. } => "queue_timeout",
         }
     }
@@ -101,7 +112,7 @@ impl Rejected {
         match self {
             // Rejecting a full queue costs nothing and a slot frees as soon as one call of the
             // conversation ends, so the client may come back soon.
-            Rejected::QueueFull { .. } => Duration::from_secs(1),
+            Rejected::QueueFull { .. } | Rejected::TableFull { .. } => Duration::from_secs(1),
             // The gate stayed busy for the whole timeout: back off for a fraction of it, rounded
             // up to whole seconds (the header's unit) and capped so clients do not give up.
             Rejected::QueueTimeout { timeout, .. } => {
@@ -289,6 +300,25 @@ impl Gates {
     /// the queue if it is not full.
     fn register(&self, conversation: &str, route: &str) -> Result<Registered, Rejected> {
         let mut shard = self.table.shard(conversation);
+        if !shard.contains_key(conversation) && shard.len() >= self.shard_bound() {
+            // Full: the longest-idle gate nobody uses makes room (forgetting it early is safe:
+            // nobody holds or waits on it, so a fresh one admits exactly as it would).
+            let oldest = shard
+                .iter()
+                .filter(|(_, e)| e.users == 0)
+                .min_by_key(|(_, e)| e.idle_since)
+                .map(|(k, _)| Arc::clone(k));
+            match oldest {
+                Some(k) => {
+                    shard.remove(&k);
+                }
+                None => {
+                    let limit = self.limits.max_conversations;
+                    tracing::debug!(route, limit, "gate table full of conversations in use");
+                    return Err(Rejected::TableFull { limit });
+                }
+            }
+        }
         let entry = match shard.get_mut(conversation) {
             Some(entry) => entry,
             None => {
@@ -323,6 +353,11 @@ impl Gates {
             held: false,
         };
         Ok((registration, Arc::clone(&entry.slots), slot))
+    }
+
+    /// Gates one shard may keep: `max_conversations` spread over the shards.
+    fn shard_bound(&self) -> usize {
+        self.limits.max_conversations.div_ceil(SHARDS).max(1)
     }
 
     /// Conversations currently holding at least one permit (the "active gates" gauge).
@@ -1074,5 +1109,47 @@ mod tests {
         assert_idle(&gates);
         gates.sweep();
         assert_eq!(gates.known_gates(), 0);
+    }
+
+    /// An id flood keeps the table at its bound: idle gates make room, oldest first; a new
+    /// conversation is refused only when every gate is in use.
+    #[tokio::test]
+    async fn the_table_stays_within_max_conversations() {
+        let gates = gates(Limits {
+            max_conversations: 32,
+            max_inflight: 10_000,
+            ..Limits::default()
+        });
+        for i in 0..5_000 {
+            drop(gates.acquire(&format!("flood-{i}"), "r").await.unwrap());
+        }
+        // 32 spread over 16 shards: at most 2 per shard.
+        assert!(gates.known_gates() <= 32, "{}", gates.known_gates());
+        // Held gates are never evicted: fill every slot with a holder...
+        let mut held = Vec::new();
+        let mut refused = 0;
+        for i in 0..200 {
+            let name = format!("held-{i}");
+            match gates.acquire(&name, "r").await {
+                Ok(p) => held.push((name, p)),
+                Err(Rejected::TableFull { limit }) => {
+                    assert_eq!(limit, 32);
+                    refused += 1;
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert!(!held.is_empty() && held.len() <= 32, "{} held", held.len());
+        assert_eq!(refused, 200 - held.len());
+        assert!(gates.known_gates() <= 32);
+        // ...while a conversation already in the table still queues behind itself (it is not
+        // refused: it needs no new gate).
+        let again = gates.acquire(&held[0].0, "r");
+        assert!(tokio::time::timeout(Duration::from_millis(50), again)
+            .await
+            .is_err());
+        drop(held);
+        assert_idle(&gates);
+        assert!(gates.acquire("after", "r").await.is_ok());
     }
 }

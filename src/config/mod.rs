@@ -227,6 +227,9 @@ pub struct Gates {
     /// A conversation's gate is forgotten after this long unused (never while in use).
     #[serde(serialize_with = "ser_duration")]
     pub idle_ttl: Duration,
+    /// Most conversation gates kept at once; past it the longest-idle unused one is forgotten,
+    /// and a new conversation is refused (429) when all are in use.
+    pub max_conversations: usize,
     /// Whether requests identified only by a fingerprint (no header or body id) are gated per
     /// conversation too. Off by default: a fingerprint is a guess, and k identical requests
     /// (an eval harness running one task k times) are k conversations.

@@ -110,6 +110,7 @@ struct RawGates {
     max_inflight: Option<usize>,
     idle_ttl: Option<String>,
     gate_fingerprinted: Option<bool>,
+    max_conversations: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -532,6 +533,7 @@ fn validate_gates(raw: RawGates) -> Result<Gates, ConfigError> {
         queue_timeout: duration("queue_timeout", &raw.queue_timeout, 60)?,
         max_inflight: positive("max_inflight", raw.max_inflight, 1024)?,
         idle_ttl: duration("idle_ttl", &raw.idle_ttl, 300)?,
+        max_conversations: positive("max_conversations", raw.max_conversations, 100_000)?,
         gate_fingerprinted: raw.gate_fingerprinted.unwrap_or(false),
     })
 }

@@ -27,6 +27,7 @@ pub fn gates(config: &Config) -> Arc<Gates> {
             queue_timeout: g.queue_timeout,
             max_inflight: g.max_inflight,
             idle_ttl: g.idle_ttl,
+            max_conversations: g.max_conversations,
         },
         config
             .routes
@@ -71,7 +72,7 @@ pub struct GateMetrics {
 }
 
 /// The `reason` label values of `ctxgate_gate_rejections_total`.
-const REJECTION_REASONS: [&str; 2] = ["queue_full", "queue_timeout"];
+const REJECTION_REASONS: [&str; 3] = ["queue_full", "queue_timeout", "too_many_conversations"];
 
 impl GateMetrics {
     /// Registers the families, with every route's series at 0.

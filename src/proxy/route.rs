@@ -24,8 +24,10 @@ impl Proxy {
                 // No route, no dialect: answer in the one the request most likely speaks.
                 call.dialect = Dialect::guess(call.request.uri.path(), &call.request.headers);
             })?;
-        call.dialect = route.config.dialect.for_path(call.request.uri.path());
+        let path = call.request.uri.path();
+        call.dialect = route.config.dialect.for_path(path);
         call.route = Some(route.clone());
+        refuse_disguised(&route.config, &call.request.method, path)?;
         if let Some(len) = content_length(&call.request.headers) {
             if len > self.max_body_bytes {
                 return Err(Error::BodyTooLarge {
@@ -43,6 +45,11 @@ impl Proxy {
         if method == Method::CONNECT {
             return Err(Error::BadTarget(
                 "CONNECT is not supported: ctxgate is not an open proxy".into(),
+            ));
+        }
+        if method == Method::TRACE {
+            return Err(Error::BadTarget(
+                "TRACE is not supported: it would echo the request's credentials".into(),
             ));
         }
         check_path(path)?;
@@ -64,6 +71,68 @@ impl Proxy {
                 .join(", "),
         })
     }
+}
+
+/// The path as an upstream that normalises paths would read it: `;` parameters cut,
+/// percent-encoded bytes decoded, trailing whitespace and slashes trimmed, repeated slashes
+/// collapsed, ASCII lower case. Borrowed when there is nothing to normalise (the common case).
+fn canonical(path: &str) -> std::borrow::Cow<'_, str> {
+    let odd_byte = path
+        .bytes()
+        .any(|b| matches!(b, b';' | b'%' | b' ' | b'\t') || b.is_ascii_uppercase());
+    let trailing = path.len() > 1 && path.ends_with('/');
+    if !(odd_byte || trailing || path.contains("//")) {
+        return std::borrow::Cow::Borrowed(path);
+    }
+    let path = path.split(';').next().unwrap_or("");
+    let bytes = path.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            if let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                decoded.push((h * 16 + l) as u8);
+                i += 3;
+                continue;
+            }
+        }
+        decoded.push(bytes[i]);
+        i += 1;
+    }
+    let text = String::from_utf8_lossy(&decoded).to_ascii_lowercase();
+    let mut out = String::with_capacity(text.len());
+    for seg in text.split('/').map(str::trim).filter(|s| !s.is_empty()) {
+        out.push('/');
+        out.push_str(seg);
+    }
+    if out.is_empty() {
+        out.push('/');
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+/// Refuses a path that is not a chat or count endpoint as written but is one once normalised
+/// (`/v1/chat/completions/`, `/v1//chat/completions`, `/v1/Chat/Completions`,
+/// `/v1/chat/completions;x`, `/v1/chat/completions%20`): an upstream that normalises paths
+/// would serve it as chat, so forwarding it would skip pruning.
+fn refuse_disguised(route: &Route, method: &Method, path: &str) -> Result<(), Error> {
+    let canon = canonical(path);
+    if canon == path {
+        return Ok(());
+    }
+    let endpoint = |p: &str| {
+        let wire = route.dialect.for_path(p).wire();
+        wire.is_chat(method, p) || wire.is_count(method, p)
+    };
+    // A path that is an endpoint as written is served as one (an upper-case route prefix,
+    // say); only one that becomes an endpoint by normalising is refused.
+    if endpoint(&canon) && !endpoint(path) {
+        return Err(Error::BadTarget(format!(
+            "{path:?} is not a canonical path; write the endpoint as {canon:?}"
+        )));
+    }
+    Ok(())
 }
 
 /// Refuses dot segments (plain or percent-encoded) and backslashes, which some upstreams
@@ -143,5 +212,40 @@ mod tests {
         for p in ["/v1/chat/completions", "/v1//x", "/v1/a..b"] {
             assert!(check_path(p).is_ok(), "{p}");
         }
+    }
+
+    #[test]
+    fn canonical_paths() {
+        for (p, want) in [
+            ("/v1/chat/completions", "/v1/chat/completions"),
+            ("/v1/chat/completions/", "/v1/chat/completions"),
+            ("/v1/chat//completions", "/v1/chat/completions"),
+            ("/v1/Chat/Completions", "/v1/chat/completions"),
+            ("/v1/chat/completions;", "/v1/chat/completions"),
+            ("/v1/chat/completions;jsessionid=1", "/v1/chat/completions"),
+            ("/v1/chat/completions%20", "/v1/chat/completions"),
+            ("/v1/chat/completions%09%20", "/v1/chat/completions"),
+            ("/v1/chat/complet%69ons", "/v1/chat/completions"),
+            ("/anthropic/v1/messages/", "/anthropic/v1/messages"),
+            ("/", "/"),
+            ("/x%", "/x%"),
+        ] {
+            assert_eq!(canonical(p), want, "{p}");
+        }
+        assert!(matches!(
+            canonical("/v1/models"),
+            std::borrow::Cow::Borrowed(_)
+        ));
+        let route: Route = crate::config::Config::from_toml(
+            "[[routes]]\nname = \"r\"\nprefix = \"/OpenAI/\"\nupstream = \"http://x/\"\ndialect = \"openai\"\n",
+            Vec::new(),
+        )
+        .unwrap()
+        .routes
+        .remove(0);
+        let post = Method::POST;
+        assert!(refuse_disguised(&route, &post, "/OpenAI/v1/chat/completions").is_ok());
+        assert!(refuse_disguised(&route, &post, "/OpenAI/v1/chat/completions/").is_err());
+        assert!(refuse_disguised(&route, &post, "/OpenAI/v1/Models").is_ok());
     }
 }

@@ -827,9 +827,9 @@ fn check_structure(dialect: Dialect, orig_body: &[u8], out_body: &[u8]) {
         let genuine = |m: &Value| {
             m["role"] == "user"
                 && !(dialect == Dialect::Anthropic
-                    && m["content"].as_array().is_some_and(|a| {
-                        a.iter().any(|b| b["type"] == "tool_result")
-                    }))
+                    && m["content"]
+                        .as_array()
+                        .is_some_and(|a| a.iter().any(|b| b["type"] == "tool_result")))
         };
         assert!(
             orig[task + 1..].iter().all(|m| !genuine(m)),
@@ -1008,8 +1008,10 @@ fn render_with_note(
                 Dialect::Anthropic => {
                     msgs.push(json!({"role":"assistant","content": ids.iter().map(|id|
                         json!({"type":"tool_use","id": id,"name":"run","input":{"cmd":"ls"}})).collect::<Vec<_>>()}));
-                    let mut blocks: Vec<Value> = ids.iter().map(|id|
-                        json!({"type":"tool_result","tool_use_id": id,"content": result})).collect();
+                    let mut blocks: Vec<Value> = ids
+                        .iter()
+                        .map(|id| json!({"type":"tool_result","tool_use_id": id,"content": result}))
+                        .collect();
                     // Claude Code puts notes beside tool results; they open no turn.
                     if turn.system_note {
                         blocks.push(json!({"type":"text","text": format!("<system-reminder>step {s}</system-reminder>")}));
@@ -1444,7 +1446,10 @@ fn tool_results_with_notes_open_no_turn_and_the_history_starts_with_the_user() {
         .as_array()
         .unwrap()
         .clone();
-    assert_eq!(kept[0], msgs[0], "the summary is the task, pinned and first");
+    assert_eq!(
+        kept[0], msgs[0],
+        "the summary is the task, pinned and first"
+    );
     assert_eq!(kept[1]["role"], "assistant");
     assert!(kept.len() < msgs.len());
     check_structure(Dialect::Anthropic, &body, &out);

@@ -687,11 +687,28 @@ impl<'a> Work<'a> {
             vals.push(v);
         }
         let (counter, enc, dialect) = (self.counter, self.enc, self.req.dialect());
+        let req = self.req;
         let count = |v: &Value| counter.count_message(enc, dialect, v, u64::MAX).0;
         let mut tokens: Vec<u64> = vals.iter().map(count).collect();
+        // The system prompt field (Anthropic `system`, Responses `instructions`) is cut like a
+        // message's text: it rides at the end of `vals` as `{"content": …}`, outside the
+        // fixed part it is otherwise counted in.
+        let mut fixed = self.fixed_extra;
+        let field = req.system_field();
+        if let Some((_, v)) = &field {
+            let t = req.system_field_tokens(counter, enc, v);
+            fixed = fixed.saturating_sub(t);
+            vals.push(serde_json::json!({ "content": v }));
+            kept.push(usize::MAX);
+            tokens.push(t);
+        }
+        let recount = |k: usize, v: &Value, n: usize| match &field {
+            Some(_) if k + 1 == n => req.system_field_tokens(counter, enc, &v["content"]),
+            _ => count(v),
+        };
         let mut cut_any = false;
         for _ in 0..24 {
-            let total = self.fixed_extra + tokens.iter().sum::<u64>();
+            let total = fixed + tokens.iter().sum::<u64>();
             if total <= limit {
                 break;
             }
@@ -702,13 +719,21 @@ impl<'a> Work<'a> {
                 _ => return None,
             };
             cut_middle(counter, enc, s, excess);
-            tokens[k] = count(&vals[k]);
+            tokens[k] = recount(k, &vals[k], vals.len());
             cut_any = true;
         }
-        let total = self.fixed_extra + tokens.iter().sum::<u64>();
+        let total = fixed + tokens.iter().sum::<u64>();
         if total > limit || !cut_any {
             return None;
         }
+        let replaced = field.as_ref().and_then(|(key, _)| {
+            kept.pop();
+            let v = vals.pop()?;
+            Some((
+                *key,
+                serde_json::to_string(&v["content"]).unwrap_or_default(),
+            ))
+        });
         let texts: Vec<String> = vals
             .iter()
             .map(|v| serde_json::to_string(v).unwrap_or_default())
@@ -726,7 +751,10 @@ impl<'a> Work<'a> {
         if self.budget.mode == Mode::Shadow {
             return Some(Outcome::Shadow(summary));
         }
-        let body = self.req.serialise(texts.iter().map(String::as_str), None);
+        let replace = replaced.as_ref().map(|(k, v)| (*k, v.as_str()));
+        let body = self
+            .req
+            .serialise(texts.iter().map(String::as_str), replace);
         Some(Outcome::Pruned { body, summary })
     }
 

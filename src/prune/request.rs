@@ -303,24 +303,40 @@ impl ChatRequest {
                 total += counter.count_tools(enc, func_init(enc), &v);
             }
         }
-        match self.dialect {
-            Dialect::Anthropic => {
-                if let Some(v) = self.field_value("system") {
-                    total += counter.count_value(enc, self.dialect, &v);
-                }
-            }
-            Dialect::Responses => {
-                // `instructions` is a system message ahead of the input.
-                if let Some(Value::String(s)) = self.field_value("instructions") {
-                    total += TOKENS_PER_MESSAGE + 1 + counter.count_text(enc, &s);
-                }
-                if let Some(t) = &self.input_text {
-                    total += TOKENS_PER_MESSAGE + 1 + counter.count_text(enc, t);
-                }
-            }
-            Dialect::OpenAi => {}
+        if let Some((_, v)) = self.system_field() {
+            total += self.system_field_tokens(counter, enc, &v);
+        }
+        if let Some(t) = &self.input_text {
+            total += TOKENS_PER_MESSAGE + 1 + counter.count_text(enc, t);
         }
         total
+    }
+
+    /// The top-level field that holds the system prompt, with its value: Anthropic `system`,
+    /// Responses `instructions` (a string).
+    pub(crate) fn system_field(&self) -> Option<(&'static str, Value)> {
+        let key = match self.dialect {
+            Dialect::Anthropic => "system",
+            Dialect::Responses => "instructions",
+            Dialect::OpenAi => return None,
+        };
+        let v = self.field_value(key)?;
+        match (self.dialect, &v) {
+            (Dialect::Responses, Value::String(_)) | (Dialect::Anthropic, _) => Some((key, v)),
+            _ => None,
+        }
+    }
+
+    /// Tokens of a value of [`ChatRequest::system_field`] (`instructions` is a system message
+    /// ahead of the input).
+    pub(crate) fn system_field_tokens(&self, counter: &Counter, enc: Encoding, v: &Value) -> u64 {
+        match (self.dialect, v) {
+            (Dialect::Responses, Value::String(s)) => {
+                TOKENS_PER_MESSAGE + 1 + counter.count_text(enc, s)
+            }
+            (Dialect::Responses, _) => 0,
+            _ => counter.count_value(enc, self.dialect, v),
+        }
     }
 
     fn system_message_tokens(&self, counter: &Counter, enc: Encoding, n: usize) -> u64 {

@@ -1454,3 +1454,67 @@ fn tool_results_with_notes_open_no_turn_and_the_history_starts_with_the_user() {
     assert!(kept.len() < msgs.len());
     check_structure(Dialect::Anthropic, &body, &out);
 }
+
+/// `on_overflow = "truncate"` cuts an oversized Anthropic `system` (and Responses
+/// `instructions`) from the middle instead of refusing the request.
+#[test]
+fn truncate_cuts_an_oversized_system_field() {
+    let c = counter();
+    let budget = Budget {
+        hard_token_limit: 3000,
+        target_tokens: 1800,
+        max_messages: 0,
+        on_overflow: OnOverflow::Truncate,
+        ..Budget::default()
+    };
+    let rules = "Rule: always check the tests before answering. ".repeat(1500);
+    for (dialect, body) in [
+        (
+            Dialect::Anthropic,
+            json!({"model":"claude-sonnet-4-5","max_tokens":100,
+                "system":[{"type":"text","text": rules,"cache_control":{"type":"ephemeral"}}],
+                "messages":[{"role":"user","content":"hi"}]}),
+        ),
+        (
+            Dialect::Responses,
+            json!({"model":"gpt-5","instructions": rules,
+                "input":[{"type":"message","role":"user","content":"hi"}]}),
+        ),
+    ] {
+        let body = body.to_string().into_bytes();
+        let req = ChatRequest::parse(dialect, &body).unwrap();
+        let out = prune(&req, &budget, &view(), "t", &c);
+        let Outcome::Pruned { body: cut, summary } = &out else {
+            panic!("{dialect:?}: {out:?}")
+        };
+        assert!(summary.truncated);
+        assert!(summary.tokens_after <= 3000, "{summary:?}");
+        assert_eq!(count_body(dialect, cut), summary.tokens_after);
+        let v: Value = serde_json::from_slice(cut).unwrap();
+        let system = match dialect {
+            Dialect::Anthropic => {
+                assert_eq!(v["system"][0]["cache_control"]["type"], "ephemeral");
+                v["system"][0]["text"].as_str().unwrap().to_string()
+            }
+            _ => v["instructions"].as_str().unwrap().to_string(),
+        };
+        assert!(system.contains("[ctxgate: truncated "), "{dialect:?}");
+        assert!(system.starts_with("Rule: always") && system.ends_with("answering. "));
+        check_fields_except(&body, cut, &["system", "instructions"]);
+    }
+}
+
+/// Like [`check_fields`], for fields other than those in `changed`.
+fn check_fields_except(orig_body: &[u8], out_body: &[u8], changed: &[&str]) {
+    let orig: serde_json::Map<String, Value> = serde_json::from_slice(orig_body).unwrap();
+    let out: serde_json::Map<String, Value> = serde_json::from_slice(out_body).unwrap();
+    assert_eq!(
+        orig.keys().collect::<Vec<_>>(),
+        out.keys().collect::<Vec<_>>()
+    );
+    for (k, v) in &orig {
+        if !changed.contains(&k.as_str()) && k != "messages" && k != "input" {
+            assert_eq!(&out[k], v, "{k}");
+        }
+    }
+}

@@ -36,9 +36,10 @@ use crate::proxy::stream::ResponseBody;
 const CUT_FLUSH: Duration = Duration::from_secs(1);
 
 /// Why a client connection closed (the `reason` label).
-const CLOSE_REASONS: [&str; 7] = [
+const CLOSE_REASONS: [&str; 8] = [
     "ended",
     "error",
+    "bad_request",
     "first_bytes_timeout",
     "header_read_timeout",
     "idle_timeout",
@@ -65,7 +66,7 @@ impl ConnMetrics {
             ),
             closed: m.counter_vec(
                 "ctxgate_client_connections_closed_total",
-                "Client connections closed, by reason: ended (by the client or keep-alive), error, first_bytes_timeout, header_read_timeout, idle_timeout, client_write (the client stopped reading), error_not_taken (a cut call's client read nothing).",
+                "Client connections closed, by reason: ended (by the client or keep-alive), error, bad_request (hyper answered 400/414/431 to an unparseable request), first_bytes_timeout, header_read_timeout, idle_timeout, client_write (the client stopped reading), error_not_taken (a cut call's client read nothing).",
                 &["reason"],
             ),
         };
@@ -258,14 +259,13 @@ where
             if let Some(r) = kill.reason() {
                 return r;
             }
-            let timeout = e
-                .downcast_ref::<hyper::Error>()
-                .is_some_and(hyper::Error::is_timeout);
+            let hyper_error = e.downcast_ref::<hyper::Error>();
             tracing::debug!(listener = name, error = %e, "connection ended with an error");
-            if timeout {
-                "header_read_timeout"
-            } else {
-                "error"
+            match hyper_error {
+                Some(h) if h.is_timeout() => "header_read_timeout",
+                // hyper answers these itself (400, 414, 431, with an empty body) and closes.
+                Some(h) if h.is_parse() || h.is_parse_status() => "bad_request",
+                _ => "error",
             }
         }
     }

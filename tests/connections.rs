@@ -145,3 +145,18 @@ async fn past_max_connections_new_ones_wait_for_a_free_slot() {
     assert_eq!(&buf, b"HTTP/1.1 200");
     stop(gate).await;
 }
+
+#[tokio::test]
+async fn a_request_hyper_cannot_parse_is_answered_and_counted() {
+    let up = mock(llm_reply).await;
+    let gate = cfg(&up).start().await;
+    let mut s = TcpStream::connect(gate.addr).await.unwrap();
+    s.write_all(b"GET /v1/models HTTP/1.1\r\nbad header line\r\n\r\n")
+        .await
+        .unwrap();
+    let (got, _) = until_closed(&mut s).await;
+    assert!(got.starts_with(b"HTTP/1.1 400"), "{}", String::from_utf8_lossy(&got));
+    until_sample(&gate, &closed("bad_request"), 1.0).await;
+    assert!(up.requests().is_empty());
+    stop(gate).await;
+}

@@ -10,6 +10,7 @@ pub mod conn;
 pub mod dialect;
 pub mod error;
 pub mod gate;
+pub mod memory;
 pub mod metrics;
 pub mod proxy;
 pub mod prune;
@@ -64,6 +65,7 @@ pub async fn serve(
         let _ = admin_stop_rx.await;
     }));
     proxy.start_background(&readiness);
+    memory::spawn_trimmer(config.server.memory_trim_interval);
 
     tracing::info!(listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
         routes = config.routes.len(), "ctxgate serving");

@@ -148,6 +148,9 @@ pub struct Server {
     /// Longest a request body ctxgate reads whole may take altogether.
     #[serde(serialize_with = "ser_duration")]
     pub body_total_timeout: Duration,
+    /// How often freed heap memory is given back to the system (`malloc_trim`); zero: never.
+    #[serde(serialize_with = "ser_duration")]
+    pub memory_trim_interval: Duration,
 }
 
 impl Default for Server {
@@ -159,6 +162,7 @@ impl Default for Server {
             idle_timeout: Duration::from_secs(120),
             body_idle_timeout: Duration::from_secs(30),
             body_total_timeout: Duration::from_secs(120),
+            memory_trim_interval: Duration::from_secs(10),
         }
     }
 }

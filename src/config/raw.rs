@@ -99,6 +99,7 @@ struct RawServer {
     idle_timeout: Option<String>,
     body_idle_timeout: Option<String>,
     body_total_timeout: Option<String>,
+    memory_trim_interval: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -506,6 +507,14 @@ fn validate_server(raw: RawServer) -> Result<Server, ConfigError> {
             &raw.body_total_timeout,
             d.body_total_timeout,
         )?,
+        memory_trim_interval: match raw.memory_trim_interval.as_deref() {
+            Some("0") | Some("0s") | Some("off") => Duration::ZERO,
+            v => duration(
+                "memory_trim_interval",
+                &v.map(str::to_string),
+                d.memory_trim_interval,
+            )?,
+        },
     })
 }
 

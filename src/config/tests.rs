@@ -263,3 +263,23 @@ fn count_tokens_is_upstream_unless_local_and_responses_is_no_route_value() {
         Dialect::Anthropic
     );
 }
+
+#[test]
+fn server_limits_default_and_validate() {
+    let c = load(MIN).unwrap();
+    assert_eq!(c.server.max_connections, 4096);
+    assert_eq!(c.server.first_bytes_timeout, Duration::from_secs(10));
+    assert_eq!(c.server.memory_trim_interval, Duration::from_secs(10));
+    let c = load(&format!(
+        "[server]\nmemory_trim_interval = \"0\"\nidle_timeout = \"2m\"\n{MIN}"
+    ))
+    .unwrap();
+    assert_eq!(c.server.memory_trim_interval, Duration::ZERO);
+    assert_eq!(c.server.idle_timeout, Duration::from_secs(120));
+    let e = load(&format!("[server]\nmax_connections = 0\n{MIN}")).unwrap_err();
+    assert_eq!(e.to_string(), "server.max_connections: must be > 0, got 0");
+    let e = load(&format!("[server]\nheader_read_timeout = \"soon\"\n{MIN}")).unwrap_err();
+    assert_eq!(e.key, "server.header_read_timeout");
+    let e = load(&format!("[server]\nbogus = 1\n{MIN}")).unwrap_err();
+    assert!(e.to_string().contains("unknown field `bogus`"), "{e}");
+}

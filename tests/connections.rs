@@ -155,7 +155,11 @@ async fn a_request_hyper_cannot_parse_is_answered_and_counted() {
         .await
         .unwrap();
     let (got, _) = until_closed(&mut s).await;
-    assert!(got.starts_with(b"HTTP/1.1 400"), "{}", String::from_utf8_lossy(&got));
+    assert!(
+        got.starts_with(b"HTTP/1.1 400"),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
     until_sample(&gate, &closed("bad_request"), 1.0).await;
     assert!(up.requests().is_empty());
     stop(gate).await;

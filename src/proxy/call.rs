@@ -127,6 +127,15 @@ pub enum End {
     Shutdown,
 }
 
+/// A conversation id and where it came from (found by `identify`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// The id (bounded in length).
+    pub id: String,
+    /// Whether it is a fingerprint: a guess from the prompt, not an id the client sent.
+    pub guessed: bool,
+}
+
 /// One call, from arrival to its record.
 pub struct Call {
     /// When the request arrived.
@@ -224,7 +233,7 @@ impl Call {
     }
 
     /// Stores the conversation identify found.
-    pub fn identify(&mut self, id: Option<super::identify::Identity>) {
+    pub fn identify(&mut self, id: Option<Identity>) {
         if let Some(i) = id {
             self.conversation = Some(i.id);
             self.guessed_conversation = i.guessed;

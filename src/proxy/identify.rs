@@ -26,6 +26,7 @@ use crate::dialect::Dialect;
 use crate::error::Error;
 use crate::prune::{ChatRequest, ParseError};
 
+pub use super::call::Identity;
 use super::call::{Call, Payload, PruneAction};
 use super::heavy::INLINE_BYTES;
 use super::Proxy;
@@ -255,15 +256,6 @@ pub async fn read_body(mut body: Incoming, limit: u64, t: &Server) -> Result<Fra
 /// Longest id accepted from a client; longer ones are hashed, so a client cannot make the
 /// gate table hold arbitrarily large keys.
 const MAX_ID_LEN: usize = 128;
-
-/// A conversation id and where it came from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Identity {
-    /// The id (bounded in length).
-    pub id: String,
-    /// Whether it is a fingerprint: a guess from the prompt, not an id the client sent.
-    pub guessed: bool,
-}
 
 /// The conversation id of a request, if it has one. `field` looks up a dotted path in the
 /// body, `fingerprint` computes the fallback; both are only called when needed.

@@ -171,7 +171,11 @@ async fn client_write_fires_for_a_client_that_stops_reading() {
 #[tokio::test]
 async fn streams_cut_at_the_end_of_the_grace_period_get_an_error_event_and_a_record() {
     let up = mock(|r| {
-        if !String::from_utf8_lossy(&r.body).contains("slow") {
+        let body = String::from_utf8_lossy(&r.body);
+        if body.contains("hold") {
+            return Reply::Delayed(Duration::from_secs(60), Box::new(Reply::json(OPENAI_JSON)));
+        }
+        if !body.contains("slow") {
             return llm_reply(r);
         }
         Reply::Sse {
@@ -185,7 +189,11 @@ async fn streams_cut_at_the_end_of_the_grace_period_get_an_error_event_and_a_rec
     })
     .await;
     let dir = TempDir::new("slow-shutdown");
-    let gate = cfg(&up, &dir).set("", "shutdown_grace", "1s").start().await;
+    let gate = cfg(&up, &dir)
+        .set("", "shutdown_grace", "1s")
+        .set("gates", "max_queue_per_conversation", 4)
+        .start()
+        .await;
     let mut bodies = Vec::new();
     for i in 0..3 {
         let req = http::Request::post(gate.url("/v1/chat/completions"))
@@ -206,9 +214,26 @@ async fn streams_cut_at_the_end_of_the_grace_period_get_an_error_event_and_a_rec
             text
         }));
     }
+    // One call waiting for its upstream's headers, one queued behind a stream of its own
+    // conversation: both are answered 503 when the grace ends.
+    let waiting = ["hold", "queued"].map(|kind| {
+        let conv = if kind == "hold" { "hold" } else { "cut-0" };
+        let url = gate.url("/v1/chat/completions");
+        tokio::spawn(async move {
+            let (s, _, b) = send("POST", &url, &[("x-conversation-id", conv)], &chat(kind)).await;
+            (s.as_u16(), String::from_utf8_lossy(&b).into_owned())
+        })
+    });
+    up.until_request("hold").await;
+    until_sample(&gate, "ctxgate_gate_waiters", 1.0).await;
     let t0 = Instant::now();
     stop(gate).await;
     let took = t0.elapsed();
+    for w in waiting {
+        let (status, body) = w.await.unwrap();
+        assert_eq!(status, 503, "{body}");
+        assert!(body.contains("shutting_down"), "{body}");
+    }
     assert!(took < Duration::from_secs(4), "{took:?}");
     for b in bodies {
         let text = b.await.unwrap();
@@ -219,9 +244,14 @@ async fn streams_cut_at_the_end_of_the_grace_period_get_an_error_event_and_a_rec
         );
     }
     let records = jsonl_records(&dir.0);
-    assert_eq!(records.len(), 3);
+    assert_eq!(records.len(), 5);
+    let mut statuses: Vec<u64> = records
+        .iter()
+        .map(|r| r["status"].as_u64().unwrap())
+        .collect();
+    statuses.sort();
+    assert_eq!(statuses, [200, 200, 200, 503, 503]);
     for r in &records {
         assert_eq!(r["error_kind"], "shutdown");
-        assert_eq!(r["status"], 200);
     }
 }

@@ -44,9 +44,16 @@ impl Proxy {
         // counts, model lists) carry its session id too, and must not wait behind its stream.
         // A fingerprint is a guess: unless configured, it keys the view but not a gate.
         let gated = call.chat && (!call.guessed_conversation || self.gate_fingerprinted);
-        let admitted = match call.conversation.as_deref().filter(|_| gated) {
-            Some(id) => self.gates.acquire(id, route).await,
-            None => self.gates.acquire_shared(route).await,
+        let acquire = async {
+            match call.conversation.as_deref().filter(|_| gated) {
+                Some(id) => self.gates.acquire(id, route).await,
+                None => self.gates.acquire_shared(route).await,
+            }
+        };
+        // A call still queued when the shutdown grace ends is cut like the others (503).
+        let admitted = tokio::select! {
+            a = acquire => a,
+            _ = self.cut_signal() => return Err(Error::ShuttingDown),
         };
         let permit = admitted.map_err(Error::Gate)?;
         call.waited = Some(permit.waited());

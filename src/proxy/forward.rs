@@ -50,17 +50,11 @@ impl Proxy {
         call.forwarded_at = Some(std::time::Instant::now());
         let deadline = tokio::time::Instant::now() + cfg.timeouts.total;
         call.deadline = Some(deadline);
-        let mut cut = self.cut.subscribe();
-        let shutdown = async move {
-            if cut.wait_for(|c| *c).await.is_err() {
-                std::future::pending::<()>().await;
-            }
-        };
         tokio::select! {
             r = await_headers(route.client.request(up_req), &cfg.timeouts, deadline) => {
                 r?.map_err(|e| classify(&e, cfg, self.max_body_bytes))
             }
-            _ = shutdown => Err(Error::ShuttingDown),
+            _ = self.cut_signal() => Err(Error::ShuttingDown),
         }
     }
 }

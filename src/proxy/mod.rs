@@ -167,10 +167,18 @@ impl Proxy {
 
     /// Cuts every call still running (the shutdown grace period is over): a streaming
     /// response ends with the dialect's error (an SSE error event, or a cut body) and is
-    /// recorded as `shutdown`; a call still waiting for its upstream's headers is answered
-    /// 503. The records reach the transcript queue before the writer drains it.
+    /// recorded as `shutdown`; a call still waiting for its upstream's headers or queued at
+    /// the gate is answered 503. The records reach the transcript queue before the writer drains it.
     pub fn cut_calls(&self) {
         self.cut.send_replace(true);
+    }
+
+    /// Resolves once the calls are cut ([`Proxy::cut_calls`]); never before.
+    pub(super) async fn cut_signal(&self) {
+        let mut cut = self.cut.subscribe();
+        if cut.wait_for(|c| *c).await.is_err() {
+            std::future::pending::<()>().await;
+        }
     }
 
     /// Starts the background work: the gate sweeper (it holds the gates weakly and ends with

@@ -255,3 +255,59 @@ async fn streams_cut_at_the_end_of_the_grace_period_get_an_error_event_and_a_rec
         assert_eq!(r["error_kind"], "shutdown");
     }
 }
+
+/// Over HTTP/2 a stream that stops reading is ended at `client_write` (permit released,
+/// recorded) while its connection stays up for the client's other streams.
+#[tokio::test]
+async fn an_http2_stream_that_stops_reading_is_ended_but_its_connection_stays() {
+    use http_body_util::{BodyExt, Full};
+    let up = mock(flooding).await;
+    let dir = TempDir::new("slow-h2");
+    let gate = cfg(&up, &dir)
+        .set("timeouts", "client_write", "1s")
+        .start()
+        .await;
+    let h2: hyper_util::client::legacy::Client<_, Full<Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .http2_only(true)
+            .build_http();
+    let post = |conv: &str, body: String| {
+        http::Request::post(gate.url("/v1/chat/completions"))
+            .header("x-conversation-id", conv)
+            .body(Full::new(Bytes::from(body)))
+            .unwrap()
+    };
+    // Warm (the first call loads the tokenizer), on the same connection.
+    let r = h2.request(post("warm", chat("warm"))).await.unwrap();
+    assert_eq!(r.status(), 200);
+    r.into_body().collect().await.unwrap();
+    let stuck = h2.request(post("h2", chat("flood"))).await.unwrap();
+    assert_eq!(stuck.status(), 200);
+    assert_eq!(stuck.version(), http::Version::HTTP_2);
+    // Its body is never read.
+    until_sample(
+        &gate,
+        "ctxgate_timeouts_total{phase=\"client_write\",route=\"test\"}",
+        1.0,
+    )
+    .await;
+    let next = h2
+        .request(post(
+            "h2",
+            chat("next").replace("\"stream\":true", "\"stream\":false"),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(next.status(), 200, "the permit was released");
+    next.into_body().collect().await.unwrap();
+    assert_eq!(
+        sample(
+            &metrics(&gate).await,
+            "ctxgate_client_connections_closed_total{reason=\"client_write\"}"
+        ),
+        0.0,
+        "the HTTP/2 connection was not closed"
+    );
+    drop(stuck);
+    stop(gate).await;
+}

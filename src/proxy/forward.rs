@@ -42,9 +42,10 @@ impl Proxy {
         strip_hop_by_hop(&mut parts.headers);
         parts.headers.remove(header::HOST);
         parts.uri = uri;
-        parts.version = Version::HTTP_11;
         // Keep what the record and the response phase still read.
         call.request.method = parts.method.clone();
+        call.request.version = parts.version;
+        parts.version = Version::HTTP_11;
         let up_req = Request::from_parts(parts, body);
 
         call.forwarded_at = Some(std::time::Instant::now());

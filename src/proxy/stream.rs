@@ -557,7 +557,15 @@ impl Proxy {
             total: timeouts.total,
             client_write: timeouts.client_write,
         };
-        let conn_kill = call.conn.as_ref().map(|c| c.conn().clone());
+        // Only an HTTP/1.1 connection is closed under a stuck client: it carries nothing else.
+        // An HTTP/2 stream that stops reading is ended (permit, upstream and record go) but
+        // its connection, which may carry other streams, stays, until `server.idle_timeout`
+        // closes it once nothing else is in flight.
+        let conn_kill = call
+            .conn
+            .as_ref()
+            .filter(|_| call.request.version < http::Version::HTTP_2)
+            .map(|c| c.conn().clone());
         let guard = CallGuard::new(Box::new(call));
         let outside = Outside {
             cut: Some(self.cut.subscribe()),

@@ -161,6 +161,16 @@ impl<B: Body> Live<B> {
 /// grace period ends.
 pub struct StreamBack<B: Body = Incoming> {
     live: Arc<Mutex<Live<B>>>,
+    /// What the watchdog needs, until it is started: on the first poll that does not finish
+    /// the body (a body that ends at its first poll, the usual small JSON answer, needs none).
+    watch: Option<Watch>,
+}
+
+/// The watchdog's arguments.
+struct Watch {
+    timers: StreamTimers,
+    stopped: oneshot::Receiver<()>,
+    outside: Outside,
 }
 
 fn lock<B>(m: &Mutex<Live<B>>) -> std::sync::MutexGuard<'_, Live<B>> {
@@ -197,10 +207,35 @@ where
             guard,
             stop: Some(stop),
         }));
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(watchdog(Arc::downgrade(&live), timers, stopped, outside));
+        StreamBack {
+            live,
+            watch: Some(Watch {
+                timers,
+                stopped,
+                outside,
+            }),
         }
-        StreamBack { live }
+    }
+
+    /// Starts the watchdog now rather than at the first poll that leaves the body unfinished:
+    /// for a stream (SSE) and for HTTP/2, where hyper may not poll the body at all while the
+    /// connection's window is full.
+    pub fn watched_now(mut self) -> Self {
+        self.start_watchdog();
+        self
+    }
+
+    /// Starts the watchdog (once).
+    fn start_watchdog(&mut self) {
+        let Some(w) = self.watch.take() else { return };
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(watchdog(
+                Arc::downgrade(&self.live),
+                w.timers,
+                w.stopped,
+                w.outside,
+            ));
+        }
     }
 }
 
@@ -415,7 +450,7 @@ use std::future::Future;
 
 impl<B> Body for StreamBack<B>
 where
-    B: Body<Data = Bytes> + Unpin,
+    B: Body<Data = Bytes> + Unpin + Send + 'static,
     B::Error: std::error::Error + Send + Sync + 'static,
 {
     type Data = Bytes;
@@ -425,7 +460,17 @@ where
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        lock(&self.live).poll_frame(cx)
+        let this = self.get_mut();
+        let (polled, done) = {
+            let mut l = lock(&this.live);
+            let p = l.poll_frame(cx);
+            let done = !l.streaming() || l.inner.as_ref().is_none_or(|b| b.is_end_stream());
+            (p, done)
+        };
+        if !done && this.watch.is_some() {
+            this.start_watchdog();
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
@@ -561,6 +606,7 @@ impl Proxy {
         // An HTTP/2 stream that stops reading is ended (permit, upstream and record go) but
         // its connection, which may carry other streams, stays, until `server.idle_timeout`
         // closes it once nothing else is in flight.
+        let call_version = call.request.version;
         let conn_kill = call
             .conn
             .as_ref()
@@ -571,7 +617,11 @@ impl Proxy {
             cut: Some(self.cut.subscribe()),
             conn: conn_kill,
         };
-        let body = StreamBack::new(body, timers, sse, dialect, guard, outside);
+        let eager = sse || call_version >= http::Version::HTTP_2;
+        let mut body = StreamBack::new(body, timers, sse, dialect, guard, outside);
+        if eager {
+            body = body.watched_now();
+        }
         Response::from_parts(parts, ResponseBody::Stream(body))
     }
 }
@@ -641,6 +691,8 @@ mod tests {
             CallGuard::new(Box::new(Rec(ends.clone()))),
             Outside::default(),
         );
+        // As stream_back does: a stream is watched from the start.
+        let b = if sse { b.watched_now() } else { b };
         (tx, b, ends)
     }
 

@@ -159,7 +159,7 @@ impl Default for Server {
             max_connections: 4096,
             first_bytes_timeout: Duration::from_secs(10),
             header_read_timeout: Duration::from_secs(30),
-            idle_timeout: Duration::from_secs(120),
+            idle_timeout: Duration::from_secs(30),
             body_idle_timeout: Duration::from_secs(30),
             body_total_timeout: Duration::from_secs(120),
             memory_trim_interval: Duration::from_secs(10),

@@ -269,6 +269,7 @@ fn server_limits_default_and_validate() {
     let c = load(MIN).unwrap();
     assert_eq!(c.server.max_connections, 4096);
     assert_eq!(c.server.first_bytes_timeout, Duration::from_secs(10));
+    assert_eq!(c.server.idle_timeout, Duration::from_secs(30));
     assert_eq!(c.server.memory_trim_interval, Duration::from_secs(10));
     let c = load(&format!(
         "[server]\nmemory_trim_interval = \"0\"\nidle_timeout = \"2m\"\n{MIN}"

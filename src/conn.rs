@@ -142,27 +142,44 @@ impl<T> Killable<T> {
 const READ: usize = 0;
 const WRITE: usize = 1;
 
+impl<T> Killable<T> {
+    /// One I/O call under the switch: refused once killed; bytes moved mark the connection
+    /// busy; a pending call parks its task (on `slot`) so that a kill wakes it.
+    fn guarded<R>(
+        &mut self,
+        slot: usize,
+        cx: &mut Context<'_>,
+        io: impl FnOnce(Pin<&mut T>, &mut Context<'_>) -> Poll<io::Result<R>>,
+    ) -> Poll<io::Result<R>>
+    where
+        T: Unpin,
+    {
+        if self.kill.is_killed() {
+            return Poll::Ready(Err(killed()));
+        }
+        let r = io(Pin::new(&mut self.io), cx);
+        match &r {
+            Poll::Ready(Ok(_)) => self.kill.touch(),
+            Poll::Ready(Err(_)) => {}
+            Poll::Pending => {
+                self.kill.park(slot, cx);
+                // A kill between the check and the park must not be missed.
+                if self.kill.is_killed() {
+                    return Poll::Ready(Err(killed()));
+                }
+            }
+        }
+        r
+    }
+}
+
 impl<T: AsyncRead + Unpin> AsyncRead for Killable<T> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        if self.kill.is_killed() {
-            return Poll::Ready(Err(killed()));
-        }
-        let r = Pin::new(&mut self.io).poll_read(cx, buf);
-        if matches!(r, Poll::Ready(Ok(()))) {
-            self.kill.touch();
-        }
-        if r.is_pending() {
-            self.kill.park(READ, cx);
-            // A kill between the check and the park must not be missed.
-            if self.kill.is_killed() {
-                return Poll::Ready(Err(killed()));
-            }
-        }
-        r
+        self.guarded(READ, cx, |io, cx| io.poll_read(cx, buf))
     }
 }
 
@@ -172,20 +189,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Killable<T> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        if self.kill.is_killed() {
-            return Poll::Ready(Err(killed()));
-        }
-        let r = Pin::new(&mut self.io).poll_write(cx, buf);
-        if matches!(r, Poll::Ready(Ok(_))) {
-            self.kill.touch();
-        }
-        if r.is_pending() {
-            self.kill.park(WRITE, cx);
-            if self.kill.is_killed() {
-                return Poll::Ready(Err(killed()));
-            }
-        }
-        r
+        self.guarded(WRITE, cx, |io, cx| io.poll_write(cx, buf))
     }
 
     fn poll_write_vectored(
@@ -193,20 +197,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Killable<T> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        if self.kill.is_killed() {
-            return Poll::Ready(Err(killed()));
-        }
-        let r = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
-        if matches!(r, Poll::Ready(Ok(_))) {
-            self.kill.touch();
-        }
-        if r.is_pending() {
-            self.kill.park(WRITE, cx);
-            if self.kill.is_killed() {
-                return Poll::Ready(Err(killed()));
-            }
-        }
-        r
+        self.guarded(WRITE, cx, |io, cx| io.poll_write_vectored(cx, bufs))
     }
 
     fn is_write_vectored(&self) -> bool {

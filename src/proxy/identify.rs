@@ -40,12 +40,7 @@ impl Proxy {
         let cfg = &route.config;
         let req = &call.request;
         if !call.dialect.wire().is_chat(&req.method, req.uri.path()) {
-            call.identify(conversation_id(
-                &req.headers,
-                &self.conversation,
-                |_| None,
-                || None,
-            ));
+            call.identify(self.header_identity(&req.headers));
             return Ok(());
         }
         call.chat = true;
@@ -56,12 +51,7 @@ impl Proxy {
             Ok(f) => f,
             Err(e) => {
                 // A body that broke off still belongs to the conversation its headers name.
-                call.identify(conversation_id(
-                    &req.headers,
-                    &self.conversation,
-                    |_| None,
-                    || None,
-                ));
+                call.identify(self.header_identity(&req.headers));
                 return Err(e);
             }
         };
@@ -93,13 +83,7 @@ impl Proxy {
                 Ok(None) => {}
                 Err(e) => {
                     tracing::debug!(route = %cfg.name, error = %e, "compressed chat body; forwarded unchanged");
-                    let req = &call.request;
-                    call.identify(conversation_id(
-                        &req.headers,
-                        &self.conversation,
-                        |_| None,
-                        || None,
-                    ));
+                    call.identify(self.header_identity(&call.request.headers));
                     call.payload = Payload::Opaque(frames.join());
                     call.prune_reason = Some("compressed_body");
                     return Ok(());
@@ -150,6 +134,14 @@ impl Proxy {
             }
         }
         Ok(())
+    }
+}
+
+impl Proxy {
+    /// The conversation id from the headers alone (a request whose body is not read or not
+    /// parsed).
+    fn header_identity(&self, headers: &HeaderMap) -> Option<Identity> {
+        conversation_id(headers, &self.conversation, |_| None, || None)
     }
 }
 
@@ -214,11 +206,11 @@ impl Frames {
     }
 }
 
-/// Reads a whole request body, refusing more than `limit` bytes. The frames are kept as they
-/// are, not joined: a large body is joined (one copy) on the low-priority pool that parses
-/// it, not on an async worker, where copying 20 MB would hold the worker for milliseconds.
-/// Reads a request body whole, within `limit` bytes, `server.body_idle_timeout` between
-/// chunks and `server.body_total_timeout` in all (a client whose body stalls gets 408).
+/// Reads a whole request body, refusing more than `limit` bytes, with at most
+/// `server.body_idle_timeout` between chunks and `server.body_total_timeout` in all (a client
+/// whose body stalls gets 408). The frames are kept as they are, not joined: a large body is
+/// joined (one copy) on the low-priority pool that parses it, not on an async worker, where
+/// copying 20 MB would hold the worker for milliseconds.
 pub async fn read_body(mut body: Incoming, limit: u64, t: &Server) -> Result<Frames, Error> {
     let mut out = Frames::default();
     let deadline = tokio::time::Instant::now() + t.body_total_timeout;

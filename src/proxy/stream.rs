@@ -320,28 +320,17 @@ fn check<B: Body>(live: &Weak<Mutex<Live<B>>>, timers: &StreamTimers, cutting: b
         l.cut(End::Shutdown, Error::ShuttingDown);
         return Check::Cut;
     }
+    let timed_out = |l: &mut Live<B>, phase, after| {
+        l.cut(End::Timeout(phase), Error::Timeout { phase, after });
+    };
     if now >= timers.deadline {
-        let after = timers.total;
-        l.cut(
-            End::Timeout(Phase::Total),
-            Error::Timeout {
-                phase: Phase::Total,
-                after,
-            },
-        );
+        timed_out(&mut l, Phase::Total, timers.total);
         return Check::Cut;
     }
     if l.handed_at
         .is_some_and(|t| now.saturating_duration_since(t) >= timers.client_write)
     {
-        let after = timers.client_write;
-        l.cut(
-            End::Timeout(Phase::ClientWrite),
-            Error::Timeout {
-                phase: Phase::ClientWrite,
-                after,
-            },
-        );
+        timed_out(&mut l, Phase::ClientWrite, timers.client_write);
         return Check::Stuck;
     }
     Check::Going

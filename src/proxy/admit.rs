@@ -68,7 +68,7 @@ pub struct GateMetrics {
     /// `ctxgate_gate_wait_seconds{route}`: time a request waited for admission.
     pub wait: HistogramVec,
     /// `ctxgate_gate_rejections_total{route,reason}`: 429s by reason (queue_full,
-    /// queue_timeout).
+    /// queue_timeout, too_many_conversations).
     pub rejections: IntCounterVec,
     /// `ctxgate_gate_waiters`: requests waiting for admission now.
     waiters: IntGauge,

@@ -1,6 +1,7 @@
 //! Benchmarks of the pruning core: token counting throughput, pruning the seed-like
 //! fixture cold (first sight) and warm (the same conversation plus one new message), and a
-//! warm prune in a view holding 10,000 conversations.
+//! warm prune in a view holding 10,000 conversations; warm agent conversations of 0.25 to 4 MB
+//! parsed after their previous body (one new turn) beside a full parse.
 //!
 //! `cargo bench --bench prune`
 #![allow(clippy::unwrap_used)] // a benchmark that cannot load its counter has nothing to measure
@@ -140,9 +141,111 @@ fn pruning(c: &mut Criterion) {
     g.finish();
 }
 
+/// An agent conversation of about `bytes` bytes (OpenAI chat completions): the fixture's
+/// system prompt, a task, then turns of a tool call, its result and an answer, their texts
+/// taken in turn from the fixture's messages (each marked with its turn, so no two are
+/// alike); `model` before `messages` and the fixture's other fields after, as the SDKs send
+/// them.
+fn agent_conversation(bytes: usize) -> Value {
+    let seed: Value = serde_json::from_slice(&fixture()).unwrap_or(Value::Null);
+    let texts: Vec<String> = seed["messages"]
+        .as_array()
+        .map(|m| {
+            m.iter()
+                .filter_map(|m| m["content"].as_str())
+                .filter(|t| t.len() > 100)
+                .map(|t| t.chars().take(24_000).collect())
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut msgs = vec![
+        seed["messages"][0].clone(),
+        json!({"role": "user", "content": "Add an export command to the CLI and make the test suite pass."}),
+    ];
+    let mut size = 0;
+    let mut k = 0;
+    while size < bytes && !texts.is_empty() {
+        let id = format!("call_{k:05}");
+        let result = format!("(turn {k}) {}", texts[k % texts.len()]);
+        let turn = [
+            json!({"role": "assistant", "content": null, "tool_calls": [{"id": id, "type": "function", "function": {"name": "read_file", "arguments": format!("{{\"path\":\"src/f{k}.rs\"}}")}}]}),
+            json!({"role": "tool", "tool_call_id": id, "content": result}),
+            json!({"role": "assistant", "content": format!("Turn {k}: read it; the next step is the parser.")}),
+        ];
+        size += turn.iter().map(|m| m.to_string().len()).sum::<usize>();
+        msgs.extend(turn);
+        k += 1;
+    }
+    json!({
+        "model": "gpt-4o",
+        "messages": msgs,
+        "tools": seed["tools"],
+        "temperature": 0.2,
+        "stream": true,
+        "stream_options": {"include_usage": true},
+    })
+}
+
+/// A warm conversation of 0.25 to 4 MB, one new turn per request, limit 150,000 tokens: what
+/// parsing after the conversation's previous body and pruning costs, beside a full parse and
+/// the same pruning. The view holds the previous request (set up outside the timing).
+fn big_conversations(c: &mut Criterion) {
+    let counter = Counter::new(Encoding::O200kBase).unwrap();
+    let budget = Budget {
+        hard_token_limit: 150_000,
+        target_tokens: 90_000,
+        max_messages: 0,
+        ..Budget::default()
+    };
+    let mut g = c.benchmark_group("warm_big");
+    g.sample_size(10);
+    for (label, size) in [("0.25MB", 250_000), ("1MB", 1 << 20), ("2MB", 2 << 20), ("4MB", 4 << 20)] {
+        let conv = agent_conversation(size);
+        let base = bytes::Bytes::from(serde_json::to_vec(&conv).unwrap_or_default());
+        let mut grown = conv.clone();
+        if let Some(m) = grown["messages"].as_array_mut() {
+            m.push(json!({"role": "user", "content": "Now run the suite again and fix what fails."}));
+        }
+        let grown = bytes::Bytes::from(serde_json::to_vec(&grown).unwrap_or_default());
+        let primed = || {
+            let v = view();
+            if let Ok(r) = ChatRequest::parse_bytes(Dialect::OpenAi, base.clone()) {
+                prune(&r, &budget, &v, "conv", &counter);
+            }
+            v
+        };
+        g.throughput(Throughput::Bytes(grown.len() as u64));
+        g.bench_function(format!("{label}_resumed"), |b| {
+            b.iter_batched_ref(
+                primed,
+                |v: &mut View| {
+                    let layout = v.layout("conv");
+                    let req = match layout {
+                        Some(l) => ChatRequest::parse_after(Dialect::OpenAi, grown.clone(), &l),
+                        None => ChatRequest::parse_bytes(Dialect::OpenAi, grown.clone()),
+                    };
+                    req.map(|r| prune(&r, &budget, v, "conv", &counter))
+                },
+                BatchSize::PerIteration,
+            )
+        });
+        g.bench_function(format!("{label}_full_parse"), |b| {
+            b.iter_batched_ref(
+                primed,
+                |v: &mut View| {
+                    ChatRequest::parse_bytes(Dialect::OpenAi, grown.clone())
+                        .map(|r| prune(&r, &budget, v, "conv", &counter))
+                },
+                BatchSize::PerIteration,
+            )
+        });
+    }
+    g.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1)).sample_size(30);
-    targets = counting, pruning
+    targets = counting, pruning, big_conversations
 }
 criterion_main!(benches);

@@ -24,7 +24,7 @@ use crate::coding::{decode_all, DecodeError};
 use crate::config::{Conversation, OnParseError, Route, Server};
 use crate::dialect::Dialect;
 use crate::error::Error;
-use crate::prune::{ChatRequest, ParseError};
+use crate::prune::{ChatRequest, Layout, ParseError};
 
 pub use super::call::Identity;
 use super::call::{Call, Payload, PruneAction};
@@ -92,7 +92,19 @@ impl Proxy {
         }
         let req = &call.request;
         let dialect = call.dialect;
-        let (bytes, parsed, id) = if frames.len() > INLINE_BYTES {
+        // An id from the headers is known before the body is parsed: the conversation's last
+        // layout then lets the parse skip what the previous request already had (the body is
+        // checked against it by hash; only the new turn is parsed).
+        let header_id = self.header_identity(&req.headers);
+        let layout = header_id
+            .as_ref()
+            .filter(|_| cfg.prune.enabled)
+            .and_then(|id| self.pruning.view.layout(&id.id));
+        let fresh = layout
+            .as_ref()
+            .map_or(frames.len(), |l| l.new_bytes(frames.len()));
+        let (bytes, parsed, id) = if fresh > INLINE_BYTES {
+            // Joined (one copy) and parsed off the async workers.
             let (f, h, c, r) = (
                 frames.clone(),
                 req.headers.clone(),
@@ -102,18 +114,25 @@ impl Proxy {
             self.heavy
                 .run(move || {
                     let bytes = f.join();
-                    let (parsed, id) = parse_and_identify(&r, dialect, &bytes, &h, &c);
+                    let (parsed, id) =
+                        parse_and_identify(&r, dialect, bytes.clone(), layout.as_deref(), &h, &c);
                     (bytes, parsed, id)
                 })
                 .await
                 .unwrap_or_else(|e| {
                     tracing::error!(route = %cfg.name, error = %e, "parsing task failed");
-                    (frames.join(), Err(ParseError::NotObject), None)
+                    (frames.join(), Err(ParseError::NotObject), header_id)
                 })
         } else {
             let bytes = frames.join();
-            let (parsed, id) =
-                parse_and_identify(cfg, dialect, &bytes, &req.headers, &self.conversation);
+            let (parsed, id) = parse_and_identify(
+                cfg,
+                dialect,
+                bytes.clone(),
+                layout.as_deref(),
+                &req.headers,
+                &self.conversation,
+            );
             (bytes, parsed, id)
         };
         call.identify(id);
@@ -145,15 +164,20 @@ impl Proxy {
     }
 }
 
-/// Parses a chat body and finds its conversation id (header, body field, or fingerprint).
+/// Parses a chat body (after `layout`, the conversation's previous body, when known) and
+/// finds its conversation id (header, body field, or fingerprint).
 fn parse_and_identify(
     route: &Route,
     dialect: Dialect,
-    body: &[u8],
+    body: Bytes,
+    layout: Option<&Layout>,
     headers: &HeaderMap,
     conversation: &Conversation,
 ) -> (Result<ChatRequest, ParseError>, Option<Identity>) {
-    let parsed = ChatRequest::parse(dialect, body);
+    let parsed = match layout {
+        Some(l) => ChatRequest::parse_after(dialect, body, l),
+        None => ChatRequest::parse_bytes(dialect, body),
+    };
     let p = parsed.as_ref().ok();
     let id = conversation_id(
         headers,

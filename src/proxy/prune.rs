@@ -134,7 +134,9 @@ impl Proxy {
     /// Runs the pure pruning function, inline or on the heavy pool; `None` when it failed.
     async fn decide(&self, req: ChatRequest, budget: &Budget, call: &Call) -> Option<Outcome> {
         let conversation = call.conversation.clone().unwrap_or_default();
-        if req.body_len() <= INLINE_BYTES {
+        // What is new in the body is what pruning works on: a warm request of a conversation
+        // in the view is pruned inline whatever its size.
+        if req.fresh_bytes() <= INLINE_BYTES {
             let p = &self.pruning;
             return prune_guarded(&req, budget, &p.view, &conversation, &p.counter);
         }

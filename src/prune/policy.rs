@@ -75,29 +75,37 @@ impl<'a> Work<'a> {
         enc: Encoding,
         prev: Option<&ConvState>,
     ) -> Work<'a> {
-        let n = req.messages.len();
-        let known: HashMap<u64, &Entry> = prev
-            .map(|p| p.msgs.iter().map(|e| (e.fp, e)).collect())
-            .unwrap_or_default();
-        let mut entries = Vec::with_capacity(n);
-        let mut values = Vec::with_capacity(n);
-        let mut matched = 0;
-        let mut reused = 0;
-        for (i, m) in req.messages.iter().enumerate() {
-            if prev
-                .and_then(|p| p.msgs.get(i))
-                .is_some_and(|e| e.fp == m.fp)
-                && matched == i
-            {
-                matched += 1;
-            }
+        let n = req.message_count();
+        let msgs = req.messages();
+        // Leading messages equal to the view's (a conversation grown by a turn: all but the
+        // newest) take the view's entries as they are, without a look-up.
+        let matched = prev.map_or(0, |p| {
+            msgs.iter()
+                .zip(&p.msgs)
+                .take_while(|(m, e)| m.fp == e.fp)
+                .count()
+        });
+        let mut entries: Vec<Entry> = Vec::with_capacity(n);
+        let mut values: Vec<Option<Value>> = Vec::with_capacity(n);
+        if let Some(p) = prev {
+            entries.extend_from_slice(&p.msgs[..matched]);
+            values.resize(matched, None);
+        }
+        // The rest: messages the view has seen elsewhere (an edited history, a message
+        // moved) keep their counts; new ones are parsed for their facts.
+        let known: HashMap<u64, &Entry> = match prev {
+            Some(p) if matched < n => p.msgs[matched..].iter().map(|e| (e.fp, e)).collect(),
+            _ => HashMap::new(),
+        };
+        let mut reused = matched;
+        for (i, m) in msgs.iter().enumerate().skip(matched) {
             if let Some(e) = known.get(&m.fp) {
                 reused += 1;
                 entries.push((*e).clone());
                 values.push(None);
                 continue;
             }
-            let v: Value = serde_json::from_str(m.raw.get()).unwrap_or(Value::Null);
+            let v: Value = serde_json::from_slice(req.raw(i)).unwrap_or(Value::Null);
             let meta = Meta::of(req.dialect(), &v);
             entries.push(Entry {
                 fp: m.fp,
@@ -232,7 +240,7 @@ impl<'a> Work<'a> {
 
     fn value(&mut self, i: usize) -> &Value {
         if self.values[i].is_none() {
-            let v = serde_json::from_str(self.req.messages[i].raw.get()).unwrap_or(Value::Null);
+            let v = serde_json::from_slice(self.req.raw(i)).unwrap_or(Value::Null);
             self.values[i] = Some(v);
         }
         self.values[i].as_ref().unwrap_or(&Value::Null)
@@ -250,8 +258,8 @@ impl<'a> Work<'a> {
             fixed: false,
         };
         let req = self.req;
-        let m = &req.messages[i];
-        let (t, exact) = counter.memoised(m.fp, tag, m.raw.get().as_bytes(), || {
+        let fp = req.messages()[i].fp;
+        let (t, exact) = counter.memoised(fp, tag, req.raw(i), || {
             counter.count_message(enc, dialect, self.value(i), cap)
         });
         if exact {
@@ -327,15 +335,19 @@ impl<'a> Work<'a> {
     }
 
     fn has_file_hint(&self, i: usize) -> bool {
-        let raw = self.req.messages[i].raw.get();
-        raw.contains("```")
-            || raw.contains("~~~")
-            || raw.contains("BEGIN FILE:")
-            || raw.contains("<file")
-            || raw.contains("\"image")
-            || raw.contains("\"file")
-            || raw.contains("\"document")
-            || raw.contains("\"input_audio")
+        let raw = self.req.raw(i);
+        [
+            &b"```"[..],
+            b"~~~",
+            b"BEGIN FILE:",
+            b"<file",
+            b"\"image",
+            b"\"file",
+            b"\"document",
+            b"\"input_audio",
+        ]
+        .iter()
+        .any(|hint| memchr::memmem::find(raw, hint).is_some())
     }
 
     fn unit_len(&self, u: usize) -> usize {
@@ -376,7 +388,7 @@ impl<'a> Work<'a> {
             0 => usize::MAX,
             m => usize::try_from(m).unwrap_or(usize::MAX),
         };
-        let chars_before: usize = self.req.messages.iter().map(|m| m.chars).sum();
+        let chars_before: usize = self.req.messages().iter().map(|m| m.chars).sum();
 
         // 1. Count, newest first; exact only while within the limit.
         let (fixed, before, before_exact) = self.count_before(limit);
@@ -451,7 +463,7 @@ impl<'a> Work<'a> {
             } else if let Some(t) = self.entries[i].tokens {
                 before += t;
             } else {
-                before += estimate_bytes(self.req.messages[i].raw.get().len());
+                before += estimate_bytes(self.req.raw(i).len());
                 before_exact = false;
             }
         }
@@ -578,12 +590,12 @@ impl<'a> Work<'a> {
                 files += e.files;
                 chars_after += match &e.raw {
                     Some(r) => count_chars(r.get()),
-                    None => self.req.messages[i].chars,
+                    None => self.req.messages()[i].chars,
                 };
                 raws.push(Some(e));
             } else {
                 after += self.orig(i, u64::MAX).0;
-                chars_after += self.req.messages[i].chars;
+                chars_after += self.req.messages()[i].chars;
                 raws.push(None);
             }
         }
@@ -608,8 +620,8 @@ impl<'a> Work<'a> {
             kept.iter()
                 .zip(&raws)
                 .map(|(&i, e)| match e.as_ref().and_then(|e| e.raw.as_ref()) {
-                    Some(r) => r.get(),
-                    None => req.messages[i].raw.get(),
+                    Some(r) => r.get().as_bytes(),
+                    None => req.raw(i),
                 });
         let body = req.serialise(texts, None);
         Outcome::Pruned { body, summary }
@@ -754,7 +766,7 @@ impl<'a> Work<'a> {
         let replace = replaced.as_ref().map(|(k, v)| (*k, v.as_str()));
         let body = self
             .req
-            .serialise(texts.iter().map(String::as_str), replace);
+            .serialise(texts.iter().map(String::as_bytes), replace);
         Some(Outcome::Pruned { body, summary })
     }
 
@@ -793,6 +805,7 @@ impl<'a> Work<'a> {
             fixed: Some((self.fixed_fp, self.fixed_extra)),
             msgs: self.entries,
             cut: self.cut,
+            layout: self.req.layout(),
         }
     }
 }

@@ -1,9 +1,20 @@
 //! A parsed chat body that keeps the bytes it was parsed from: the top level as an ordered
-//! list of `(key, raw value)` and each message as its own raw JSON, so that fields ctxgate
-//! does not know, and messages it does not change, are re-emitted byte for byte and in
-//! order. Also the per-message facts pruning needs (role, tool calls, tool results).
+//! list of `(key, span of its raw value)` and each message as the span of its raw JSON, so
+//! that fields ctxgate does not know, and messages it does not change, are re-emitted byte for
+//! byte and in order. Also the per-message facts pruning needs (role, tool calls, tool
+//! results).
+//!
+//! A conversation's request N+1 repeats request N's body byte for byte and adds a few
+//! messages. [`Layout`] is what the conversation view keeps of request N (offsets and chained
+//! hashes, not bytes); [`ChatRequest::parse_after`] checks the new body against it (one hash
+//! pass over the unchanged part, no parse) and parses only what follows, so a warm request
+//! costs what its new turn costs, not what the whole conversation does.
 
 use std::fmt;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
@@ -55,35 +66,125 @@ impl Unprunable {
     }
 }
 
-/// One message of the request: its raw JSON and a fingerprint of those bytes.
-#[derive(Debug)]
+/// A byte range of the body.
+pub(crate) type Span = std::ops::Range<usize>;
+
+/// One message of the request: where its raw JSON lies in the body, a fingerprint of those
+/// bytes, its characters, and `chain`: a hash of every byte of the body up to its end, which
+/// lets the next request of the conversation prove that it starts with the same bytes.
+#[derive(Debug, Clone)]
 pub(crate) struct RawMessage {
-    pub(crate) raw: Box<RawValue>,
+    pub(crate) start: usize,
+    pub(crate) end: usize,
     pub(crate) fp: u64,
     pub(crate) chars: usize,
+    pub(crate) chain: u64,
 }
 
-/// A parsed chat body (OpenAI chat completions or Anthropic Messages).
+/// A top-level field: its key and where its raw value lies in the body (empty for the items
+/// key, whose value is re-emitted from the messages).
+#[derive(Debug, Clone)]
+pub(crate) struct Field {
+    key: String,
+    span: Span,
+}
+
+/// Where a body's parts lie: the top-level fields before the items array, the messages, and
+/// the hashes that let a later body of the same conversation be checked against them. What a
+/// conversation view keeps of a request so that the next one parses only what is new
+/// ([`ChatRequest::parse_after`]): offsets and hashes, never the bytes themselves.
+#[derive(Debug)]
+pub struct Layout {
+    dialect: Dialect,
+    /// The body up to the first message's first byte (the fields before the items key, the
+    /// key, `[`).
+    head_end: usize,
+    head_hash: u64,
+    /// The fields before the items key, in order.
+    head_fields: Vec<Field>,
+    pub(crate) messages: Vec<RawMessage>,
+}
+
+impl Layout {
+    /// Approximate bytes held.
+    pub(crate) fn weight(&self) -> usize {
+        64 + self.messages.len() * std::mem::size_of::<RawMessage>()
+            + self
+                .head_fields
+                .iter()
+                .map(|f| f.key.len() + 40)
+                .sum::<usize>()
+    }
+
+    /// Bytes of a body of `len` bytes past this layout's last message: about what a parse
+    /// after it has to read when the body repeats this one and adds to it.
+    pub fn new_bytes(&self, len: usize) -> usize {
+        let known = self.messages.last().map_or(0, |m| m.end);
+        len.saturating_sub(known)
+    }
+
+    /// How many leading messages of `body` are byte for byte those of the body this layout
+    /// was taken from, with everything before them: `None` when the top level before the
+    /// first message differs. Hashes the matching bytes once (xxh3), and stops at the first
+    /// message that differs.
+    fn matching(&self, body: &[u8]) -> Option<usize> {
+        let head = body.get(..self.head_end)?;
+        let mut h = xxh3_64_with_seed(head, CHAIN_SEED);
+        if h != self.head_hash {
+            return None;
+        }
+        let mut at = self.head_end;
+        let mut k = 0;
+        for m in &self.messages {
+            let Some(seg) = body.get(at..m.end) else {
+                break;
+            };
+            let next = xxh3_64_with_seed(seg, h);
+            if next != m.chain {
+                break;
+            }
+            h = next;
+            at = m.end;
+            k += 1;
+        }
+        Some(k)
+    }
+}
+
+/// Seed of the chained body hashes.
+const CHAIN_SEED: u64 = 0x6374_7867_6174_6531;
+
+/// A parsed chat body (OpenAI chat completions, Responses or Anthropic Messages). It holds
+/// the body itself (shared, not copied) and the spans of its parts, so fields ctxgate does
+/// not know and messages it does not change are re-emitted byte for byte and in order.
 #[derive(Debug)]
 pub struct ChatRequest {
     dialect: Dialect,
-    fields: Vec<(String, Box<RawValue>)>,
+    body: Bytes,
+    fields: Vec<Field>,
     messages_at: usize,
-    pub(crate) messages: Vec<RawMessage>,
+    /// The messages, and how the body's parts lie (kept by the conversation view).
+    layout: Option<Arc<Layout>>,
     model: Option<String>,
     max_output: Option<u64>,
     stream: bool,
-    body_len: usize,
     /// A Responses `input` given as a string.
     input_text: Option<String>,
     unprunable: Option<Unprunable>,
+    /// Leading messages taken from an earlier body's layout instead of being parsed.
+    reused: usize,
 }
 
 impl ChatRequest {
-    /// Parses a chat body. Unknown fields are kept, raw and in order.
+    /// Parses a chat body (copying it once). Unknown fields are kept, raw and in order.
     pub fn parse(dialect: Dialect, body: &[u8]) -> Result<ChatRequest, ParseError> {
+        ChatRequest::parse_bytes(dialect, Bytes::copy_from_slice(body))
+    }
+
+    /// Parses a chat body without copying it.
+    pub fn parse_bytes(dialect: Dialect, body: Bytes) -> Result<ChatRequest, ParseError> {
         let key = dialect.items_key();
-        let mut de = serde_json::Deserializer::from_slice(body);
+        let mut de = serde_json::Deserializer::from_slice(&body);
         let top = TopLevel::parse(&mut de, key)?;
         de.end()?;
         let fields = top.fields.ok_or(ParseError::NotObject)?;
@@ -91,32 +192,178 @@ impl ChatRequest {
             .iter()
             .rposition(|(k, _)| k == key)
             .ok_or(ParseError::NoMessages(key))?;
-        // The visitor already split the last `messages` array (one scan of the body).
-        let (list, input_text) = match top.items {
-            Items::List(list) => (list, None),
-            Items::Text(t) if dialect == Dialect::Responses => (Vec::new(), Some(t)),
+        let base = body.as_ptr() as usize;
+        let span = |r: &str| {
+            let s = (r.as_ptr() as usize).saturating_sub(base);
+            s..s + r.len()
+        };
+        let mut input_text = None;
+        let list = match top.items {
+            Items::List(list) => list,
+            Items::Text(t) if dialect == Dialect::Responses => {
+                input_text = Some(t);
+                Vec::new()
+            }
             _ => return Err(ParseError::MessagesNotArray(key)),
         };
         let mut messages = Vec::with_capacity(list.len());
-        for (i, raw) in list.into_iter().enumerate() {
-            if !raw.get().starts_with('{') {
-                return Err(ParseError::MessageNotObject(key, i));
-            }
-            let fp = hash64(raw.get().as_bytes(), 0x5eed);
-            let chars = count_chars(raw.get());
-            messages.push(RawMessage { raw, fp, chars });
+        for (i, raw) in list.iter().enumerate() {
+            messages.push(raw_message(key, i, span(raw.get()), raw.get())?);
         }
+        let fields: Vec<Field> = fields
+            .iter()
+            .map(|(k, v)| Field {
+                key: k.clone(),
+                span: v.map_or(0..0, |v| span(v.get())),
+            })
+            .collect();
+        // A layout (for the next request of the conversation) when the items key is there
+        // once and holds at least one message: the head is everything before the first one.
+        let once = fields.iter().filter(|f| f.key == key).count() == 1;
+        let layout = match messages.first() {
+            Some(first) if once => {
+                let head_end = first.start;
+                let mut h = xxh3_64_with_seed(&body[..head_end], CHAIN_SEED);
+                let head_hash = h;
+                let mut at = head_end;
+                for m in &mut messages {
+                    h = xxh3_64_with_seed(&body[at..m.end], h);
+                    m.chain = h;
+                    at = m.end;
+                }
+                Layout {
+                    dialect,
+                    head_end,
+                    head_hash,
+                    head_fields: fields[..messages_at].to_vec(),
+                    messages,
+                }
+            }
+            _ => Layout {
+                dialect,
+                head_end: usize::MAX,
+                head_hash: 0,
+                head_fields: Vec::new(),
+                messages,
+            },
+        };
+        drop(list);
+        drop(de);
+        ChatRequest::build(dialect, body, fields, messages_at, layout, input_text, 0)
+    }
+
+    /// Parses a body of a conversation whose previous body had `prev`'s layout: the leading
+    /// messages (and the fields before them) that are byte for byte the same are taken from
+    /// the layout, and only what follows them is parsed. The result is the same as
+    /// [`ChatRequest::parse_bytes`] gives; anything unusual (the top level before the
+    /// messages changed, the items key repeated after them) falls back to it.
+    pub fn parse_after(
+        dialect: Dialect,
+        body: Bytes,
+        prev: &Layout,
+    ) -> Result<ChatRequest, ParseError> {
+        if prev.dialect != dialect || prev.head_end == usize::MAX {
+            return ChatRequest::parse_bytes(dialect, body);
+        }
+        let Some(k) = prev.matching(&body) else {
+            return ChatRequest::parse_bytes(dialect, body);
+        };
+        match ChatRequest::resume(dialect, body.clone(), prev, k) {
+            Some(r) => Ok(r),
+            None => ChatRequest::parse_bytes(dialect, body),
+        }
+    }
+
+    /// Parses what follows the first `k` messages of `prev` (the caller checked that the body
+    /// holds them, byte for byte): the rest of the items array and of the top level, as the
+    /// JSON text `{"KEY":[`, then `null` when `k > 0` (standing for the messages already
+    /// known), then the body's tail. `None` when that tail is not a clean continuation (a
+    /// parse error is then reported by the full parse, in its own words).
+    fn resume(dialect: Dialect, body: Bytes, prev: &Layout, k: usize) -> Option<ChatRequest> {
+        let key = dialect.items_key();
+        let at = if k == 0 {
+            prev.head_end
+        } else {
+            prev.messages[k - 1].end
+        };
+        let mut text = Vec::with_capacity(body.len() - at + key.len() + 12);
+        text.extend_from_slice(b"{");
+        write_json_string(&mut text, key);
+        text.extend_from_slice(if k == 0 { b":[" } else { b":[null" });
+        let lead = text.len();
+        text.extend_from_slice(&body[at..]);
+        let mut de = serde_json::Deserializer::from_slice(&text);
+        let top = TopLevel::parse(&mut de, key).ok()?;
+        de.end().ok()?;
+        let tail_fields = top.fields?;
+        if tail_fields.iter().filter(|(f, _)| f == key).count() != 1 {
+            return None;
+        }
+        let Items::List(list) = top.items else {
+            return None;
+        };
+        let base = text.as_ptr() as usize;
+        // A span of `text` as a span of the body.
+        let span = |r: &str| {
+            let s = (r.as_ptr() as usize).saturating_sub(base) + at - lead;
+            s..s + r.len()
+        };
+        let mut messages = Vec::with_capacity(k + list.len());
+        messages.extend_from_slice(&prev.messages[..k]);
+        let mut h = messages.last().map_or(prev.head_hash, |m| m.chain);
+        let mut end = at;
+        for (i, raw) in list.iter().enumerate().skip(usize::from(k > 0)) {
+            let idx = k + i - usize::from(k > 0);
+            let mut m = raw_message(key, idx, span(raw.get()), raw.get()).ok()?;
+            h = xxh3_64_with_seed(&body[end..m.end], h);
+            m.chain = h;
+            end = m.end;
+            messages.push(m);
+        }
+        if messages.is_empty() {
+            return None;
+        }
+        let mut fields = prev.head_fields.clone();
+        let messages_at = fields.len();
+        for (f, v) in &tail_fields {
+            fields.push(Field {
+                key: f.clone(),
+                span: v.map_or(0..0, |v| span(v.get())),
+            });
+        }
+        let layout = Layout {
+            dialect,
+            head_end: prev.head_end,
+            head_hash: prev.head_hash,
+            head_fields: prev.head_fields.clone(),
+            messages,
+        };
+        drop(list);
+        drop(de);
+        ChatRequest::build(dialect, body, fields, messages_at, layout, None, k).ok()
+    }
+
+    fn build(
+        dialect: Dialect,
+        body: Bytes,
+        fields: Vec<Field>,
+        messages_at: usize,
+        layout: Layout,
+        input_text: Option<String>,
+        reused: usize,
+    ) -> Result<ChatRequest, ParseError> {
         let mut req = ChatRequest {
             dialect,
+            body,
             fields,
             messages_at,
-            messages,
+            layout: Some(Arc::new(layout)),
             model: None,
             max_output: None,
             stream: false,
-            body_len: body.len(),
             unprunable: input_text.as_ref().map(|_| Unprunable::StringInput),
             input_text,
+            reused,
         };
         req.model = req
             .field_value("model")
@@ -131,11 +378,85 @@ impl ChatRequest {
         if dialect == Dialect::Responses
             && req
                 .raw_field("previous_response_id")
-                .is_some_and(|v| v.get() != "null")
+                .is_some_and(|v| v != b"null")
         {
             req.unprunable = Some(Unprunable::PreviousResponseId);
         }
         Ok(req)
+    }
+
+    /// Everything a parse yields, as comparable values: the fields (key, raw bytes), the
+    /// messages (raw bytes, fingerprint, characters, chained hash), the scalar facts and the
+    /// items key's place. Two parses of one body must give the same parts, however they ran
+    /// (the tests and the `resume` fuzz target check it).
+    #[doc(hidden)]
+    #[allow(clippy::type_complexity)]
+    pub fn parts(
+        &self,
+    ) -> (
+        Vec<(String, Vec<u8>)>,
+        Vec<(Vec<u8>, u64, usize, u64)>,
+        (Option<String>, Option<u64>, bool, Option<Unprunable>, usize),
+        Option<(usize, u64)>,
+    ) {
+        let fields = self
+            .fields
+            .iter()
+            .map(|f| (f.key.clone(), self.body[f.span.clone()].to_vec()))
+            .collect();
+        let msgs = (0..self.message_count())
+            .map(|i| {
+                let m = &self.messages()[i];
+                (self.raw(i).to_vec(), m.fp, m.chars, m.chain)
+            })
+            .collect();
+        let facts = (
+            self.model.clone(),
+            self.max_output,
+            self.stream,
+            self.unprunable,
+            self.messages_at,
+        );
+        let head = self.layout().map(|l| (l.head_end, l.head_hash));
+        (fields, msgs, facts, head)
+    }
+
+    /// The messages (raw spans and their facts).
+    pub(crate) fn messages(&self) -> &[RawMessage] {
+        self.layout.as_ref().map_or(&[], |l| &l.messages)
+    }
+
+    /// The raw JSON of message `i`.
+    pub(crate) fn raw(&self, i: usize) -> &[u8] {
+        let m = &self.messages()[i];
+        &self.body[m.start..m.end]
+    }
+
+    /// The body's layout, for the conversation view: `None` when it cannot be resumed from.
+    pub fn layout(&self) -> Option<Arc<Layout>> {
+        self.layout
+            .as_ref()
+            .filter(|l| l.head_end != usize::MAX)
+            .cloned()
+    }
+
+    /// Leading messages taken from the previous body's layout rather than parsed.
+    pub fn reused_messages(&self) -> usize {
+        self.reused
+    }
+
+    /// Bytes of the body after the messages taken from the previous body's layout: what this
+    /// request costs to parse, count and prune (the whole body when nothing was reused).
+    pub fn fresh_bytes(&self) -> usize {
+        match self.reused {
+            0 => self.body.len(),
+            k => self.body.len() - self.messages()[k - 1].end,
+        }
+    }
+
+    /// The body as received.
+    pub fn body(&self) -> &Bytes {
+        &self.body
     }
 
     /// Why this request is forwarded unpruned whatever its size, if it is.
@@ -165,12 +486,12 @@ impl ChatRequest {
 
     /// Number of entries in `messages`.
     pub fn message_count(&self) -> usize {
-        self.messages.len()
+        self.messages().len()
     }
 
     /// Length of the body parsed, in bytes.
     pub fn body_len(&self) -> usize {
-        self.body_len
+        self.body.len()
     }
 
     /// A string (or number / bool, as text) at a dotted path, e.g.
@@ -209,20 +530,21 @@ impl ChatRequest {
         buf.push(0);
         for k in ["system", "instructions"] {
             if let Some(sys) = self.raw_field(k) {
-                buf.extend_from_slice(sys.get().as_bytes());
+                buf.extend_from_slice(sys);
             }
         }
         buf.push(0);
         if let Some(t) = &self.input_text {
             buf.extend_from_slice(t.as_bytes());
         }
-        for m in &self.messages {
-            let Ok(v) = serde_json::from_str::<Value>(m.raw.get()) else {
+        for i in 0..self.message_count() {
+            let raw = self.raw(i);
+            let Ok(v) = serde_json::from_slice::<Value>(raw) else {
                 continue;
             };
             let role = v.get("role").and_then(Value::as_str).unwrap_or("");
             if matches!(role, "system" | "developer") {
-                buf.extend_from_slice(m.raw.get().as_bytes());
+                buf.extend_from_slice(raw);
                 buf.push(0);
                 continue;
             }
@@ -248,17 +570,18 @@ impl ChatRequest {
         }
     }
 
-    pub(crate) fn raw_field(&self, key: &str) -> Option<&RawValue> {
+    /// The raw JSON of the last top-level field named `key`.
+    pub(crate) fn raw_field(&self, key: &str) -> Option<&[u8]> {
         self.fields
             .iter()
             .rev()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| &**v)
+            .find(|f| f.key == key)
+            .map(|f| &self.body[f.span.clone()])
     }
 
     fn field_value(&self, key: &str) -> Option<Value> {
         self.raw_field(key)
-            .and_then(|r| serde_json::from_str(r.get()).ok())
+            .and_then(|r| serde_json::from_slice(r).ok())
     }
 
     /// A hash of what [`ChatRequest::fixed_tokens`] counts besides leading system messages:
@@ -267,7 +590,7 @@ impl ChatRequest {
         let mut h = 0u64;
         for k in FIXED_FIELDS {
             if let Some(r) = self.raw_field(k) {
-                h = h.rotate_left(7) ^ hash64(r.get().as_bytes(), 3);
+                h = h.rotate_left(7) ^ hash64(r, 3);
             }
         }
         h
@@ -282,7 +605,7 @@ impl ChatRequest {
             if let Some(r) = self.raw_field(k) {
                 out.extend_from_slice(k.as_bytes());
                 out.push(0xFF);
-                out.extend_from_slice(r.get().as_bytes());
+                out.extend_from_slice(r);
                 out.push(0xFF);
             }
         }
@@ -340,7 +663,7 @@ impl ChatRequest {
     }
 
     fn system_message_tokens(&self, counter: &Counter, enc: Encoding, n: usize) -> u64 {
-        (0..n.min(self.messages.len()))
+        (0..n.min(self.message_count()))
             .map(|i| self.count_message(counter, enc, i, u64::MAX).0)
             .sum()
     }
@@ -353,12 +676,10 @@ impl ChatRequest {
         i: usize,
         cap: u64,
     ) -> (u64, bool) {
-        match serde_json::from_str::<Value>(self.messages[i].raw.get()) {
+        let raw = self.raw(i);
+        match serde_json::from_slice::<Value>(raw) {
             Ok(v) => counter.count_message(enc, self.dialect, &v, cap),
-            Err(_) => (
-                crate::prune::tokens::estimate_bytes(self.messages[i].raw.get().len()),
-                false,
-            ),
+            Err(_) => (crate::prune::tokens::estimate_bytes(raw.len()), false),
         }
     }
 
@@ -367,16 +688,16 @@ impl ChatRequest {
     /// raw bytes and order.
     pub(crate) fn serialise<'a>(
         &self,
-        mut messages: impl Iterator<Item = &'a str>,
+        mut messages: impl Iterator<Item = &'a [u8]>,
         replace: Option<(&str, &str)>,
     ) -> Vec<u8> {
-        let mut out = Vec::with_capacity(self.body_len);
+        let mut out = Vec::with_capacity(self.body.len());
         out.push(b'{');
-        for (i, (k, v)) in self.fields.iter().enumerate() {
+        for (i, f) in self.fields.iter().enumerate() {
             if i > 0 {
                 out.push(b',');
             }
-            write_json_string(&mut out, k);
+            write_json_string(&mut out, &f.key);
             out.push(b':');
             if i == self.messages_at {
                 out.push(b'[');
@@ -384,27 +705,37 @@ impl ChatRequest {
                     if j > 0 {
                         out.push(b',');
                     }
-                    out.extend_from_slice(m.as_bytes());
+                    out.extend_from_slice(m);
                 }
                 out.push(b']');
                 continue;
             }
-            push_field(&mut out, k, v, replace);
+            match replace {
+                Some((rk, rv)) if rk == f.key => out.extend_from_slice(rv.as_bytes()),
+                _ => out.extend_from_slice(&self.body[f.span.clone()]),
+            }
         }
         out.push(b'}');
         out
     }
 }
 
+/// A message's facts from its raw JSON (`span` in the body): not an object → an error.
+fn raw_message(key: &'static str, i: usize, span: Span, raw: &str) -> Result<RawMessage, ParseError> {
+    if !raw.starts_with('{') {
+        return Err(ParseError::MessageNotObject(key, i));
+    }
+    Ok(RawMessage {
+        start: span.start,
+        end: span.end,
+        fp: hash64(raw.as_bytes(), 0x5eed),
+        chars: count_chars(raw),
+        chain: 0,
+    })
+}
+
 /// Top-level fields counted as the fixed part beside the messages.
 const FIXED_FIELDS: [&str; 4] = ["tools", "functions", "system", "instructions"];
-
-fn push_field(out: &mut Vec<u8>, k: &str, v: &RawValue, replace: Option<(&str, &str)>) {
-    match replace {
-        Some((rk, rv)) if rk == k => out.extend_from_slice(rv.as_bytes()),
-        _ => out.extend_from_slice(v.get().as_bytes()),
-    }
-}
 
 fn write_json_string(out: &mut Vec<u8>, s: &str) {
     match serde_json::to_string(s) {
@@ -415,140 +746,133 @@ fn write_json_string(out: &mut Vec<u8>, s: &str) {
 
 /// The top level of a body: `Some(fields)` for an object, `None` for any other JSON value;
 /// the last value under the items key (`messages`, or Responses `input`), when an array,
-/// comes split into its elements (its raw value in `fields` is then not needed: the items are
-/// re-emitted from the elements).
-struct TopLevel {
-    fields: Option<Vec<(String, Box<RawValue>)>>,
-    items: Items,
+/// comes split into its elements (its raw value in `fields` is then `None`: the items are
+/// re-emitted from the elements). Values borrow from the body: nothing is copied.
+struct TopLevel<'de> {
+    fields: Option<Vec<(String, Option<&'de RawValue>)>>,
+    items: Items<'de>,
 }
 
 /// The items value: an array split into raw elements in the same scan, a string (a Responses
 /// `input` may be one), or something else.
-enum Items {
-    List(Vec<Box<RawValue>>),
+enum Items<'de> {
+    List(Vec<&'de RawValue>),
     Text(String),
     Other,
 }
 
-impl TopLevel {
-    fn parse<'de, D: Deserializer<'de>>(d: D, key: &'static str) -> Result<TopLevel, D::Error> {
+impl<'de> TopLevel<'de> {
+    fn parse<D: Deserializer<'de>>(d: D, key: &'static str) -> Result<TopLevel<'de>, D::Error> {
         de::DeserializeSeed::deserialize(TopSeed(key), d)
     }
+
+    const NOT_OBJECT: TopLevel<'de> = TopLevel {
+        fields: None,
+        items: Items::Other,
+    };
 }
 
 struct TopSeed(&'static str);
 
 impl<'de> de::DeserializeSeed<'de> for TopSeed {
-    type Value = TopLevel;
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<TopLevel, D::Error> {
+    type Value = TopLevel<'de>;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<TopLevel<'de>, D::Error> {
         d.deserialize_any(self)
     }
 }
 
 impl<'de> Visitor<'de> for TopSeed {
-    type Value = TopLevel;
+    type Value = TopLevel<'de>;
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("a json value")
     }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<TopLevel, A::Error> {
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<TopLevel<'de>, A::Error> {
         let mut fields = Vec::new();
         let mut items = Items::Other;
         while let Some(k) = map.next_key::<String>()? {
             if k == self.0 {
-                items = map.next_value::<Items>()?;
-                fields.push((k, empty_raw()));
+                items = map.next_value::<Items<'de>>()?;
+                fields.push((k, None));
                 continue;
             }
-            let v: Box<RawValue> = map.next_value()?;
-            fields.push((k, v));
+            let v: &'de RawValue = map.next_value()?;
+            fields.push((k, Some(v)));
         }
         Ok(TopLevel {
             fields: Some(fields),
             items,
         })
     }
-    fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<TopLevel, A::Error> {
+    fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<TopLevel<'de>, A::Error> {
         while seq.next_element::<de::IgnoredAny>()?.is_some() {}
         Ok(TopLevel::NOT_OBJECT)
     }
-    fn visit_str<E: de::Error>(self, _: &str) -> Result<TopLevel, E> {
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<TopLevel<'de>, E> {
         Ok(TopLevel::NOT_OBJECT)
     }
-    fn visit_bool<E: de::Error>(self, _: bool) -> Result<TopLevel, E> {
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<TopLevel<'de>, E> {
         Ok(TopLevel::NOT_OBJECT)
     }
-    fn visit_i64<E: de::Error>(self, _: i64) -> Result<TopLevel, E> {
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<TopLevel<'de>, E> {
         Ok(TopLevel::NOT_OBJECT)
     }
-    fn visit_u64<E: de::Error>(self, _: u64) -> Result<TopLevel, E> {
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<TopLevel<'de>, E> {
         Ok(TopLevel::NOT_OBJECT)
     }
-    fn visit_f64<E: de::Error>(self, _: f64) -> Result<TopLevel, E> {
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<TopLevel<'de>, E> {
         Ok(TopLevel::NOT_OBJECT)
     }
-    fn visit_unit<E: de::Error>(self) -> Result<TopLevel, E> {
+    fn visit_unit<E: de::Error>(self) -> Result<TopLevel<'de>, E> {
         Ok(TopLevel::NOT_OBJECT)
     }
 }
 
-impl TopLevel {
-    const NOT_OBJECT: TopLevel = TopLevel {
-        fields: None,
-        items: Items::Other,
-    };
-}
-
-impl<'de> Deserialize<'de> for Items {
+impl<'de> Deserialize<'de> for Items<'de> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct V;
         impl<'de> Visitor<'de> for V {
-            type Value = Items;
+            type Value = Items<'de>;
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str("a json value")
             }
-            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Items, A::Error> {
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Items<'de>, A::Error> {
                 let mut list = Vec::new();
-                while let Some(m) = seq.next_element::<Box<RawValue>>()? {
+                while let Some(m) = seq.next_element::<&'de RawValue>()? {
                     list.push(m);
                 }
                 Ok(Items::List(list))
             }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Items, A::Error> {
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Items<'de>, A::Error> {
                 while map
                     .next_entry::<de::IgnoredAny, de::IgnoredAny>()?
                     .is_some()
                 {}
                 Ok(Items::Other)
             }
-            fn visit_str<E: de::Error>(self, s: &str) -> Result<Items, E> {
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<Items<'de>, E> {
                 Ok(Items::Text(s.to_string()))
             }
-            fn visit_string<E: de::Error>(self, s: String) -> Result<Items, E> {
+            fn visit_string<E: de::Error>(self, s: String) -> Result<Items<'de>, E> {
                 Ok(Items::Text(s))
             }
-            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Items, E> {
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Items<'de>, E> {
                 Ok(Items::Other)
             }
-            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Items, E> {
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Items<'de>, E> {
                 Ok(Items::Other)
             }
-            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Items, E> {
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Items<'de>, E> {
                 Ok(Items::Other)
             }
-            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Items, E> {
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Items<'de>, E> {
                 Ok(Items::Other)
             }
-            fn visit_unit<E: de::Error>(self) -> Result<Items, E> {
+            fn visit_unit<E: de::Error>(self) -> Result<Items<'de>, E> {
                 Ok(Items::Other)
             }
         }
         d.deserialize_any(V)
     }
-}
-
-fn empty_raw() -> Box<RawValue> {
-    // `[]` is valid JSON, so this never falls back; the fallback keeps it panic-free.
-    RawValue::from_string("[]".to_string()).unwrap_or_else(|_| RawValue::NULL.to_owned())
 }
 
 /// What pruning needs to know about a message.

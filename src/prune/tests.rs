@@ -12,6 +12,8 @@ use serde_json::{json, Value};
 use super::*;
 use crate::dialect::Dialect;
 
+mod resume;
+
 fn counter() -> Counter {
     Counter::new(Encoding::O200kBase).unwrap()
 }
@@ -59,9 +61,8 @@ fn messages(body: &[u8]) -> Vec<Value> {
 
 fn raw_messages(body: &[u8]) -> Vec<String> {
     let req = ChatRequest::parse(dialect_of(body), body).unwrap();
-    req.messages
-        .iter()
-        .map(|m| m.raw.get().to_string())
+    (0..req.message_count())
+        .map(|i| String::from_utf8(req.raw(i).to_vec()).unwrap())
         .collect()
 }
 
@@ -218,7 +219,7 @@ fn fixture_size_is_seed_like() {
     let body = fixture("openai-seed.json");
     let req = ChatRequest::parse(Dialect::OpenAi, &body).unwrap();
     assert_eq!(req.message_count(), 22);
-    let chars: usize = req.messages.iter().map(|m| m.chars).sum();
+    let chars: usize = req.messages().iter().map(|m| m.chars).sum();
     let tokens = counter().count_request(&req);
     assert!(
         (52_000..=57_000).contains(&tokens),

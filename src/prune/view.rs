@@ -14,7 +14,7 @@ use std::time::Duration;
 use moka::sync::Cache;
 use serde_json::value::RawValue;
 
-use crate::prune::request::Meta;
+use crate::prune::request::{Layout, Meta};
 use crate::prune::tokens::Encoding;
 
 /// The conversation view shared by all requests (cheap to share: wrap it in an `Arc`).
@@ -72,6 +72,12 @@ impl View {
         self.cache.get(conversation)
     }
 
+    /// Where the parts of the conversation's last body lay, for
+    /// [`crate::prune::ChatRequest::parse_after`].
+    pub fn layout(&self, conversation: &str) -> Option<Arc<Layout>> {
+        self.cache.get(conversation).and_then(|s| s.layout.clone())
+    }
+
     pub(crate) fn record(&self, hit: bool) {
         let c = if hit { &self.hits } else { &self.misses };
         c.fetch_add(1, Ordering::Relaxed);
@@ -93,6 +99,8 @@ pub(crate) struct ConvState {
     pub(crate) msgs: Vec<Entry>,
     /// The current cut: index and fingerprint of the first kept history message.
     pub(crate) cut: Option<(usize, u64)>,
+    /// Where the last body's parts lay, so that the next body parses only what is new.
+    pub(crate) layout: Option<Arc<Layout>>,
 }
 
 impl ConvState {
@@ -104,7 +112,8 @@ impl ConvState {
             .filter_map(|e| e.elided.as_ref())
             .map(|e| e.raw.as_ref().map_or(0, |r| r.get().len()) + 32)
             .sum();
-        128 + self.msgs.len() * per + elided
+        let layout = self.layout.as_ref().map_or(0, |l| l.weight());
+        128 + self.msgs.len() * per + elided + layout
     }
 }
 

@@ -142,7 +142,8 @@ fn pruning(c: &mut Criterion) {
 }
 
 /// An agent conversation of about `bytes` bytes (OpenAI chat completions): the fixture's
-/// system prompt, a task, then turns of a tool call, its result and an answer, their texts
+/// system prompt, a task, then steps of a tool call, its result and an answer (a new user
+/// instruction every eight steps), their texts
 /// taken in turn from the fixture's messages (each marked with its turn, so no two are
 /// alike); `model` before `messages` and the fixture's other fields after, as the SDKs send
 /// them.
@@ -175,6 +176,9 @@ fn agent_conversation(bytes: usize) -> Value {
         size += turn.iter().map(|m| m.to_string().len()).sum::<usize>();
         msgs.extend(turn);
         k += 1;
+        if k % 8 == 0 {
+            msgs.push(json!({"role": "user", "content": format!("Good. Step {}: carry on with the next file.", k / 8)}));
+        }
     }
     json!({
         "model": "gpt-4o",
@@ -199,12 +203,19 @@ fn big_conversations(c: &mut Criterion) {
     };
     let mut g = c.benchmark_group("warm_big");
     g.sample_size(10);
-    for (label, size) in [("0.25MB", 250_000), ("1MB", 1 << 20), ("2MB", 2 << 20), ("4MB", 4 << 20)] {
+    for (label, size) in [
+        ("0.25MB", 250_000),
+        ("1MB", 1 << 20),
+        ("2MB", 2 << 20),
+        ("4MB", 4 << 20),
+    ] {
         let conv = agent_conversation(size);
         let base = bytes::Bytes::from(serde_json::to_vec(&conv).unwrap_or_default());
         let mut grown = conv.clone();
         if let Some(m) = grown["messages"].as_array_mut() {
-            m.push(json!({"role": "user", "content": "Now run the suite again and fix what fails."}));
+            m.push(
+                json!({"role": "user", "content": "Now run the suite again and fix what fails."}),
+            );
         }
         let grown = bytes::Bytes::from(serde_json::to_vec(&grown).unwrap_or_default());
         let primed = || {

@@ -78,6 +78,9 @@ pub enum Error {
     /// (`server.body_total_timeout`).
     #[error("the request body did not arrive within {} ({key})", crate::config::fmt_duration(*.after))]
     BodyTimeout { key: &'static str, after: Duration },
+    /// Too many large bodies are already waiting for the heavy-work pool.
+    #[error("ctxgate is busy: {0} large requests are already waiting to be parsed; retry shortly")]
+    Busy(usize),
     /// ctxgate is shutting down and `shutdown_grace` is over: the call was cut.
     #[error("ctxgate is shutting down: the call was cut at the end of shutdown_grace")]
     ShuttingDown,
@@ -113,6 +116,7 @@ impl Error {
             Error::ContextOverflow(_) => StatusCode::BAD_REQUEST,
             Error::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             Error::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            Error::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
             Error::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
         }
     }
@@ -152,6 +156,7 @@ impl Error {
                 ..
             } => "timeout_client_write",
             Error::ShuttingDown => "shutdown",
+            Error::Busy(_) => "busy",
             Error::BodyTimeout { .. } => "body_timeout",
         }
     }
@@ -174,6 +179,7 @@ impl Error {
             } => (ErrorClass::Timeout, "client_timeout"),
             Error::Timeout { .. } => (ErrorClass::Timeout, "upstream_timeout"),
             Error::ShuttingDown => (ErrorClass::Upstream, "shutting_down"),
+            Error::Busy(_) => (ErrorClass::RateLimit, "busy"),
             Error::BodyTimeout { .. } => (ErrorClass::InvalidRequest, "request_timeout"),
         }
     }
@@ -225,6 +231,9 @@ impl Error {
                 header::RETRY_AFTER,
                 HeaderValue::from(r.retry_after().as_secs().max(1)),
             );
+        }
+        if let Error::Busy(_) = self {
+            h.insert(header::RETRY_AFTER, HeaderValue::from(1u64));
         }
         resp
     }

@@ -436,3 +436,65 @@ async fn compressed_chat_bodies_are_decoded_for_pruning_or_forwarded_untouched()
     )
     .await;
 }
+
+/// A conversation named by a header is parsed after its previous body: only the new turn is
+/// parsed. The same bodies sent to a second ctxgate that knows the conversation only from a
+/// body field (so it parses every body whole) are forwarded byte for byte alike, turn after
+/// turn — also after the client edits an earlier message and changes its system prompt.
+#[tokio::test]
+async fn a_resumed_parse_forwards_what_a_full_parse_forwards() {
+    let up_a = mock(llm_reply).await;
+    let up_b = mock(llm_reply).await;
+    let config = |up: &Mock| {
+        TestConfig::both(up)
+            .set("prune", "hard_token_limit", 4000)
+            .set("prune", "max_messages", 0)
+    };
+    let (a, b) = (config(&up_a).start().await, config(&up_b).start().await);
+    let mut history =
+        vec![serde_json::json!({"role": "system", "content": "You are a careful coding agent."})];
+    for i in 0..30 {
+        history.extend(turn(i));
+        if i == 20 {
+            history[3]["content"] = serde_json::json!("an edited tool result");
+        }
+        if i == 25 {
+            history[0]["content"] = serde_json::json!("You are a terse coding agent.");
+        }
+        let body = serde_json::json!({"model": "gpt-4o", "messages": history, "prompt_cache_key": "conv-r"})
+            .to_string();
+        for (gate, headers) in [(&a, &[("x-conversation-id", "conv-r")][..]), (&b, &[][..])] {
+            let (s, _, _) = send("POST", &gate.url("/v1/chat/completions"), headers, &body).await;
+            assert_eq!(s, 200);
+        }
+    }
+    let (fa, fb) = (up_a.requests(), up_b.requests());
+    assert_eq!(fa.len(), 30);
+    for (i, (x, y)) in fa.iter().zip(&fb).enumerate() {
+        assert_eq!(x.body, y.body, "request {i} forwarded differently");
+    }
+    assert!(
+        fa.iter().any(|r| messages(&r.body).len() < 30 * 4 / 2),
+        "the limit pruned"
+    );
+    let bytes = |page: &str, part: &str| {
+        sample(
+            page,
+            &format!("ctxgate_prune_body_bytes_total{{part=\"{part}\",route=\"openai\"}}"),
+        )
+    };
+    let (pa, pb) = (metrics(&a).await, metrics(&b).await);
+    // The header-named conversation parsed little more than its new turns (and the bodies
+    // after the edit and the system prompt change, parsed whole from the change on).
+    assert!(
+        bytes(&pa, "reused") > 4.0 * bytes(&pa, "parsed"),
+        "{} reused, {} parsed",
+        bytes(&pa, "reused"),
+        bytes(&pa, "parsed")
+    );
+    assert_eq!(bytes(&pb, "reused"), 0.0);
+    assert_eq!(
+        bytes(&pa, "reused") + bytes(&pa, "parsed"),
+        bytes(&pb, "parsed")
+    );
+}

@@ -174,6 +174,9 @@ pub struct Call {
     pub summary: Option<Summary>,
     /// How long the prune phase took.
     pub prune_took: Option<Duration>,
+    /// Bytes of the chat body taken from the conversation's previous body unparsed, and bytes
+    /// parsed.
+    pub parsed_bytes: Option<(u64, u64)>,
     /// The forwarded messages, when transcripts include bodies.
     pub request_messages: Option<serde_json::Value>,
     /// When the request was handed to the upstream client.
@@ -221,6 +224,7 @@ impl Call {
             conn,
             summary: None,
             prune_took: None,
+            parsed_bytes: None,
             request_messages: None,
             forwarded_at: None,
             deadline: None,

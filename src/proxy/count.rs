@@ -49,10 +49,12 @@ impl Proxy {
             Ok((counter.count_request(&req), req.model().map(str::to_string)))
         };
         let counted = if big {
-            self.heavy
-                .run(count)
-                .await
-                .unwrap_or_else(|_| Err("counting failed".to_string()))
+            let lane = self.heavy_lane(&call.request.headers);
+            match self.heavy.run(&lane, count).await {
+                Ok(r) => r,
+                Err(super::heavy::Refused::Full(n)) => return Err(Error::Busy(n)),
+                Err(super::heavy::Refused::Failed) => Err("counting failed".to_string()),
+            }
         } else {
             count()
         };

@@ -12,8 +12,10 @@
 //! (without the header), pruned or not. A body in another coding, corrupt, or decoding past
 //! the limit is forwarded as it came and counted as skipped (`compressed_body`).
 //!
-//! Reading and parsing a large body (over `heavy::INLINE_BYTES`) runs on the heavy pool, not on
-//! an async worker.
+//! When a header names the conversation, the body is parsed after the conversation's previous
+//! one (the view's [`Layout`]): the unchanged part is checked by hash, only the rest parsed.
+//! Joining and parsing a body whose new part is large (over `heavy::INLINE_BYTES`) runs on the
+//! heavy pool, not on an async worker.
 
 use bytes::{Bytes, BytesMut};
 use http::HeaderMap;
@@ -28,7 +30,7 @@ use crate::prune::{ChatRequest, Layout, ParseError};
 
 pub use super::call::Identity;
 use super::call::{Call, Payload, PruneAction};
-use super::heavy::INLINE_BYTES;
+use super::heavy::{Refused, INLINE_BYTES};
 use super::Proxy;
 
 impl Proxy {
@@ -68,11 +70,19 @@ impl Proxy {
             let limit = usize::try_from(self.max_body_bytes).unwrap_or(usize::MAX);
             let compressed = frames.clone();
             let e2 = enc.clone();
-            let decoded = self
+            let lane = self.heavy_lane(&req.headers);
+            let decoded = match self
                 .heavy
-                .run(move || decode_all(&e2, &compressed.join(), limit))
+                .run(&lane, move || decode_all(&e2, &compressed.join(), limit))
                 .await
-                .unwrap_or_else(|_| Err(DecodeError::Corrupt(enc.clone())));
+            {
+                Ok(d) => d,
+                Err(Refused::Full(n)) => {
+                    call.identify(self.header_identity(&req.headers));
+                    return Err(Error::Busy(n));
+                }
+                Err(Refused::Failed) => Err(DecodeError::Corrupt(enc.clone())),
+            };
             match decoded {
                 Ok(Some(plain)) => {
                     let h = &mut call.request.headers;
@@ -111,18 +121,27 @@ impl Proxy {
                 self.conversation.clone(),
                 cfg.clone(),
             );
-            self.heavy
-                .run(move || {
+            let lane = header_id.as_ref().map_or("", |i| i.id.as_str());
+            let job = self
+                .heavy
+                .run(lane, move || {
                     let bytes = f.join();
                     let (parsed, id) =
                         parse_and_identify(&r, dialect, bytes.clone(), layout.as_deref(), &h, &c);
                     (bytes, parsed, id)
                 })
-                .await
-                .unwrap_or_else(|e| {
+                .await;
+            match job {
+                Ok(done) => done,
+                Err(Refused::Full(n)) => {
+                    call.identify(header_id);
+                    return Err(Error::Busy(n));
+                }
+                Err(e @ Refused::Failed) => {
                     tracing::error!(route = %cfg.name, error = %e, "parsing task failed");
                     (frames.join(), Err(ParseError::NotObject), header_id)
-                })
+                }
+            }
         } else {
             let bytes = frames.join();
             let (parsed, id) = parse_and_identify(
@@ -138,6 +157,8 @@ impl Proxy {
         call.identify(id);
         match parsed {
             Ok(p) => {
+                let fresh = p.fresh_bytes() as u64;
+                call.parsed_bytes = Some((p.body_len() as u64 - fresh, fresh));
                 call.model = p.model().map(str::to_string);
                 call.stream = p.is_stream();
                 call.payload = Payload::Chat(bytes, Box::new(p));
@@ -157,6 +178,14 @@ impl Proxy {
 }
 
 impl Proxy {
+    /// The heavy pool's lane for a request: its conversation when its headers name one (its
+    /// jobs then wait only behind its own), else the lane all unnamed requests share.
+    pub(super) fn heavy_lane(&self, headers: &HeaderMap) -> String {
+        self.header_identity(headers)
+            .map(|i| i.id)
+            .unwrap_or_default()
+    }
+
     /// The conversation id from the headers alone (a request whose body is not read or not
     /// parsed).
     fn header_identity(&self, headers: &HeaderMap) -> Option<Identity> {
@@ -233,7 +262,7 @@ impl Frames {
 /// Reads a whole request body, refusing more than `limit` bytes, with at most
 /// `server.body_idle_timeout` between chunks and `server.body_total_timeout` in all (a client
 /// whose body stalls gets 408). The frames are kept as they are, not joined: a large body is
-/// joined (one copy) on the low-priority pool that parses it, not on an async worker, where
+/// joined (one copy) on the heavy pool that parses it, not on an async worker, where
 /// copying 20 MB would hold the worker for milliseconds.
 pub async fn read_body(mut body: Incoming, limit: u64, t: &Server) -> Result<Frames, Error> {
     let mut out = Frames::default();

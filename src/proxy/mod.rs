@@ -12,7 +12,7 @@
 //! guard from the moment the request arrives). The
 //! wire formats are `crate::dialect`, pruning itself is `crate::prune`, the gates are
 //! `crate::gate`. `upstream.rs` holds the pooled clients, TLS and the start-up warm-up;
-//! `heavy.rs` the low-priority pool for large bodies. docs/ARCHITECTURE.md has the whole map.
+//! `heavy.rs` the pool for large bodies (fair per conversation, bounded). docs/ARCHITECTURE.md has the whole map.
 
 pub mod admit;
 pub mod call;
@@ -101,13 +101,8 @@ impl Proxy {
             gates,
             gate_fingerprinted: config.gates.gate_fingerprinted,
             pruning: prune::Pruning::new(config).map_err(upstream::BuildError::Counter)?,
-            // One low-priority thread per core: heavy requests use idle CPU in parallel, and
-            // yield it to the async workers whenever they need it.
-            heavy: heavy::Heavy::new(
-                std::thread::available_parallelism()
-                    .map(|n| n.get())
-                    .unwrap_or(2),
-            ),
+            // One thread fewer than the cores, at normal priority, fair per conversation.
+            heavy: heavy::Heavy::for_machine(),
             recorder: Arc::new(Recorder::new(
                 m.call,
                 route_metrics,

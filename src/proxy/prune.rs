@@ -17,7 +17,7 @@ use crate::metrics::{Metrics, OVERHEAD_BUCKETS};
 use crate::prune::{self, Budget, ChatRequest, Counter, Outcome, Summary, View};
 
 use super::call::{Call, Payload, PruneAction};
-use super::heavy::INLINE_BYTES;
+use super::heavy::{Refused, INLINE_BYTES};
 use super::Proxy;
 
 /// The request header with which a request lowers (never raises) its own token limit.
@@ -82,7 +82,7 @@ impl Proxy {
         };
         let budget = Budget::for_request(&cfg.prune, req.model(), limit?);
         let started = Instant::now();
-        let outcome = self.decide(*req, &budget, call).await;
+        let outcome = self.decide(*req, &budget, call).await?;
         call.prune_took = Some(started.elapsed());
         call.budget = Some(budget);
         call.summary = outcome.as_ref().and_then(|o| o.summary().cloned());
@@ -131,29 +131,46 @@ impl Proxy {
         })
     }
 
-    /// Runs the pure pruning function, inline or on the heavy pool; `None` when it failed.
-    async fn decide(&self, req: ChatRequest, budget: &Budget, call: &Call) -> Option<Outcome> {
+    /// Runs the pure pruning function, inline or on the heavy pool; `None` when it failed,
+    /// [`Error::Busy`] when the pool's queue is full.
+    async fn decide(
+        &self,
+        req: ChatRequest,
+        budget: &Budget,
+        call: &Call,
+    ) -> Result<Option<Outcome>, Error> {
         let conversation = call.conversation.clone().unwrap_or_default();
         // What is new in the body is what pruning works on: a warm request of a conversation
         // in the view is pruned inline whatever its size.
         if req.fresh_bytes() <= INLINE_BYTES {
             let p = &self.pruning;
-            return prune_guarded(&req, budget, &p.view, &conversation, &p.counter);
+            return Ok(prune_guarded(
+                &req,
+                budget,
+                &p.view,
+                &conversation,
+                &p.counter,
+            ));
         }
         let (view, counter, b) = (
             self.pruning.view.clone(),
             self.pruning.counter.clone(),
             budget.clone(),
         );
+        let lane = conversation.clone();
         match self
             .heavy
-            .run(move || prune_guarded(&req, &b, &view, &conversation, &counter))
+            .run(&lane, move || {
+                prune_guarded(&req, &b, &view, &conversation, &counter)
+            })
             .await
         {
-            Ok(o) => o,
-            Err(e) => {
+            Ok(o) => Ok(o),
+            // Forwarding it unpruned could break the limit: the client is asked to retry.
+            Err(Refused::Full(n)) => Err(Error::Busy(n)),
+            Err(e @ Refused::Failed) => {
                 tracing::error!(route = call.route_name(), error = %e, "pruning task failed; forwarded unchanged");
-                None
+                Ok(None)
             }
         }
     }
@@ -234,6 +251,9 @@ pub struct PruneMetrics {
     pub cut_moves: IntCounterVec,
     /// `ctxgate_prune_duration_seconds{route}`: time the prune phase took.
     pub duration: HistogramVec,
+    /// `ctxgate_prune_body_bytes_total{route,part}`: chat body bytes `reused` from the
+    /// conversation's previous body (checked by hash, not parsed) and `parsed`.
+    pub body_bytes: IntCounterVec,
     /// `ctxgate_view_hits_total`: prunes that found the conversation in the view.
     view_hits: IntCounter,
     /// `ctxgate_view_misses_total`: prunes that did not.
@@ -283,6 +303,11 @@ impl PruneMetrics {
                 &["route"],
                 OVERHEAD_BUCKETS,
             ),
+            body_bytes: m.counter_vec(
+                "ctxgate_prune_body_bytes_total",
+                "Chat body bytes taken from the conversation's previous body unparsed (part=reused) or parsed (part=parsed).",
+                &["route", "part"],
+            ),
             view_hits: m.counter(
                 "ctxgate_view_hits_total",
                 "Prunes that found the conversation's earlier messages in the view.",
@@ -309,6 +334,9 @@ impl PruneMetrics {
                 c.with_label_values(&[r]);
             }
             p.duration.with_label_values(&[r]);
+            for part in ["reused", "parsed"] {
+                p.body_bytes.with_label_values(&[r, part]);
+            }
         }
         p
     }
@@ -323,6 +351,8 @@ impl PruneMetrics {
             files_elided: self.files_elided.with_label_values(&[route]),
             cut_moves: self.cut_moves.with_label_values(&[route]),
             duration: self.duration.with_label_values(&[route]),
+            bytes_reused: self.body_bytes.with_label_values(&[route, "reused"]),
+            bytes_parsed: self.body_bytes.with_label_values(&[route, "parsed"]),
             actions: PruneAction::COUNTED
                 .map(|a| self.actions.with_label_values(&[route, a.as_str()])),
         }
@@ -347,6 +377,8 @@ pub struct RoutePruneMetrics {
     files_elided: IntCounter,
     cut_moves: IntCounter,
     duration: Histogram,
+    bytes_reused: IntCounter,
+    bytes_parsed: IntCounter,
     actions: [IntCounter; 5],
 }
 
@@ -358,6 +390,10 @@ impl RoutePruneMetrics {
         }
         if let Some(took) = call.prune_took {
             self.duration.observe(took.as_secs_f64());
+        }
+        if let Some((reused, parsed)) = call.parsed_bytes {
+            self.bytes_reused.inc_by(reused);
+            self.bytes_parsed.inc_by(parsed);
         }
         let Some(s) = &call.summary else { return };
         self.tokens_before.observe(s.tokens_before as f64);

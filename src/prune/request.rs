@@ -721,7 +721,12 @@ impl ChatRequest {
 }
 
 /// A message's facts from its raw JSON (`span` in the body): not an object → an error.
-fn raw_message(key: &'static str, i: usize, span: Span, raw: &str) -> Result<RawMessage, ParseError> {
+fn raw_message(
+    key: &'static str,
+    i: usize,
+    span: Span,
+    raw: &str,
+) -> Result<RawMessage, ParseError> {
     if !raw.starts_with('{') {
         return Err(ParseError::MessageNotObject(key, i));
     }

@@ -8,10 +8,7 @@ use std::sync::Arc;
 use super::*;
 
 fn layout_of(dialect: Dialect, body: &[u8]) -> Arc<Layout> {
-    ChatRequest::parse(dialect, body)
-        .unwrap()
-        .layout()
-        .unwrap()
+    ChatRequest::parse(dialect, body).unwrap().layout().unwrap()
 }
 
 fn after(dialect: Dialect, prev: &[u8], body: &[u8]) -> Result<ChatRequest, ParseError> {
@@ -59,8 +56,10 @@ fn a_grown_body_parses_only_its_new_turn() {
 fn what_changed_before_the_new_turn_is_parsed_again() {
     let dialect = Dialect::OpenAi;
     let ts = turns(5);
-    let prev: Value = serde_json::from_slice(&render_with_note(&ts[..4], dialect, false, false)).unwrap();
-    let grown: Value = serde_json::from_slice(&render_with_note(&ts, dialect, false, false)).unwrap();
+    let prev: Value =
+        serde_json::from_slice(&render_with_note(&ts[..4], dialect, false, false)).unwrap();
+    let grown: Value =
+        serde_json::from_slice(&render_with_note(&ts, dialect, false, false)).unwrap();
     let n_prev = prev["messages"].as_array().unwrap().len();
     let prev_bytes = prev.to_string().into_bytes();
     let check = |body: &Value, reused: usize| {
@@ -87,7 +86,10 @@ fn what_changed_before_the_new_turn_is_parsed_again() {
     check(&tail, n_prev);
     // The client dropped the history's tail (its own compaction): what is left is reused.
     let mut shorter = prev.clone();
-    shorter["messages"].as_array_mut().unwrap().truncate(n_prev - 2);
+    shorter["messages"]
+        .as_array_mut()
+        .unwrap()
+        .truncate(n_prev - 2);
     check(&shorter, n_prev - 2);
     // The last message of the previous body changed (Claude Code moves its cache_control
     // marker to the newest message every turn).
@@ -162,7 +164,10 @@ fn pruning_after_a_resumed_parse_forwards_what_a_full_parse_forwards() {
             assert_eq!(oa, ob, "{dialect:?} turn {t}");
             moved += usize::from(oa.summary().is_some_and(|s| s.cut_moved));
         }
-        assert!(moved >= 2, "{dialect:?}: the conversation outgrew the limit");
+        assert!(
+            moved >= 2,
+            "{dialect:?}: the conversation outgrew the limit"
+        );
     }
 }
 

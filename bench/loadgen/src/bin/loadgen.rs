@@ -16,8 +16,15 @@
 //! received its first event, reads the RSS of `--pid` processes then, and reports how many
 //! streams ended with `data: [DONE]`.
 //!
+//! `loadgen grow-closed`: closed loop on one keep-alive connection, one conversation: request
+//! i is the base body with turns 0..=i appended to its `messages` (one turn more per request;
+//! turns from `--turns-file`, one JSON array of messages a line), sent when the previous answer
+//! has been read. Each body is built before its timer starts, so only the exchange is timed
+//! (request written, answer read to its end); the first `--warmup` requests are not recorded.
+//!
 //! Every loop is bounded: a run stops scheduling at `duration + timeout`, each request has
-//! `--timeout`, and `hold` gives up after `--timeout`.
+//! `--timeout`, `hold` gives up after `--timeout`, and `grow-closed` sends at most
+//! `warmup + turns` requests and stops after `--max-duration`.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -45,6 +52,8 @@ enum Cmd {
     Rate(RateArgs),
     /// Hold N concurrent streams open and read the target's RSS.
     Hold(HoldArgs),
+    /// Closed loop, one connection: a conversation growing by one turn per request.
+    GrowClosed(GrowArgs),
 }
 
 #[derive(Args, Clone)]
@@ -120,6 +129,26 @@ struct HoldArgs {
     pids: Vec<u32>,
 }
 
+#[derive(Args, Clone)]
+struct GrowArgs {
+    #[command(flatten)]
+    c: Common,
+    /// Timed requests, each carrying one turn more than the one before.
+    #[arg(long, default_value_t = 60)]
+    turns: usize,
+    /// Requests sent first, untimed (request 0 is the cold one); they carry the first turns.
+    #[arg(long, default_value_t = 5)]
+    warmup: usize,
+    /// JSONL: line k is turn k, a JSON array of the messages it appends (or one message
+    /// object). Needs at least warmup + turns lines. Without it: alternately a user message
+    /// and an assistant tool call with its result.
+    #[arg(long)]
+    turns_file: Option<PathBuf>,
+    /// Stop sending after this many seconds in all (the rest counted as not_sent).
+    #[arg(long, default_value_t = 120.0)]
+    max_duration: f64,
+}
+
 /// Request bodies, by request index.
 enum Bodies {
     Empty,
@@ -141,26 +170,10 @@ impl Bodies {
         };
         let raw = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
         if let Some(n) = grow {
-            let v: Value = serde_json::from_slice(&raw).map_err(|e| format!("body: {e}"))?;
-            let msgs = serde_json::to_string(&v["messages"]).map_err(|e| e.to_string())?;
-            let full = serde_json::to_string(&v).map_err(|e| e.to_string())?;
-            let key = format!("\"messages\":{msgs}");
-            let at = full.find(&key).ok_or("body: no messages array")? + key.len() - 1;
-            let (head, tail) = full.split_at(at);
-            let mut appended = String::new();
-            let mut ends = Vec::with_capacity(n);
-            for i in 0..n {
-                let m = json!({"role": "user", "content": format!("Turn {i}: run the invoice tests again and tell me which ones fail, with the first line of each error.")});
-                appended.push(',');
-                appended.push_str(&m.to_string());
-                ends.push(appended.len());
-            }
-            return Ok(Bodies::Grow {
-                head: head.as_bytes().to_vec(),
-                tail: tail.as_bytes().to_vec(),
-                appended,
-                ends,
-            });
+            let turns = (0..n)
+                .map(|i| vec![json!({"role": "user", "content": format!("Turn {i}: run the invoice tests again and tell me which ones fail, with the first line of each error.")})])
+                .collect();
+            return Self::grow(&raw, turns);
         }
         if c.jsonl {
             let lines: Vec<Bytes> = raw
@@ -174,6 +187,34 @@ impl Bodies {
             return Ok(Bodies::Cycle(lines));
         }
         Ok(Bodies::Cycle(vec![Bytes::from(raw)]))
+    }
+
+    /// The base body `raw` growing by one turn (a list of messages) per request.
+    fn grow(raw: &[u8], turns: Vec<Vec<Value>>) -> Result<Self, String> {
+        let v: Value = serde_json::from_slice(raw).map_err(|e| format!("body: {e}"))?;
+        let msgs = serde_json::to_string(&v["messages"]).map_err(|e| e.to_string())?;
+        let full = serde_json::to_string(&v).map_err(|e| e.to_string())?;
+        let key = format!("\"messages\":{msgs}");
+        let at = full.find(&key).ok_or("body: no messages array")? + key.len() - 1;
+        let (head, tail) = full.split_at(at);
+        let mut appended = String::new();
+        let mut ends = Vec::with_capacity(turns.len());
+        for turn in turns {
+            for m in turn {
+                appended.push(',');
+                appended.push_str(&m.to_string());
+            }
+            ends.push(appended.len());
+        }
+        if ends.is_empty() {
+            return Err("no turns".into());
+        }
+        Ok(Bodies::Grow {
+            head: head.as_bytes().to_vec(),
+            tail: tail.as_bytes().to_vec(),
+            appended,
+            ends,
+        })
     }
 
     fn get(&self, i: usize) -> Option<Bytes> {
@@ -371,12 +412,12 @@ fn short(e: &str) -> String {
 }
 
 /// The conversation header of request `i`, if any.
-fn conv(a: &RateArgs, i: usize) -> Option<(&str, String)> {
-    a.c.conv_header.as_deref().map(|h| {
-        let id =
-            a.c.conv_fixed
-                .clone()
-                .unwrap_or_else(|| format!("{}{i}", a.c.conv_prefix));
+fn conv(c: &Common, i: usize) -> Option<(&str, String)> {
+    c.conv_header.as_deref().map(|h| {
+        let id = c
+            .conv_fixed
+            .clone()
+            .unwrap_or_else(|| format!("{}{i}", c.conv_prefix));
         (h, id)
     })
 }
@@ -406,7 +447,7 @@ async fn rate(a: RateArgs) -> Result<Value, String> {
                         send = connect(&target.addr).await.ok();
                     }
                     if let Some(s) = send.as_mut() {
-                        let req = target.request(bodies.get(i), conv(&a, i));
+                        let req = target.request(bodies.get(i), conv(&a.c, i));
                         let r = tokio::time::timeout(
                             per_req,
                             exchange(s, req, Instant::now(), false, None),
@@ -439,7 +480,7 @@ async fn rate(a: RateArgs) -> Result<Value, String> {
                 // (tokio's 1 ms wheel) is not charged to the target.
                 let t_ref = if free_at > due { due } else { Instant::now() };
                 let i = a.warmup + k;
-                let req = target.request(bodies.get(i), conv(&a, i));
+                let req = target.request(bodies.get(i), conv(&a.c, i));
                 let r = async {
                     if send.as_ref().is_none_or(|s| s.is_closed()) {
                         send = Some(connect(&target.addr).await?);
@@ -583,6 +624,167 @@ async fn rate(a: RateArgs) -> Result<Value, String> {
     Ok(out)
 }
 
+/// The turns of `grow-closed`: from the turns file, or generated.
+fn load_turns(a: &GrowArgs, n: usize) -> Result<Vec<Vec<Value>>, String> {
+    let Some(path) = &a.turns_file else {
+        return Ok((0..n)
+            .map(|i| {
+                if i % 2 == 0 {
+                    vec![json!({"role": "user", "content": format!("Step {i}: now check the ledger totals for invoice {} and tell me whether the rounding is per invoice.", 1000 + 7 * i)})]
+                } else {
+                    let id = format!("call_grow_{i}");
+                    vec![
+                        json!({"role": "assistant", "content": null, "tool_calls": [{"id": id, "type": "function",
+                               "function": {"name": "run", "arguments": format!("{{\"command\": \"pytest -q tests/test_invoice.py -k case_{i}\"}}")}}]}),
+                        json!({"role": "tool", "tool_call_id": id, "content": format!("tests/test_invoice.py::test_case_{i} PASSED\n{} passed in 0.{:02}s", 40 + i % 7, i % 97)}),
+                    ]
+                }
+            })
+            .collect());
+    };
+    let raw = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut turns = Vec::with_capacity(n);
+    for (k, line) in raw
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .take(n)
+        .enumerate()
+    {
+        match serde_json::from_str::<Value>(line).map_err(|e| format!("turns line {k}: {e}"))? {
+            Value::Array(v) => turns.push(v),
+            m @ Value::Object(_) => turns.push(vec![m]),
+            _ => return Err(format!("turns line {k}: not an array or an object")),
+        }
+    }
+    if turns.len() < n {
+        return Err(format!(
+            "--turns-file has {} turns, {n} needed",
+            turns.len()
+        ));
+    }
+    Ok(turns)
+}
+
+/// One exchange of `grow-closed`: the status and the answer's `x-ctxgate-*` headers, the
+/// answer read to its end.
+async fn exchange_headers(
+    send: &mut SendRequest<Full<Bytes>>,
+    req: Request<Full<Bytes>>,
+) -> Result<(u16, Vec<(String, String)>), String> {
+    send.ready().await.map_err(|e| format!("ready: {e}"))?;
+    let resp = send
+        .send_request(req)
+        .await
+        .map_err(|e| format!("send: {e}"))?;
+    let status = resp.status().as_u16();
+    let headers = resp
+        .headers()
+        .iter()
+        .filter(|(k, _)| k.as_str().starts_with("x-ctxgate-"))
+        .map(|(k, v)| (k.as_str().to_owned(), v.to_str().unwrap_or("").to_owned()))
+        .collect();
+    let mut body = resp.into_body();
+    while let Some(f) = body.frame().await {
+        f.map_err(|e| format!("body: {e}"))?;
+    }
+    Ok((status, headers))
+}
+
+async fn grow_closed(a: GrowArgs) -> Result<Value, String> {
+    let n = a.warmup + a.turns;
+    let raw = match &a.c.body {
+        Some(p) => std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()))?,
+        None => return Err("--body is required".into()),
+    };
+    let bodies = Bodies::grow(&raw, load_turns(&a, n)?)?;
+    drop(raw);
+    let target = Target::new(&a.c)?;
+    let per_req = Duration::from_secs_f64(a.c.timeout);
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs_f64(a.max_duration);
+    let mut send: Option<SendRequest<Full<Bytes>>> = None;
+    let mut t = Tally::default();
+    let (mut warm_ok, mut connects, mut sent) = (0usize, 0usize, 0usize);
+    let mut sizes = (0usize, 0usize);
+    let mut last_headers = serde_json::Map::new();
+    for i in 0..n {
+        if Instant::now() > deadline {
+            t.not_sent += n.saturating_sub(i.max(a.warmup));
+            break;
+        }
+        let timed = i >= a.warmup;
+        let body = bodies.get(i).unwrap_or_default();
+        if i == a.warmup {
+            sizes.0 = body.len();
+        }
+        sizes.1 = body.len();
+        let req = target.request(Some(body), conv(&a.c, i));
+        if send.as_ref().is_none_or(|s| s.is_closed()) {
+            connects += 1;
+            match connect(&target.addr).await {
+                Ok(s) => send = Some(s),
+                Err(e) => {
+                    if timed {
+                        *t.errors.entry(short(&e)).or_default() += 1;
+                    }
+                    continue;
+                }
+            }
+        }
+        let Some(s) = send.as_mut() else { continue };
+        sent += 1;
+        let t0 = Instant::now();
+        let r = tokio::time::timeout(per_req, exchange_headers(s, req)).await;
+        let took = t0.elapsed();
+        match r {
+            Ok(Ok((status, headers))) => {
+                let good = (200..300).contains(&status);
+                if !timed {
+                    warm_ok += usize::from(good);
+                    continue;
+                }
+                *t.statuses.entry(status).or_default() += 1;
+                if good {
+                    t.ok += 1;
+                    t.latencies.push(us(took));
+                }
+                last_headers = headers
+                    .into_iter()
+                    .map(|(k, v)| (k, Value::from(v)))
+                    .collect();
+            }
+            Ok(Err(e)) => {
+                send = None;
+                if timed {
+                    *t.errors.entry(short(&e)).or_default() += 1;
+                }
+            }
+            Err(_) => {
+                send = None;
+                if timed {
+                    *t.errors.entry("timeout".into()).or_default() += 1;
+                }
+            }
+        }
+    }
+    let errors: usize = t.errors.values().sum::<usize>()
+        + t.statuses
+            .iter()
+            .filter(|(s, _)| !(200..300).contains(*s))
+            .map(|(_, n)| n)
+            .sum::<usize>()
+        + t.not_sent;
+    Ok(json!({
+        "mode": "grow-closed", "url": a.c.url, "warmup": a.warmup, "warmup_ok": warm_ok,
+        "turns": a.turns, "sent": sent, "connects": connects, "ok": t.ok, "errors": errors,
+        "not_sent": t.not_sent, "statuses": t.statuses, "error_kinds": t.errors,
+        "elapsed_s": start.elapsed().as_secs_f64(),
+        "body_bytes_first": sizes.0, "body_bytes_last": sizes.1,
+        "last_headers": last_headers,
+        "latency": summary(&mut t.latencies),
+    }))
+}
+
 fn proc_kb(pid: u32, key: &str) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = s.lines().find(|l| l.starts_with(key))?;
@@ -678,6 +880,7 @@ fn main() {
     let threads = match &cli.cmd {
         Cmd::Rate(a) => a.c.threads,
         Cmd::Hold(a) => a.c.threads,
+        Cmd::GrowClosed(a) => a.c.threads,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(threads.max(1))
@@ -688,6 +891,7 @@ fn main() {
         match cli.cmd {
             Cmd::Rate(a) => rate(a).await,
             Cmd::Hold(a) => hold(a).await,
+            Cmd::GrowClosed(a) => grow_closed(a).await,
         }
     });
     match r {

@@ -39,7 +39,7 @@ impl Proxy {
         let super::call::Payload::Stream(body) = std::mem::take(&mut call.payload) else {
             return Ok(None);
         };
-        let bytes = read_body(body, self.max_body_bytes, &self.server)
+        let bytes = read_body(body, self.max_body_bytes, &self.server, None)
             .await?
             .join();
         let big = bytes.len() > INLINE_BYTES;

@@ -26,7 +26,7 @@ use crate::coding::{decode_all, DecodeError};
 use crate::config::{Conversation, OnParseError, Route, Server};
 use crate::dialect::Dialect;
 use crate::error::Error;
-use crate::prune::{ChatRequest, Layout, ParseError};
+use crate::prune::{ChatRequest, ParseError, Verifier};
 
 pub use super::call::Identity;
 use super::call::{Call, Payload, PruneAction};
@@ -49,7 +49,22 @@ impl Proxy {
         let Payload::Stream(body) = std::mem::take(&mut call.payload) else {
             return Ok(());
         };
-        let mut frames = match read_body(body, self.max_body_bytes, &self.server).await {
+        // An id from the headers is known before the body arrives: the conversation's last
+        // layout then lets the body be checked, as it arrives, against the previous request's
+        // (by hash); only what follows the unchanged part is parsed. (A compressed body is
+        // checked once decoded.)
+        let header_id = self.header_identity(&req.headers);
+        let layout = header_id
+            .as_ref()
+            .filter(|_| cfg.prune.enabled)
+            .and_then(|id| self.pruning.view.layout(&id.id));
+        let compressed = req.headers.contains_key(http::header::CONTENT_ENCODING);
+        let mut verifier = layout
+            .as_ref()
+            .filter(|_| !compressed)
+            .map(|l| l.verifier());
+        let read = read_body(body, self.max_body_bytes, &self.server, verifier.as_mut()).await;
+        let mut frames = match read {
             Ok(f) => f,
             Err(e) => {
                 // A body that broke off still belongs to the conversation its headers name.
@@ -102,17 +117,19 @@ impl Proxy {
         }
         let req = &call.request;
         let dialect = call.dialect;
-        // An id from the headers is known before the body is parsed: the conversation's last
-        // layout then lets the parse skip what the previous request already had (the body is
-        // checked against it by hash; only the new turn is parsed).
-        let header_id = self.header_identity(&req.headers);
-        let layout = header_id
+        if verifier.is_none() {
+            // A decoded body: checked now, whole.
+            verifier = layout.as_ref().map(|l| {
+                let mut v = l.verifier();
+                for f in frames.parts() {
+                    v.feed(f);
+                }
+                v
+            });
+        }
+        let fresh = verifier
             .as_ref()
-            .filter(|_| cfg.prune.enabled)
-            .and_then(|id| self.pruning.view.layout(&id.id));
-        let fresh = layout
-            .as_ref()
-            .map_or(frames.len(), |l| l.new_bytes(frames.len()));
+            .map_or(frames.len(), |v| v.fresh_bytes(frames.len()));
         let (bytes, parsed, id) = if fresh > INLINE_BYTES {
             // Joined (one copy) and parsed off the async workers.
             let (f, h, c, r) = (
@@ -127,7 +144,7 @@ impl Proxy {
                 .run(lane, move || {
                     let bytes = f.join();
                     let (parsed, id) =
-                        parse_and_identify(&r, dialect, bytes.clone(), layout.as_deref(), &h, &c);
+                        parse_and_identify(&r, dialect, bytes.clone(), verifier, &h, &c);
                     (bytes, parsed, id)
                 })
                 .await;
@@ -148,7 +165,7 @@ impl Proxy {
                 cfg,
                 dialect,
                 bytes.clone(),
-                layout.as_deref(),
+                verifier,
                 &req.headers,
                 &self.conversation,
             );
@@ -193,18 +210,19 @@ impl Proxy {
     }
 }
 
-/// Parses a chat body (after `layout`, the conversation's previous body, when known) and
-/// finds its conversation id (header, body field, or fingerprint).
+/// Parses a chat body (after the conversation's previous body, when `verifier` checked it
+/// against that one's layout) and finds its conversation id (header, body field, or
+/// fingerprint).
 fn parse_and_identify(
     route: &Route,
     dialect: Dialect,
     body: Bytes,
-    layout: Option<&Layout>,
+    verifier: Option<Verifier>,
     headers: &HeaderMap,
     conversation: &Conversation,
 ) -> (Result<ChatRequest, ParseError>, Option<Identity>) {
-    let parsed = match layout {
-        Some(l) => ChatRequest::parse_after(dialect, body, l),
+    let parsed = match verifier {
+        Some(v) => ChatRequest::parse_resumed(dialect, body, v),
         None => ChatRequest::parse_bytes(dialect, body),
     };
     let p = parsed.as_ref().ok();
@@ -217,7 +235,8 @@ fn parse_and_identify(
     (parsed, id)
 }
 
-/// A request body read whole, as the frames it arrived in.
+/// A request body read whole: as the frames it arrived in, or already in one buffer (when it
+/// was checked against a layout as it arrived, it was gathered there as well).
 #[derive(Clone, Default)]
 pub struct Frames {
     frames: Vec<Bytes>,
@@ -243,6 +262,11 @@ impl Frames {
         self.len == 0
     }
 
+    /// The frames.
+    pub fn parts(&self) -> impl Iterator<Item = &[u8]> {
+        self.frames.iter().map(|f| &f[..])
+    }
+
     /// The body as one buffer: the frame itself when there is one, else one copy of all.
     pub fn join(mut self) -> Bytes {
         match self.frames.len() {
@@ -261,11 +285,28 @@ impl Frames {
 
 /// Reads a whole request body, refusing more than `limit` bytes, with at most
 /// `server.body_idle_timeout` between chunks and `server.body_total_timeout` in all (a client
-/// whose body stalls gets 408). The frames are kept as they are, not joined: a large body is
-/// joined (one copy) on the heavy pool that parses it, not on an async worker, where
-/// copying 20 MB would hold the worker for milliseconds.
-pub async fn read_body(mut body: Incoming, limit: u64, t: &Server) -> Result<Frames, Error> {
+/// whose body stalls gets 408). Without a `verifier` the frames are kept as they are, not
+/// joined: a large body is joined (one copy) on the heavy pool that parses it, not on an async
+/// worker, where copying 20 MB would hold the worker for milliseconds. With one, each frame is
+/// fed to it and copied into one buffer as it arrives, so that the hashing and the copy are
+/// done while the rest of the body is still on its way (a warm request of a known
+/// conversation then parses only its new turn, inline).
+pub async fn read_body(
+    mut body: Incoming,
+    limit: u64,
+    t: &Server,
+    mut verifier: Option<&mut Verifier>,
+) -> Result<Frames, Error> {
     let mut out = Frames::default();
+    // Sized by the declared length, but never more than 8 MiB before the bytes arrive (a
+    // client cannot make ctxgate reserve `max_body_bytes` by announcing it).
+    let mut joined: Option<BytesMut> = verifier.as_ref().map(|_| {
+        let hint = http_body::Body::size_hint(&body)
+            .lower()
+            .min(limit)
+            .min(8 << 20);
+        BytesMut::with_capacity(usize::try_from(hint).unwrap_or(0))
+    });
     let deadline = tokio::time::Instant::now() + t.body_total_timeout;
     loop {
         let idle_at = (tokio::time::Instant::now() + t.body_idle_timeout).min(deadline);
@@ -293,7 +334,15 @@ pub async fn read_body(mut body: Incoming, limit: u64, t: &Server) -> Result<Fra
         if out.len as u64 > limit {
             return Err(Error::BodyTooLarge { limit });
         }
-        out.frames.push(data);
+        if let (Some(v), Some(j)) = (verifier.as_deref_mut(), joined.as_mut()) {
+            v.feed(&data);
+            j.extend_from_slice(&data);
+        } else {
+            out.frames.push(data);
+        }
+    }
+    if let Some(j) = joined {
+        out.frames = vec![j.freeze()];
     }
     Ok(out)
 }

@@ -34,7 +34,7 @@ mod view;
 mod tests;
 
 pub use policy::prune;
-pub use request::{ChatRequest, Layout, ParseError};
+pub use request::{ChatRequest, Layout, ParseError, Verifier};
 pub use tokens::{Counter, Encoding, UnknownEncoding};
 pub use view::View;
 

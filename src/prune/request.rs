@@ -14,7 +14,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use xxhash_rust::xxh3::xxh3_64_with_seed;
+use xxhash_rust::xxh3::{xxh3_64_with_seed, Xxh3};
 
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
@@ -123,31 +123,104 @@ impl Layout {
         len.saturating_sub(known)
     }
 
-    /// How many leading messages of `body` are byte for byte those of the body this layout
-    /// was taken from, with everything before them: `None` when the top level before the
-    /// first message differs. Hashes the matching bytes once (xxh3), and stops at the first
-    /// message that differs.
-    fn matching(&self, body: &[u8]) -> Option<usize> {
-        let head = body.get(..self.head_end)?;
-        let mut h = xxh3_64_with_seed(head, CHAIN_SEED);
-        if h != self.head_hash {
-            return None;
+    /// A checker that reads a new body as it arrives (frame by frame) and tells how much of
+    /// it repeats the body this layout was taken from.
+    pub fn verifier(self: &Arc<Layout>) -> Verifier {
+        Verifier {
+            layout: Arc::clone(self),
+            hasher: Xxh3::with_seed(CHAIN_SEED),
+            pos: 0,
+            segment: 0,
+            head: false,
+            matched: 0,
+            failed: self.head_end == usize::MAX,
         }
-        let mut at = self.head_end;
-        let mut k = 0;
-        for m in &self.messages {
-            let Some(seg) = body.get(at..m.end) else {
-                break;
+    }
+}
+
+/// Checks a body against a [`Layout`] as its bytes arrive, so the hashing is done while the
+/// body is still being received: at each of the layout's boundaries (the end of the head,
+/// then of each message) the hash chained over the bytes so far must equal the layout's.
+/// Stops at the first difference. [`Verifier::finish`] gives what
+/// [`ChatRequest::parse_resumed`] needs.
+pub struct Verifier {
+    layout: Arc<Layout>,
+    hasher: Xxh3,
+    /// Bytes fed so far.
+    pos: usize,
+    /// The boundary being hashed towards: 0 the head's end, `k + 1` message `k`'s end.
+    segment: usize,
+    head: bool,
+    matched: usize,
+    failed: bool,
+}
+
+impl std::fmt::Debug for Verifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Verifier")
+            .field("pos", &self.pos)
+            .field("matched", &self.matched)
+            .field("failed", &self.failed)
+            .finish()
+    }
+}
+
+impl Verifier {
+    fn boundary(&self) -> Option<(usize, u64)> {
+        let l = &self.layout;
+        match self.segment {
+            0 => Some((l.head_end, l.head_hash)),
+            k => l.messages.get(k - 1).map(|m| (m.end, m.chain)),
+        }
+    }
+
+    /// Feeds the body's next bytes.
+    pub fn feed(&mut self, mut chunk: &[u8]) {
+        while !self.failed && !chunk.is_empty() {
+            let Some((end, want)) = self.boundary() else {
+                self.pos += chunk.len();
+                return; // every message of the layout matched: the rest is new
             };
-            let next = xxh3_64_with_seed(seg, h);
-            if next != m.chain {
-                break;
+            let take = (end - self.pos).min(chunk.len());
+            self.hasher.update(&chunk[..take]);
+            self.pos += take;
+            chunk = &chunk[take..];
+            if self.pos == end {
+                let got = self.hasher.digest();
+                if got != want {
+                    self.failed = true;
+                    return;
+                }
+                if self.segment == 0 {
+                    self.head = true;
+                } else {
+                    self.matched += 1;
+                }
+                self.segment += 1;
+                self.hasher = Xxh3::with_seed(got);
             }
-            h = next;
-            at = m.end;
-            k += 1;
         }
-        Some(k)
+    }
+
+    /// Bytes of a body of `len` bytes left to parse after what was found to repeat the
+    /// layout's body (all of it when even the top level before the messages differs).
+    pub fn fresh_bytes(&self, len: usize) -> usize {
+        if !self.head {
+            return len;
+        }
+        let known = match self.matched {
+            0 => self.layout.head_end,
+            k => self.layout.messages[k - 1].end,
+        };
+        len.saturating_sub(known)
+    }
+
+    /// How many leading messages of the body fed are byte for byte those of the layout's
+    /// body, with everything before them: `None` when the top level before the first
+    /// message differs.
+    pub fn finish(self) -> (Arc<Layout>, Option<usize>) {
+        let k = self.head.then_some(self.matched);
+        (self.layout, k)
     }
 }
 
@@ -260,15 +333,24 @@ impl ChatRequest {
     pub fn parse_after(
         dialect: Dialect,
         body: Bytes,
-        prev: &Layout,
+        prev: &Arc<Layout>,
     ) -> Result<ChatRequest, ParseError> {
-        if prev.dialect != dialect || prev.head_end == usize::MAX {
-            return ChatRequest::parse_bytes(dialect, body);
-        }
-        let Some(k) = prev.matching(&body) else {
+        let mut v = prev.verifier();
+        v.feed(&body);
+        ChatRequest::parse_resumed(dialect, body, v)
+    }
+
+    /// [`ChatRequest::parse_after`] for a body already fed to `verifier` (as it arrived).
+    pub fn parse_resumed(
+        dialect: Dialect,
+        body: Bytes,
+        verifier: Verifier,
+    ) -> Result<ChatRequest, ParseError> {
+        let (prev, k) = verifier.finish();
+        let Some(k) = k.filter(|_| prev.dialect == dialect) else {
             return ChatRequest::parse_bytes(dialect, body);
         };
-        match ChatRequest::resume(dialect, body.clone(), prev, k) {
+        match ChatRequest::resume(dialect, body.clone(), &prev, k) {
             Some(r) => Ok(r),
             None => ChatRequest::parse_bytes(dialect, body),
         }

@@ -33,6 +33,45 @@ fn turns(n: usize) -> Vec<GenTurn> {
 
 const DIALECTS: [Dialect; 3] = [Dialect::OpenAi, Dialect::Anthropic, Dialect::Responses];
 
+/// The body checked as it arrives, in pieces of any size, finds what one pass finds.
+#[test]
+fn a_body_checked_frame_by_frame_finds_the_same_prefix() {
+    let dialect = Dialect::Anthropic;
+    let ts = turns(6);
+    let prev = render_with_note(&ts[..4], dialect, false, false);
+    let body = render_with_note(&ts, dialect, false, false);
+    let layout = layout_of(dialect, &prev);
+    let whole = {
+        let mut v = layout.verifier();
+        v.feed(&body);
+        v.finish().1
+    };
+    let known = ChatRequest::parse(dialect, &prev).unwrap().message_count();
+    assert_eq!(whole, Some(known));
+    for size in [1, 7, 64, 1000, 4096, body.len()] {
+        let mut v = layout.verifier();
+        for piece in body.chunks(size) {
+            v.feed(piece);
+        }
+        assert!(v.fresh_bytes(body.len()) < body.len() / 2);
+        let r = ChatRequest::parse_resumed(dialect, bytes::Bytes::from(body.clone()), v).unwrap();
+        assert_eq!(
+            r.parts(),
+            ChatRequest::parse(dialect, &body).unwrap().parts()
+        );
+        assert_eq!(r.reused_messages(), known, "pieces of {size}");
+    }
+    // A body that stops inside the head, or differs in it, matches nothing.
+    let mut v = layout.verifier();
+    v.feed(&body[..5]);
+    assert_eq!(v.finish().1, None);
+    let mut other = body.clone();
+    other[3] ^= 1;
+    let mut v = layout.verifier();
+    v.feed(&other);
+    assert_eq!(v.finish().1, None);
+}
+
 #[test]
 fn a_grown_body_parses_only_its_new_turn() {
     for dialect in DIALECTS {

@@ -20,7 +20,7 @@
 //! a second call in through a fresh semaphore).
 
 use std::collections::hash_map::RandomState;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -136,10 +136,62 @@ pub struct Gates {
 /// The conversation map. Shared with every [`Permit`], which must update it when dropped even
 /// after [`Gates`] itself is gone.
 struct Table {
-    shards: [Mutex<HashMap<Arc<str>, Entry>>; SHARDS],
+    shards: [Mutex<Shard>; SHARDS],
     hasher: RandomState,
     /// Conversations with at least one granted permit.
     active: AtomicUsize,
+}
+
+/// One shard of the table: the gates, and the idle ones in the order they went idle, so that a
+/// full table finds its longest-idle gate without scanning.
+#[derive(Default)]
+struct Shard {
+    map: HashMap<Arc<str>, Entry>,
+    /// `(key, idle_gen)` as each gate went idle, oldest first. An item is stale once its gate
+    /// was used again (its `idle_gen` moved on) or forgotten; stale items are skipped when met
+    /// and dropped whenever they outnumber the gates.
+    idle: VecDeque<(Arc<str>, u64)>,
+}
+
+impl std::ops::Deref for Shard {
+    type Target = HashMap<Arc<str>, Entry>;
+    fn deref(&self) -> &Self::Target {
+        &self.map
+    }
+}
+
+impl std::ops::DerefMut for Shard {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.map
+    }
+}
+
+impl Shard {
+    /// Records that `key`'s gate just went idle.
+    fn went_idle(&mut self, key: &Arc<str>, generation: u64) {
+        self.idle.push_back((Arc::clone(key), generation));
+        if self.idle.len() > 2 * self.map.len() + 64 {
+            let map = &self.map;
+            self.idle.retain(|(k, g)| is_idle(map, k, *g));
+        }
+    }
+
+    /// Forgets the longest-idle gate nobody uses; false when every gate is in use.
+    fn evict_longest_idle(&mut self) -> bool {
+        while let Some((k, g)) = self.idle.pop_front() {
+            if is_idle(&self.map, &k, g) {
+                self.map.remove(&k);
+                return true;
+            }
+        }
+        false
+    }
+}
+
+/// Whether `(key, generation)` still names an idle gate.
+fn is_idle(map: &HashMap<Arc<str>, Entry>, key: &str, generation: u64) -> bool {
+    map.get(key)
+        .is_some_and(|e| e.users == 0 && e.idle_gen == generation)
 }
 
 /// One conversation's gate. All counts change only under its shard's lock.
@@ -154,10 +206,12 @@ struct Entry {
     held: usize,
     /// When `users` last dropped to 0 (or the gate was created).
     idle_since: Instant,
+    /// How many times `users` dropped to 0 (names this idle spell in [`Shard::idle`]).
+    idle_gen: u64,
 }
 
 impl Table {
-    fn shard(&self, conversation: &str) -> MutexGuard<'_, HashMap<Arc<str>, Entry>> {
+    fn shard(&self, conversation: &str) -> MutexGuard<'_, Shard> {
         // The hash is reduced modulo SHARDS, so the index is always in range.
         let index = (self.hasher.hash_one(conversation) % SHARDS as u64) as usize;
         lock(&self.shards[index])
@@ -191,7 +245,7 @@ impl Gates {
             global: Arc::new(Semaphore::new(limits.max_inflight)),
             routes,
             table: Arc::new(Table {
-                shards: std::array::from_fn(|_| Mutex::new(HashMap::new())),
+                shards: std::array::from_fn(|_| Mutex::new(Shard::default())),
                 hasher: RandomState::new(),
                 active: AtomicUsize::new(0),
             }),
@@ -302,21 +356,12 @@ impl Gates {
         let mut shard = self.table.shard(conversation);
         if !shard.contains_key(conversation) && shard.len() >= self.shard_bound() {
             // Full: the longest-idle gate nobody uses makes room (forgetting it early is safe:
-            // nobody holds or waits on it, so a fresh one admits exactly as it would).
-            let oldest = shard
-                .iter()
-                .filter(|(_, e)| e.users == 0)
-                .min_by_key(|(_, e)| e.idle_since)
-                .map(|(k, _)| Arc::clone(k));
-            match oldest {
-                Some(k) => {
-                    shard.remove(&k);
-                }
-                None => {
-                    let limit = self.limits.max_conversations;
-                    tracing::debug!(route, limit, "gate table full of conversations in use");
-                    return Err(Rejected::TableFull { limit });
-                }
+            // nobody holds or waits on it, so a fresh one admits exactly as it would). Taken
+            // from the shard's idle list: no scan of the table.
+            if !shard.evict_longest_idle() {
+                let limit = self.limits.max_conversations;
+                tracing::debug!(route, limit, "gate table full of conversations in use");
+                return Err(Rejected::TableFull { limit });
             }
         }
         let entry = match shard.get_mut(conversation) {
@@ -331,6 +376,7 @@ impl Gates {
                     queued: 0,
                     held: 0,
                     idle_since: Instant::now(),
+                    idle_gen: 0,
                 })
             }
         };
@@ -387,9 +433,12 @@ impl Gates {
         for shard in &self.table.shards {
             // `users` is checked under the same lock that `register` increments it under, so a
             // gate in use can never be removed.
-            lock(shard).retain(|_, entry| {
+            let mut shard = lock(shard);
+            shard.retain(|_, entry| {
                 entry.users > 0 || now.saturating_duration_since(entry.idle_since) < ttl
             });
+            let Shard { map, idle } = &mut *shard;
+            idle.retain(|(k, g)| is_idle(map, k, *g));
         }
     }
 
@@ -550,6 +599,9 @@ impl Drop for Registration {
         entry.users = entry.users.saturating_sub(1);
         if entry.users == 0 {
             entry.idle_since = Instant::now();
+            entry.idle_gen += 1;
+            let generation = entry.idle_gen;
+            shard.went_idle(&self.key, generation);
         }
     }
 }
@@ -1151,5 +1203,75 @@ mod tests {
         drop(held);
         assert_idle(&gates);
         assert!(gates.acquire("after", "r").await.is_ok());
+    }
+
+    /// The shard forgets its gates in the order they went idle, skipping those used since,
+    /// and its idle list stays bounded however often gates go idle.
+    #[test]
+    fn the_longest_idle_gate_goes_first() {
+        let mut shard = Shard::default();
+        let key = |k: &str| -> Arc<str> { Arc::from(k) };
+        for k in ["a", "b", "c"] {
+            shard.map.insert(
+                key(k),
+                Entry {
+                    key: key(k),
+                    slots: Arc::new(Semaphore::new(1)),
+                    users: 1,
+                    queued: 0,
+                    held: 0,
+                    idle_since: Instant::now(),
+                    idle_gen: 0,
+                },
+            );
+        }
+        let idle = |shard: &mut Shard, k: &str| {
+            let e = shard.map.get_mut(k).unwrap();
+            e.users = 0;
+            e.idle_gen += 1;
+            let g = e.idle_gen;
+            shard.went_idle(&key(k), g);
+        };
+        idle(&mut shard, "b");
+        idle(&mut shard, "a");
+        idle(&mut shard, "c");
+        // b is used again, then goes idle last.
+        shard.map.get_mut("b").unwrap().users = 1;
+        idle(&mut shard, "b");
+        let mut order = Vec::new();
+        while shard.evict_longest_idle() {
+            let left: Vec<&str> = ["a", "b", "c"]
+                .into_iter()
+                .filter(|k| !shard.map.contains_key(*k) && !order.contains(k))
+                .collect();
+            order.extend(left);
+        }
+        assert_eq!(order, ["a", "c", "b"]);
+        // A gate in use is never taken.
+        shard.map.insert(
+            key("d"),
+            Entry {
+                key: key("d"),
+                slots: Arc::new(Semaphore::new(1)),
+                users: 1,
+                queued: 0,
+                held: 1,
+                idle_since: Instant::now(),
+                idle_gen: 0,
+            },
+        );
+        assert!(!shard.evict_longest_idle());
+        // 10,000 idle spells of one gate leave a short list.
+        for _ in 0..10_000 {
+            shard.map.get_mut("d").unwrap().users = 1;
+            idle(&mut shard, "d");
+        }
+        assert!(
+            shard.idle.len() <= 2 * shard.map.len() + 65,
+            "{}",
+            shard.idle.len()
+        );
+        assert!(shard.evict_longest_idle());
+        assert!(shard.map.is_empty());
     }
 }

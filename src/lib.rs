@@ -12,6 +12,7 @@ pub mod error;
 pub mod gate;
 pub mod memory;
 pub mod metrics;
+pub mod pace;
 pub mod proxy;
 pub mod prune;
 pub mod secret;

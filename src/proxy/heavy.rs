@@ -9,8 +9,11 @@
 //! starved the common case instead (any ordinary process outranks nice 19: a 2 MB agent
 //! request waited 119 ms behind two busy processes, against 1.4 ms sent direct). Now the pool
 //! is bounded in threads, one fewer than the cores (at least one), so the async workers keep
-//! a core; pathological inputs are bounded by their work (counting stops once the budget is
-//! spent, bodies by `max_body_bytes`), not by OS priority.
+//! a core, and its work is paced ([`crate::pace`]): the long loops of parsing, counting and
+//! joining rest for a moment after each slice of work, so a pathological request uses at
+//! most part of a core and never holds one for long. Its size is bounded by its work
+//! (counting stops once the budget is spent, bodies by `max_body_bytes`), not by OS
+//! priority.
 //!
 //! Admission is fair: jobs queue per conversation, and the threads take the conversations in
 //! turn (round robin in order of arrival, one job each), so one conversation sending many
@@ -84,7 +87,10 @@ impl Heavy {
             let s = Arc::clone(&shared);
             let spawned = std::thread::Builder::new()
                 .name(format!("ctxgate-heavy-{i}"))
-                .spawn(move || s.work());
+                .spawn(move || {
+                    crate::pace::enable();
+                    s.work()
+                });
             if let Err(e) = spawned {
                 tracing::error!(error = %e, "cannot start a heavy-work thread");
             }
@@ -165,6 +171,7 @@ impl Shared {
                     };
                 }
             };
+            crate::pace::start();
             job();
         }
     }

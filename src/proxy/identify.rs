@@ -275,7 +275,10 @@ impl Frames {
             _ => {
                 let mut b = BytesMut::with_capacity(self.len);
                 for f in &self.frames {
-                    b.extend_from_slice(f);
+                    for piece in f.chunks(64 << 10) {
+                        b.extend_from_slice(piece);
+                        crate::pace::pace_by(64);
+                    }
                 }
                 b.freeze()
             }
@@ -298,15 +301,16 @@ pub async fn read_body(
     mut verifier: Option<&mut Verifier>,
 ) -> Result<Frames, Error> {
     let mut out = Frames::default();
-    // Sized by the declared length, but never more than 8 MiB before the bytes arrive (a
-    // client cannot make ctxgate reserve `max_body_bytes` by announcing it).
-    let mut joined: Option<BytesMut> = verifier.as_ref().map(|_| {
-        let hint = http_body::Body::size_hint(&body)
-            .lower()
-            .min(limit)
-            .min(8 << 20);
-        BytesMut::with_capacity(usize::try_from(hint).unwrap_or(0))
+    // Sized by the declared length (so it is never copied to grow), but past 8 MiB only when
+    // the conversation's previous body was at least half as long: a client cannot make
+    // ctxgate reserve `max_body_bytes` by announcing it.
+    let mut joined: Option<BytesMut> = verifier.as_ref().map(|v| {
+        let hint =
+            usize::try_from(http_body::Body::size_hint(&body).lower().min(limit)).unwrap_or(0);
+        let cap = (8 << 20).max(v.previous_len().saturating_mul(2));
+        BytesMut::with_capacity(hint.min(cap))
     });
+    let mut since_yield = 0usize;
     let deadline = tokio::time::Instant::now() + t.body_total_timeout;
     loop {
         let idle_at = (tokio::time::Instant::now() + t.body_idle_timeout).min(deadline);
@@ -334,11 +338,28 @@ pub async fn read_body(
         if out.len as u64 > limit {
             return Err(Error::BodyTooLarge { limit });
         }
-        if let (Some(v), Some(j)) = (verifier.as_deref_mut(), joined.as_mut()) {
-            v.feed(&data);
-            j.extend_from_slice(&data);
-        } else {
-            out.frames.push(data);
+        match (verifier.as_deref_mut(), joined.as_mut()) {
+            (Some(v), Some(j)) if !v.failed() => {
+                v.feed(&data);
+                j.extend_from_slice(&data);
+                // Frames that are ready come back without a yield: give the worker's other
+                // tasks a turn after each MiB hashed and copied.
+                since_yield += data.len();
+                if since_yield >= 1 << 20 {
+                    since_yield = 0;
+                    tokio::task::yield_now().await;
+                }
+            }
+            (_, Some(j)) => {
+                // The body differs from the previous one: nothing more to check, and the rest
+                // is kept as it came (a large body is joined on the heavy pool).
+                if !j.is_empty() {
+                    out.frames.push(std::mem::take(j).freeze());
+                }
+                joined = None;
+                out.frames.push(data);
+            }
+            _ => out.frames.push(data),
         }
     }
     if let Some(j) = joined {

@@ -80,9 +80,13 @@ impl Proxy {
                 return Ok(());
             }
         };
+        // The request holds the body too: `bytes` is let go here, and the body comes back from
+        // `decide` only when it is forwarded as it came, so that a large body that was pruned
+        // is freed on the heavy pool, not on an async worker.
+        drop(bytes);
         let budget = Budget::for_request(&cfg.prune, req.model(), limit?);
         let started = Instant::now();
-        let outcome = self.decide(*req, &budget, call).await?;
+        let (outcome, bytes) = self.decide(*req, &budget, call).await?;
         call.prune_took = Some(started.elapsed());
         call.budget = Some(budget);
         call.summary = outcome.as_ref().and_then(|o| o.summary().cloned());
@@ -132,25 +136,21 @@ impl Proxy {
     }
 
     /// Runs the pure pruning function, inline or on the heavy pool; `None` when it failed,
-    /// [`Error::Busy`] when the pool's queue is full.
+    /// [`Error::Busy`] when the pool's queue is full. With the outcome comes the body as
+    /// received, unless the outcome replaces it (then it is dropped where pruning ran).
     async fn decide(
         &self,
         req: ChatRequest,
         budget: &Budget,
         call: &Call,
-    ) -> Result<Option<Outcome>, Error> {
+    ) -> Result<(Option<Outcome>, bytes::Bytes), Error> {
         let conversation = call.conversation.clone().unwrap_or_default();
         // What is new in the body is what pruning works on: a warm request of a conversation
         // in the view is pruned inline whatever its size.
         if req.fresh_bytes() <= INLINE_BYTES {
             let p = &self.pruning;
-            return Ok(prune_guarded(
-                &req,
-                budget,
-                &p.view,
-                &conversation,
-                &p.counter,
-            ));
+            let o = prune_guarded(&req, budget, &p.view, &conversation, &p.counter);
+            return Ok(keep_body(o, req));
         }
         let (view, counter, b) = (
             self.pruning.view.clone(),
@@ -161,19 +161,33 @@ impl Proxy {
         match self
             .heavy
             .run(&lane, move || {
-                prune_guarded(&req, &b, &view, &conversation, &counter)
+                let o = prune_guarded(&req, &b, &view, &conversation, &counter);
+                keep_body(o, req)
             })
             .await
         {
             Ok(o) => Ok(o),
             // Forwarding it unpruned could break the limit: the client is asked to retry.
             Err(Refused::Full(n)) => Err(Error::Busy(n)),
+            // The pool is gone (its job catches panics itself): the request went with it.
             Err(e @ Refused::Failed) => {
-                tracing::error!(route = call.route_name(), error = %e, "pruning task failed; forwarded unchanged");
-                Ok(None)
+                tracing::error!(route = call.route_name(), error = %e, "pruning task failed");
+                Err(Error::Busy(0))
             }
         }
     }
+}
+
+/// The outcome, with the body as received when it is forwarded as it came (an empty one when
+/// the outcome replaces it: the request, and with it the body, is dropped here).
+fn keep_body(outcome: Option<Outcome>, req: ChatRequest) -> (Option<Outcome>, bytes::Bytes) {
+    let keep = !matches!(outcome, Some(Outcome::Pruned { .. } | Outcome::Rejected(_)));
+    let body = if keep {
+        req.body().clone()
+    } else {
+        bytes::Bytes::new()
+    };
+    (outcome, body)
 }
 
 /// The request's own limit from [`TOKEN_LIMIT_HEADER`], if it sent one.

@@ -107,6 +107,7 @@ impl<'a> Work<'a> {
             }
             let v: Value = serde_json::from_slice(req.raw(i)).unwrap_or(Value::Null);
             let meta = Meta::of(req.dialect(), &v);
+            crate::pace::pace_by(16);
             entries.push(Entry {
                 fp: m.fp,
                 meta: Arc::new(meta),

@@ -174,6 +174,16 @@ impl Verifier {
         }
     }
 
+    /// Whether the body already differs from the layout's.
+    pub fn failed(&self) -> bool {
+        self.failed
+    }
+
+    /// Length of the body the layout was taken from (up to its last message).
+    pub fn previous_len(&self) -> usize {
+        self.layout.messages.last().map_or(0, |m| m.end)
+    }
+
     /// Feeds the body's next bytes.
     pub fn feed(&mut self, mut chunk: &[u8]) {
         while !self.failed && !chunk.is_empty() {
@@ -282,6 +292,7 @@ impl ChatRequest {
         let mut messages = Vec::with_capacity(list.len());
         for (i, raw) in list.iter().enumerate() {
             messages.push(raw_message(key, i, span(raw.get()), raw.get())?);
+            crate::pace::pace_by(8);
         }
         let fields: Vec<Field> = fields
             .iter()
@@ -303,6 +314,7 @@ impl ChatRequest {
                     h = xxh3_64_with_seed(&body[at..m.end], h);
                     m.chain = h;
                     at = m.end;
+                    crate::pace::pace_by(2);
                 }
                 Layout {
                     dialect,
@@ -926,6 +938,7 @@ impl<'de> Deserialize<'de> for Items<'de> {
                 let mut list = Vec::new();
                 while let Some(m) = seq.next_element::<&'de RawValue>()? {
                     list.push(m);
+                    crate::pace::pace_by(16);
                 }
                 Ok(Items::List(list))
             }

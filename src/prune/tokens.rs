@@ -135,6 +135,7 @@ impl Counter {
         let mut total = 0u64;
         for piece in Pieces::new(text) {
             total += count_piece(bpe, piece);
+            crate::pace::pace();
         }
         total
     }

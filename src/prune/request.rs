@@ -806,6 +806,9 @@ impl ChatRequest {
             }
             match replace {
                 Some((rk, rv)) if rk == f.key => out.extend_from_slice(rv.as_bytes()),
+                // An earlier copy of the items key (JSON lets a key repeat; the last one
+                // counts): its items were never kept, so it goes out as an empty array.
+                _ if f.span.is_empty() => out.extend_from_slice(b"[]"),
                 _ => out.extend_from_slice(&self.body[f.span.clone()]),
             }
         }

@@ -251,3 +251,40 @@ proptest! {
         prop_assert_eq!(format!("{:?}", got.map(|r| r.parts())), format!("{:?}", expect));
     }
 }
+
+/// JSON lets a key repeat and the last one counts: an earlier copy of the items key goes out
+/// as an empty array, so a pruned body is still JSON (found by the `prune` fuzz target).
+#[test]
+fn a_repeated_items_key_goes_out_as_an_empty_array() {
+    let big = "line of output\n".repeat(400);
+    let body = serde_json::to_string(&json!({"model": "gpt-4o", "messages": "x"})).unwrap();
+    let tail = serde_json::to_string(&json!([
+        {"role": "user", "content": big},
+        {"role": "assistant", "content": "ok"},
+        {"role": "user", "content": "and now?"},
+    ]))
+    .unwrap();
+    let body = format!("{},\"messages\":{tail}}}", &body[..body.len() - 1]);
+    let req = ChatRequest::parse(Dialect::OpenAi, body.as_bytes()).unwrap();
+    let budget = Budget {
+        hard_token_limit: 500,
+        target_tokens: 300,
+        max_messages: 0,
+        ..Budget::default()
+    };
+    let Outcome::Pruned { body: pruned, .. } = prune(&req, &budget, &view(), "c", &counter())
+    else {
+        panic!("pruned");
+    };
+    let text = String::from_utf8(pruned).unwrap();
+    assert!(
+        text.starts_with(r#"{"model":"gpt-4o","messages":[],"messages":[{"#),
+        "{text}"
+    );
+    assert_eq!(
+        ChatRequest::parse(Dialect::OpenAi, text.as_bytes())
+            .unwrap()
+            .message_count(),
+        2
+    );
+}

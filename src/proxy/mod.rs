@@ -90,7 +90,13 @@ impl Proxy {
                 client: upstream::build_client(r, &native)?,
                 index,
             }));
-            route_metrics.push(RouteMetrics::new(&m.call, &m.gate.wait, &m.prune, &r.name));
+            route_metrics.push(RouteMetrics::new(
+                &m.call,
+                &m.gate.wait,
+                &m.prune,
+                &r.name,
+                r.dialect,
+            ));
         }
         let gates = admit::gates(config);
         Ok(Proxy {

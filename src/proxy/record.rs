@@ -187,17 +187,35 @@ pub struct RouteMetrics {
     disconnects: IntCounter,
     gate_wait: Histogram,
     prune: RoutePruneMetrics,
+    /// `ctxgate_http_requests_total{route,status="200"}`, the status nearly every call ends
+    /// with (others are looked up).
+    ok: IntCounter,
+    /// The usage series: upstream tokens by `TOKEN_TYPES`, the estimate ratio, and the GenAI
+    /// duration and input/output token histograms of the route's provider.
+    upstream_tokens: [IntCounter; 4],
+    estimate_ratio: Histogram,
+    genai_duration: Histogram,
+    genai_tokens: [Histogram; 2],
 }
 
 impl RouteMetrics {
-    /// Resolves the series of route `route`.
+    /// Resolves the series of route `route`, whose upstream speaks `dialect`.
     pub fn new(
         call: &CallMetrics,
         gate_wait: &HistogramVec,
         prune: &PruneMetrics,
         route: &str,
+        dialect: Dialect,
     ) -> Self {
+        let provider = dialect.as_str();
         RouteMetrics {
+            ok: call.requests.with_label_values(&[route, "200"]),
+            upstream_tokens: TOKEN_TYPES
+                .map(|t| call.upstream_tokens.with_label_values(&[route, t])),
+            estimate_ratio: call.estimate_ratio.with_label_values(&[route]),
+            genai_duration: call.genai_duration.with_label_values(&["chat", provider]),
+            genai_tokens: ["input", "output"]
+                .map(|t| call.genai_tokens.with_label_values(&[t, "chat", provider])),
             duration: call.duration.with_label_values(&[route]),
             ttfb: call.ttfb.with_label_values(&[route]),
             overhead: call.overhead.with_label_values(&[route]),
@@ -240,7 +258,10 @@ impl Recorder {
     /// The response headers are going out: counts the response.
     pub fn responded(&self, call: &Call) {
         let status = call.status.unwrap_or(CLIENT_CLOSED);
-        self.count_response(call.route_name(), status);
+        match self.route(call) {
+            Some(r) if status == 200 => r.ok.inc(),
+            _ => self.count_response(call.route_name(), status),
+        }
         if let (Some(r), Some(t)) = (self.route(call), call.ttfb) {
             r.ttfb.observe(t.as_secs_f64());
         }
@@ -309,13 +330,7 @@ impl Recorder {
             self.count_admission(call);
         }
         if responded && call.chat {
-            self.observe_usage(
-                name,
-                route.config.dialect,
-                tapped,
-                elapsed,
-                call.summary.as_ref(),
-            );
+            Self::observe_usage(m, tapped, elapsed, call.summary.as_ref());
         }
         self.count_end(name, m, call, end)
     }
@@ -383,41 +398,28 @@ impl Recorder {
         }
     }
 
-    /// A chat call's upstream usage and duration (ctxgate's and the GenAI names).
-    fn observe_usage(
-        &self,
-        route: &str,
-        dialect: Dialect,
-        t: &Tapped,
-        elapsed: Duration,
-        summary: Option<&Summary>,
-    ) {
-        let m = &self.metrics;
-        let provider = dialect.as_str();
-        m.genai_duration
-            .with_label_values(&["chat", provider])
-            .observe(elapsed.as_secs_f64());
-        for (kind, v) in [
-            ("input", t.input_tokens),
-            ("output", t.output_tokens),
-            ("cache_read", t.cache_read_tokens),
-            ("cache_write", t.cache_write_tokens),
-        ] {
+    /// A chat call's upstream usage and duration (ctxgate's and the GenAI names), on the
+    /// route's series resolved at start.
+    fn observe_usage(m: &RouteMetrics, t: &Tapped, elapsed: Duration, summary: Option<&Summary>) {
+        m.genai_duration.observe(elapsed.as_secs_f64());
+        let counts = [
+            t.input_tokens,
+            t.output_tokens,
+            t.cache_read_tokens,
+            t.cache_write_tokens,
+        ];
+        for (series, v) in m.upstream_tokens.iter().zip(counts) {
             if let Some(n) = v {
-                m.upstream_tokens
-                    .with_label_values(&[route, kind])
-                    .inc_by(n);
+                series.inc_by(n);
             }
         }
-        for (kind, v) in [("input", t.input_tokens), ("output", t.output_tokens)] {
+        for (series, v) in m.genai_tokens.iter().zip([t.input_tokens, t.output_tokens]) {
             if let Some(n) = v {
-                m.genai_tokens
-                    .with_label_values(&[kind, "chat", provider])
-                    .observe(n as f64);
+                series.observe(n as f64);
             }
         }
         if let Some(ratio) = usage_ratio(t, summary) {
-            m.estimate_ratio.with_label_values(&[route]).observe(ratio);
+            m.estimate_ratio.observe(ratio);
         }
     }
 }

@@ -437,20 +437,30 @@ async fn compressed_chat_bodies_are_decoded_for_pruning_or_forwarded_untouched()
     .await;
 }
 
-/// A conversation named by a header is parsed after its previous body: only the new turn is
-/// parsed. The same bodies sent to a second ctxgate that knows the conversation only from a
-/// body field (so it parses every body whole) are forwarded byte for byte alike, turn after
-/// turn — also after the client edits an earlier message and changes its system prompt.
+/// A conversation named by a header is parsed after its previous body, checked as it arrives;
+/// one known only by a body field is found through the bytes its bodies begin with and parsed
+/// after its previous body too. Both forward, turn after turn, exactly the bytes that a
+/// ctxgate parsing every body whole forwards (the reference: gzip bodies without a header,
+/// which are parsed whole) — also after the client edits an earlier message and changes its
+/// system prompt.
 #[tokio::test]
 async fn a_resumed_parse_forwards_what_a_full_parse_forwards() {
-    let up_a = mock(llm_reply).await;
-    let up_b = mock(llm_reply).await;
-    let config = |up: &Mock| {
-        TestConfig::both(up)
-            .set("prune", "hard_token_limit", 4000)
-            .set("prune", "max_messages", 0)
-    };
-    let (a, b) = (config(&up_a).start().await, config(&up_b).start().await);
+    use std::io::Write;
+    let ups = [
+        mock(llm_reply).await,
+        mock(llm_reply).await,
+        mock(llm_reply).await,
+    ];
+    let mut gates = Vec::new();
+    for up in &ups {
+        gates.push(
+            TestConfig::both(up)
+                .set("prune", "hard_token_limit", 4000)
+                .set("prune", "max_messages", 0)
+                .start()
+                .await,
+        );
+    }
     let mut history =
         vec![serde_json::json!({"role": "system", "content": "You are a careful coding agent."})];
     for i in 0..30 {
@@ -463,18 +473,43 @@ async fn a_resumed_parse_forwards_what_a_full_parse_forwards() {
         }
         let body = serde_json::json!({"model": "gpt-4o", "messages": history, "prompt_cache_key": "conv-r"})
             .to_string();
-        for (gate, headers) in [(&a, &[("x-conversation-id", "conv-r")][..]), (&b, &[][..])] {
-            let (s, _, _) = send("POST", &gate.url("/v1/chat/completions"), headers, &body).await;
-            assert_eq!(s, 200);
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(body.as_bytes()).unwrap();
+        let gz = Bytes::from(gz.finish().unwrap());
+        for (k, gate) in gates.iter().enumerate() {
+            let mut req = http::Request::post(gate.url("/v1/chat/completions"))
+                .header("content-type", "application/json");
+            req = match k {
+                0 => req.header("x-conversation-id", "conv-r"),
+                1 => req.header("content-encoding", "gzip"),
+                _ => req,
+            };
+            let b = if k == 1 {
+                gz.clone()
+            } else {
+                Bytes::from(body.clone())
+            };
+            let resp = client()
+                .request(req.body(http_body_util::Full::new(b)).unwrap())
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), 200);
         }
     }
-    let (fa, fb) = (up_a.requests(), up_b.requests());
-    assert_eq!(fa.len(), 30);
-    for (i, (x, y)) in fa.iter().zip(&fb).enumerate() {
-        assert_eq!(x.body, y.body, "request {i} forwarded differently");
+    let forwarded: Vec<_> = ups.iter().map(|u| u.requests()).collect();
+    assert_eq!(forwarded[1].len(), 30);
+    for k in [0, 2] {
+        for (i, (x, y)) in forwarded[k].iter().zip(&forwarded[1]).enumerate() {
+            assert_eq!(
+                x.body, y.body,
+                "gate {k}, request {i} forwarded differently"
+            );
+        }
     }
     assert!(
-        fa.iter().any(|r| messages(&r.body).len() < 30 * 4 / 2),
+        forwarded[1]
+            .iter()
+            .any(|r| messages(&r.body).len() < 30 * 4 / 2),
         "the limit pruned"
     );
     let bytes = |page: &str, part: &str| {
@@ -483,18 +518,19 @@ async fn a_resumed_parse_forwards_what_a_full_parse_forwards() {
             &format!("ctxgate_prune_body_bytes_total{{part=\"{part}\",route=\"openai\"}}"),
         )
     };
-    let (pa, pb) = (metrics(&a).await, metrics(&b).await);
-    // The header-named conversation parsed little more than its new turns (and the bodies
-    // after the edit and the system prompt change, parsed whole from the change on).
-    assert!(
-        bytes(&pa, "reused") > 4.0 * bytes(&pa, "parsed"),
-        "{} reused, {} parsed",
-        bytes(&pa, "reused"),
-        bytes(&pa, "parsed")
-    );
-    assert_eq!(bytes(&pb, "reused"), 0.0);
-    assert_eq!(
-        bytes(&pa, "reused") + bytes(&pa, "parsed"),
-        bytes(&pb, "parsed")
-    );
+    let mut pages = Vec::new();
+    for g in &gates {
+        pages.push(metrics(g).await);
+    }
+    // The header-named and the body-field conversation parsed little more than their new
+    // turns (and, after the edit and the system prompt change, the bodies from the change on).
+    for k in [0, 2] {
+        let (reused, parsed) = (bytes(&pages[k], "reused"), bytes(&pages[k], "parsed"));
+        assert!(
+            reused > 4.0 * parsed,
+            "gate {k}: {reused} reused, {parsed} parsed"
+        );
+        assert_eq!(reused + parsed, bytes(&pages[1], "parsed"));
+    }
+    assert_eq!(bytes(&pages[1], "reused"), 0.0);
 }

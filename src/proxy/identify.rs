@@ -26,7 +26,8 @@ use crate::coding::{decode_all, DecodeError};
 use crate::config::{Conversation, OnParseError, Route, Server};
 use crate::dialect::Dialect;
 use crate::error::Error;
-use crate::prune::{ChatRequest, ParseError, Verifier};
+use crate::prune::{ChatRequest, Layout, ParseError, Verifier};
+use std::sync::Arc;
 
 pub use super::call::Identity;
 use super::call::{Call, Payload, PruneAction};
@@ -119,13 +120,22 @@ impl Proxy {
         let dialect = call.dialect;
         if verifier.is_none() {
             // A decoded body: checked now, whole.
-            verifier = layout.as_ref().map(|l| {
-                let mut v = l.verifier();
-                for f in frames.parts() {
-                    v.feed(f);
-                }
-                v
-            });
+            verifier = layout.as_ref().map(|l| checked(l, &frames));
+        }
+        // A conversation no header names (known by a body field or a fingerprint): the
+        // conversations whose bodies began with the same bytes are candidates; the one whose
+        // last body this one repeats furthest is parsed after. The id itself still comes from
+        // the parsed body, so a wrong candidate costs only a hash pass, never a wrong id.
+        let anchor = (header_id.is_none() && cfg.prune.enabled && !compressed)
+            .then(|| anchor_of(&cfg.name, &frames));
+        if let (None, Some(a)) = (&verifier, anchor) {
+            verifier = self
+                .pruning
+                .view
+                .anchored(a)
+                .iter()
+                .map(|l| checked(l, &frames))
+                .min_by_key(|v| v.fresh_bytes(frames.len()));
         }
         let fresh = verifier
             .as_ref()
@@ -171,6 +181,9 @@ impl Proxy {
             );
             (bytes, parsed, id)
         };
+        if let (Some(a), Some(i), Ok(_)) = (anchor, &id, &parsed) {
+            self.pruning.view.note_anchor(a, &i.id);
+        }
         call.identify(id);
         match parsed {
             Ok(p) => {
@@ -208,6 +221,33 @@ impl Proxy {
     fn header_identity(&self, headers: &HeaderMap) -> Option<Identity> {
         conversation_id(headers, &self.conversation, |_| None, || None)
     }
+}
+
+/// A verifier of `layout` fed the whole body.
+fn checked(layout: &Arc<Layout>, frames: &Frames) -> Verifier {
+    let mut v = layout.verifier();
+    for f in frames.parts() {
+        v.feed(f);
+    }
+    v
+}
+
+/// Bytes of a body's start that key the anchor index.
+const ANCHOR_BYTES: usize = 1024;
+
+/// The anchor of a body on a route: a hash of its first [`ANCHOR_BYTES`] bytes.
+fn anchor_of(route: &str, frames: &Frames) -> u64 {
+    let mut h = xxhash_rust::xxh3::Xxh3::with_seed(fnv1a(route.as_bytes()));
+    let mut left = ANCHOR_BYTES;
+    for f in frames.parts() {
+        let take = left.min(f.len());
+        h.update(&f[..take]);
+        left -= take;
+        if left == 0 {
+            break;
+        }
+    }
+    h.digest()
 }
 
 /// Parses a chat body (after the conversation's previous body, when `verifier` checked it

@@ -14,6 +14,10 @@ use crate::prune::tokens::{estimate_bytes, Counter, Encoding};
 use crate::prune::view::{ConvState, Elided, Entry, StateKey, View};
 use crate::prune::{Budget, Mode, OnOverflow, Outcome, Rejection, Summary};
 
+/// Bodies from this size on leave their layout in the view, for the next request of their
+/// conversation to parse only what is new.
+pub const LAYOUT_MIN_BYTES: usize = 16 * 1024;
+
 /// Prunes `req` to `budget`, using and updating `view`'s knowledge of `conversation`.
 ///
 /// Pure apart from the view (an in-memory cache): no I/O. Never panics. Long counts can
@@ -806,7 +810,12 @@ impl<'a> Work<'a> {
             fixed: Some((self.fixed_fp, self.fixed_extra)),
             msgs: self.entries,
             cut: self.cut,
-            layout: self.req.layout(),
+            // A small body parses in microseconds: its layout would cost the view more
+            // memory than it saves time.
+            layout: self
+                .req
+                .layout()
+                .filter(|_| self.req.body_len() >= LAYOUT_MIN_BYTES),
         }
     }
 }

@@ -20,6 +20,9 @@ use crate::prune::tokens::Encoding;
 /// The conversation view shared by all requests (cheap to share: wrap it in an `Arc`).
 pub struct View {
     cache: Cache<String, Arc<ConvState>>,
+    /// For conversations no header names: the hash of a body's first bytes (the anchor) →
+    /// the conversations, newest first, whose bodies began so. Bounded in entries.
+    anchors: Cache<u64, Arc<[String]>>,
     hits: AtomicU64,
     misses: AtomicU64,
 }
@@ -47,6 +50,10 @@ impl View {
             .build();
         View {
             cache,
+            anchors: Cache::builder()
+                .max_capacity(ANCHORS)
+                .time_to_idle(idle_ttl)
+                .build(),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
         }
@@ -78,6 +85,33 @@ impl View {
         self.cache.get(conversation).and_then(|s| s.layout.clone())
     }
 
+    /// The layouts of the conversations whose bodies began like this one (`anchor`), newest
+    /// first.
+    pub fn anchored(&self, anchor: u64) -> Vec<Arc<Layout>> {
+        self.anchors
+            .get(&anchor)
+            .map(|ids| ids.iter().filter_map(|id| self.layout(id)).collect())
+            .unwrap_or_default()
+    }
+
+    /// Notes that `conversation`'s body began like this (`anchor`); keeps the newest
+    /// [`ANCHORED`] conversations of each anchor.
+    pub fn note_anchor(&self, anchor: u64, conversation: &str) {
+        let old = self.anchors.get(&anchor);
+        if old.as_ref().and_then(|ids| ids.first()).map(String::as_str) == Some(conversation) {
+            return;
+        }
+        let mut ids = vec![conversation.to_string()];
+        ids.extend(
+            old.iter()
+                .flat_map(|o| o.iter())
+                .filter(|id| id.as_str() != conversation)
+                .take(ANCHORED - 1)
+                .cloned(),
+        );
+        self.anchors.insert(anchor, ids.into());
+    }
+
     pub(crate) fn record(&self, hit: bool) {
         let c = if hit { &self.hits } else { &self.misses };
         c.fetch_add(1, Ordering::Relaxed);
@@ -87,6 +121,12 @@ impl View {
         self.cache.insert(conversation.to_string(), Arc::new(state));
     }
 }
+
+/// Anchors kept (each a few conversation ids).
+const ANCHORS: u64 = 65_536;
+/// Conversations kept per anchor: bodies that begin alike (one agent's system prompt) are
+/// tried newest first.
+const ANCHORED: usize = 4;
 
 /// What the view knows about one conversation.
 #[derive(Debug, Clone)]

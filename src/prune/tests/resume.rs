@@ -179,6 +179,7 @@ fn pruning_after_a_resumed_parse_forwards_what_a_full_parse_forwards() {
         let (resumed, full) = (view(), view());
         let ts = turns(24);
         let mut moved = 0;
+        let mut prev_len = 0;
         for t in 1..=ts.len() {
             let mut body = render_with_note(&ts[..t], dialect, false, false);
             if t == 12 {
@@ -195,9 +196,10 @@ fn pruning_after_a_resumed_parse_forwards_what_a_full_parse_forwards() {
             .unwrap();
             let b = ChatRequest::parse(dialect, &body).unwrap();
             assert_eq!(a.parts(), b.parts());
-            if t > 1 && t != 12 && t != 13 {
+            if t > 1 && t != 12 && t != 13 && prev_len >= super::super::policy::LAYOUT_MIN_BYTES {
                 assert!(a.reused_messages() > 0, "{dialect:?} turn {t}");
             }
+            prev_len = body.len();
             let oa = prune(&a, &budget, &resumed, "c", &c);
             let ob = prune(&b, &budget, &full, "c", &c);
             assert_eq!(oa, ob, "{dialect:?} turn {t}");

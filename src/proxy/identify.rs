@@ -26,7 +26,7 @@ use crate::coding::{decode_all, DecodeError};
 use crate::config::{Conversation, OnParseError, Route, Server};
 use crate::dialect::Dialect;
 use crate::error::Error;
-use crate::prune::{ChatRequest, Layout, ParseError, Verifier};
+use crate::prune::{ChatRequest, Layout, ParseError, Verifier, LAYOUT_MIN_BYTES};
 use std::sync::Arc;
 
 pub use super::call::Identity;
@@ -126,7 +126,11 @@ impl Proxy {
         // conversations whose bodies began with the same bytes are candidates; the one whose
         // last body this one repeats furthest is parsed after. The id itself still comes from
         // the parsed body, so a wrong candidate costs only a hash pass, never a wrong id.
-        let anchor = (header_id.is_none() && cfg.prune.enabled && !compressed)
+        // (Only bodies large enough to keep a layout take part.)
+        let anchor = (header_id.is_none()
+            && cfg.prune.enabled
+            && !compressed
+            && frames.len() >= LAYOUT_MIN_BYTES)
             .then(|| anchor_of(&cfg.name, &frames));
         if let (None, Some(a)) = (&verifier, anchor) {
             verifier = self

@@ -244,6 +244,24 @@ mod tests {
     use super::*;
 
     #[test]
+    fn busy_is_503_with_retry_after_in_the_dialects_shape() {
+        let e = Error::Busy(128);
+        let r: http::Response<Bytes> = e.to_response(Dialect::OpenAi);
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(r.headers()["retry-after"], "1");
+        assert_eq!(r.headers()["x-ctxgate-error"], "busy");
+        let v: serde_json::Value = serde_json::from_slice(r.body()).unwrap();
+        assert_eq!(v["error"]["code"], "busy");
+        assert_eq!(
+            v["error"]["message"],
+            "ctxgate is busy: 128 large requests are already waiting to be parsed; retry shortly"
+        );
+        let v: serde_json::Value = serde_json::from_str(&e.body(Dialect::Anthropic)).unwrap();
+        assert_eq!(v["type"], "error");
+        assert_eq!(v["error"]["type"], "rate_limit_error");
+    }
+
+    #[test]
     fn timeout_message_names_key() {
         let e = Error::Timeout {
             phase: Phase::ResponseHeaders,

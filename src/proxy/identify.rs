@@ -126,12 +126,14 @@ impl Proxy {
         // conversations whose bodies began with the same bytes are candidates; the one whose
         // last body this one repeats furthest is parsed after. The id itself still comes from
         // the parsed body, so a wrong candidate costs only a hash pass, never a wrong id.
-        // (Only bodies large enough to keep a layout take part.)
+        // (Only bodies large enough to keep a layout take part, and none so large that
+        // checking candidates would hold the async worker: those are parsed whole, on the
+        // heavy pool.)
         let anchor = (header_id.is_none()
             && cfg.prune.enabled
             && !compressed
-            && frames.len() >= LAYOUT_MIN_BYTES)
-            .then(|| anchor_of(&cfg.name, &frames));
+            && (LAYOUT_MIN_BYTES..=ANCHOR_MAX_BYTES).contains(&frames.len()))
+        .then(|| anchor_of(&cfg.name, &frames));
         if let (None, Some(a)) = (&verifier, anchor) {
             verifier = self
                 .pruning
@@ -235,6 +237,10 @@ fn checked(layout: &Arc<Layout>, frames: &Frames) -> Verifier {
     }
     v
 }
+
+/// Largest body checked against its anchor's candidates (on the async worker: a hash pass
+/// per candidate, about 0.1 ms per MiB).
+const ANCHOR_MAX_BYTES: usize = 8 << 20;
 
 /// Bytes of a body's start that key the anchor index.
 const ANCHOR_BYTES: usize = 1024;

@@ -534,3 +534,101 @@ async fn a_resumed_parse_forwards_what_a_full_parse_forwards() {
     }
     assert_eq!(bytes(&pages[1], "reused"), 0.0);
 }
+
+/// A body that arrives in many small frames is checked against its conversation's last body
+/// frame by frame; when it differs part-way (an edited message, another model before the
+/// messages) the rest is kept as it came and parsed after the part that matched. Each turn
+/// goes upstream exactly as the same body sent in one piece does.
+#[tokio::test]
+async fn a_body_in_small_frames_is_checked_as_it_arrives() {
+    struct Frames(tokio::sync::mpsc::Receiver<Bytes>);
+    impl futures_core::Stream for Frames {
+        type Item = Result<hyper::body::Frame<Bytes>, std::convert::Infallible>;
+        fn poll_next(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Self::Item>> {
+            self.0
+                .poll_recv(cx)
+                .map(|o| o.map(|b| Ok(hyper::body::Frame::data(b))))
+        }
+    }
+    let ups = [mock(llm_reply).await, mock(llm_reply).await];
+    let mut gates = Vec::new();
+    for up in &ups {
+        gates.push(
+            TestConfig::both(up)
+                .set("prune", "hard_token_limit", 4000)
+                .set("prune", "max_messages", 0)
+                .start()
+                .await,
+        );
+    }
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http();
+    let mut history =
+        vec![serde_json::json!({"role": "system", "content": "You are a careful coding agent."})];
+    let mut model = "gpt-4o";
+    let mut total = 0usize;
+    for i in 0..16 {
+        history.extend(turn(i));
+        if i == 9 {
+            history[5]["content"] = serde_json::json!("an edited answer");
+        }
+        if i == 12 {
+            model = "gpt-4.1";
+        }
+        let body = serde_json::json!({"model": model, "messages": history}).to_string();
+        total += body.len();
+        // Gate 0: 997-byte frames, each sent on its own; gate 1: the body in one piece.
+        let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
+        let frames: Vec<Bytes> = body
+            .as_bytes()
+            .chunks(997)
+            .map(Bytes::copy_from_slice)
+            .collect();
+        tokio::spawn(async move {
+            for f in frames {
+                if tx.send(f).await.is_err() {
+                    break;
+                }
+                tokio::task::yield_now().await;
+            }
+        });
+        let req = http::Request::post(gates[0].url("/v1/chat/completions"))
+            .header("x-conversation-id", "framed")
+            .header("content-type", "application/json")
+            .body(http_body_util::StreamBody::new(Frames(rx)))
+            .unwrap();
+        assert_eq!(client.request(req).await.unwrap().status(), 200);
+        let (s, _, _) = send(
+            "POST",
+            &gates[1].url("/v1/chat/completions"),
+            &[("x-conversation-id", "framed")],
+            &body,
+        )
+        .await;
+        assert_eq!(s, 200);
+    }
+    let (a, b) = (ups[0].requests(), ups[1].requests());
+    assert_eq!(a.len(), 16);
+    for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+        assert_eq!(x.body, y.body, "turn {i} forwarded differently");
+    }
+    // Older file contents were elided (or messages dropped): pruning ran on every path.
+    let sent = serde_json::json!({"model": model, "messages": history}).to_string();
+    assert!(a[15].body.len() < sent.len() / 2, "the limit pruned");
+    let page = metrics(&gates[0]).await;
+    let reused = sample(
+        &page,
+        "ctxgate_prune_body_bytes_total{part=\"reused\",route=\"openai\"}",
+    );
+    let parsed = sample(
+        &page,
+        "ctxgate_prune_body_bytes_total{part=\"parsed\",route=\"openai\"}",
+    );
+    // Every byte received is counted once, as reused or parsed; the small first bodies, the
+    // edit and the model change were parsed again, the rest mostly reused.
+    assert_eq!(reused + parsed, total as f64);
+    assert!(reused > parsed, "{reused} reused, {parsed} parsed");
+}

@@ -235,7 +235,7 @@ async fn send_frames(
     content_length: Option<usize>,
 ) -> (http::StatusCode, http::HeaderMap, Bytes) {
     let (tx, rx) = mpsc::channel::<Bytes>(16);
-    let body = http_body_util::StreamBody::new(ChunkStreamOk { rx });
+    let body = http_body_util::StreamBody::new(FrameStream(rx));
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build_http();
     let mut req = http::Request::post(gate.url(path));
@@ -296,21 +296,6 @@ async fn chat_body_in_many_frames_is_read_whole_and_limited() {
         "request body is larger than 6000 bytes (max_body_bytes)"
     );
     assert_eq!(up.requests().len(), 2);
-}
-
-struct ChunkStreamOk {
-    rx: mpsc::Receiver<Bytes>,
-}
-impl futures_core::Stream for ChunkStreamOk {
-    type Item = Result<hyper::body::Frame<Bytes>, std::convert::Infallible>;
-    fn poll_next(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Self::Item>> {
-        self.rx
-            .poll_recv(cx)
-            .map(|o| o.map(|b| Ok(hyper::body::Frame::data(b))))
-    }
 }
 
 #[tokio::test]

@@ -437,6 +437,21 @@ async fn compressed_chat_bodies_are_decoded_for_pruning_or_forwarded_untouched()
     .await;
 }
 
+/// One ctxgate before each mock, with a 4,000-token limit and no message cap.
+async fn limited_gates(ups: &[Mock]) -> Vec<Gate> {
+    let mut gates = Vec::new();
+    for up in ups {
+        gates.push(
+            TestConfig::both(up)
+                .set("prune", "hard_token_limit", 4000)
+                .set("prune", "max_messages", 0)
+                .start()
+                .await,
+        );
+    }
+    gates
+}
+
 /// A conversation named by a header is parsed after its previous body, checked as it arrives;
 /// one known only by a body field is found through the bytes its bodies begin with and parsed
 /// after its previous body too. Both forward, turn after turn, exactly the bytes that a
@@ -451,16 +466,7 @@ async fn a_resumed_parse_forwards_what_a_full_parse_forwards() {
         mock(llm_reply).await,
         mock(llm_reply).await,
     ];
-    let mut gates = Vec::new();
-    for up in &ups {
-        gates.push(
-            TestConfig::both(up)
-                .set("prune", "hard_token_limit", 4000)
-                .set("prune", "max_messages", 0)
-                .start()
-                .await,
-        );
-    }
+    let gates = limited_gates(&ups).await;
     let mut history =
         vec![serde_json::json!({"role": "system", "content": "You are a careful coding agent."})];
     for i in 0..30 {
@@ -541,29 +547,8 @@ async fn a_resumed_parse_forwards_what_a_full_parse_forwards() {
 /// goes upstream exactly as the same body sent in one piece does.
 #[tokio::test]
 async fn a_body_in_small_frames_is_checked_as_it_arrives() {
-    struct Frames(tokio::sync::mpsc::Receiver<Bytes>);
-    impl futures_core::Stream for Frames {
-        type Item = Result<hyper::body::Frame<Bytes>, std::convert::Infallible>;
-        fn poll_next(
-            mut self: std::pin::Pin<&mut Self>,
-            cx: &mut std::task::Context<'_>,
-        ) -> std::task::Poll<Option<Self::Item>> {
-            self.0
-                .poll_recv(cx)
-                .map(|o| o.map(|b| Ok(hyper::body::Frame::data(b))))
-        }
-    }
     let ups = [mock(llm_reply).await, mock(llm_reply).await];
-    let mut gates = Vec::new();
-    for up in &ups {
-        gates.push(
-            TestConfig::both(up)
-                .set("prune", "hard_token_limit", 4000)
-                .set("prune", "max_messages", 0)
-                .start()
-                .await,
-        );
-    }
+    let gates = limited_gates(&ups).await;
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build_http();
     let mut history =
@@ -598,7 +583,7 @@ async fn a_body_in_small_frames_is_checked_as_it_arrives() {
         let req = http::Request::post(gates[0].url("/v1/chat/completions"))
             .header("x-conversation-id", "framed")
             .header("content-type", "application/json")
-            .body(http_body_util::StreamBody::new(Frames(rx)))
+            .body(http_body_util::StreamBody::new(FrameStream(rx)))
             .unwrap();
         assert_eq!(client.request(req).await.unwrap().status(), 200);
         let (s, _, _) = send(

@@ -579,3 +579,16 @@ pub fn jsonl_records(dir: &std::path::Path) -> Vec<serde_json::Value> {
         })
         .collect()
 }
+
+/// A request body whose frames come from a channel, each as it is sent.
+pub struct FrameStream(pub mpsc::Receiver<Bytes>);
+
+impl futures_core::Stream for FrameStream {
+    type Item = Result<Frame<Bytes>, Infallible>;
+    fn poll_next(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        self.0.poll_recv(cx).map(|o| o.map(|b| Ok(Frame::data(b))))
+    }
+}

@@ -235,7 +235,7 @@ async fn send_frames(
     content_length: Option<usize>,
 ) -> (http::StatusCode, http::HeaderMap, Bytes) {
     let (tx, rx) = mpsc::channel::<Bytes>(16);
-    let body = http_body_util::StreamBody::new(FrameStream(rx));
+    let body = http_body_util::StreamBody::new(futures_stream(rx));
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build_http();
     let mut req = http::Request::post(gate.url(path));

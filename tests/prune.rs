@@ -583,7 +583,7 @@ async fn a_body_in_small_frames_is_checked_as_it_arrives() {
         let req = http::Request::post(gates[0].url("/v1/chat/completions"))
             .header("x-conversation-id", "framed")
             .header("content-type", "application/json")
-            .body(http_body_util::StreamBody::new(FrameStream(rx)))
+            .body(http_body_util::StreamBody::new(futures_stream(rx)))
             .unwrap();
         assert_eq!(client.request(req).await.unwrap().status(), 200);
         let (s, _, _) = send(

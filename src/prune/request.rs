@@ -116,13 +116,6 @@ impl Layout {
                 .sum::<usize>()
     }
 
-    /// Bytes of a body of `len` bytes past this layout's last message: about what a parse
-    /// after it has to read when the body repeats this one and adds to it.
-    pub fn new_bytes(&self, len: usize) -> usize {
-        let known = self.messages.last().map_or(0, |m| m.end);
-        len.saturating_sub(known)
-    }
-
     /// A checker that reads a new body as it arrives (frame by frame) and tells how much of
     /// it repeats the body this layout was taken from.
     pub fn verifier(self: &Arc<Layout>) -> Verifier {

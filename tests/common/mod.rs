@@ -167,8 +167,9 @@ fn answer(
     })
 }
 
-/// Adapts an mpsc receiver into a Stream of frames without pulling in a streams crate.
-fn futures_stream(rx: mpsc::Receiver<Bytes>) -> ChunkStream {
+/// Adapts an mpsc receiver into a Stream of frames without pulling in a streams crate (a
+/// mock's streamed answer, or a request body sent frame by frame).
+pub fn futures_stream(rx: mpsc::Receiver<Bytes>) -> ChunkStream {
     ChunkStream { rx }
 }
 
@@ -578,17 +579,4 @@ pub fn jsonl_records(dir: &std::path::Path) -> Vec<serde_json::Value> {
                 .collect::<Vec<_>>()
         })
         .collect()
-}
-
-/// A request body whose frames come from a channel, each as it is sent.
-pub struct FrameStream(pub mpsc::Receiver<Bytes>);
-
-impl futures_core::Stream for FrameStream {
-    type Item = Result<Frame<Bytes>, Infallible>;
-    fn poll_next(
-        mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Self::Item>> {
-        self.0.poll_recv(cx).map(|o| o.map(|b| Ok(Frame::data(b))))
-    }
 }

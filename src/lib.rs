@@ -40,19 +40,43 @@ pub enum StartError {
 /// Runs ctxgate on the given listeners until `shutdown` resolves, then shuts down gracefully:
 /// stop accepting, let in-flight requests finish within `shutdown_grace`, and return.
 ///
-/// Tests call this in-process with listeners bound to `127.0.0.1:0`; `main` calls it with the
-/// configured addresses and a signal future.
+/// Client connections are served on the runtime this is called on. Tests call this in-process
+/// with listeners bound to `127.0.0.1:0`; `main` calls [`serve_on`].
 pub async fn serve(
     config: Config,
     listener: TcpListener,
     admin_listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartError> {
+    serve_on(
+        config,
+        listener,
+        admin_listener,
+        shutdown,
+        server::Loops::here(),
+    )
+    .await
+}
+
+/// [`serve`], with client connections spread over `loops` (`server.io_threads` event loops;
+/// `main` builds them).
+pub async fn serve_on(
+    config: Config,
+    listener: TcpListener,
+    admin_listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    loops: server::Loops,
+) -> Result<(), StartError> {
     let metrics = metrics::Metrics::new();
     let transcript_metrics = transcript::TranscriptMetrics::register(metrics.registry());
     let (transcripts, writer) =
         transcript::Transcripts::start(config.transcripts.clone(), transcript_metrics).await?;
-    let proxy = Arc::new(proxy::Proxy::new(&config, &metrics, transcripts)?);
+    let proxy = Arc::new(proxy::Proxy::new(
+        &config,
+        &metrics,
+        transcripts,
+        loops.len(),
+    )?);
     let readiness = proxy::upstream::Readiness::new(&config.routes);
 
     // Admin first, so /healthz and /readyz answer while warm-up runs.
@@ -65,16 +89,17 @@ pub async fn serve(
     let admin_task = tokio::spawn(server::serve_admin(admin_listener, admin, async {
         let _ = admin_stop_rx.await;
     }));
-    proxy.start_background(&readiness);
+    proxy.start_background(&readiness, &loops);
     memory::spawn_trimmer(config.server.memory_trim_interval);
 
     tracing::info!(listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
-        routes = config.routes.len(), "ctxgate serving");
+        routes = config.routes.len(), loops = loops.len(), "ctxgate serving");
     let p = proxy.clone();
     let handler = move |req| p.clone().handle(req);
     let cutter = proxy.clone();
     let clean = server::serve_until(
         listener,
+        &loops,
         handler,
         shutdown,
         config.shutdown_grace,

@@ -257,17 +257,17 @@ fn main() -> ExitCode {
                     "ignoring environment variables that name no config key"
                 );
             }
-            let rt = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
+            // server.io_threads event loops: this thread's (which also accepts and runs the
+            // admin listener and the background tasks) and one thread each for the others.
+            let loops = match ctxgate::server::EventLoops::start(cfg.server.loops()) {
+                Ok(l) => l,
                 Err(e) => {
                     eprintln!("ctxgate: cannot start the runtime: {e}");
                     return ExitCode::FAILURE;
                 }
             };
-            rt.block_on(async move {
+            let handles = loops.handles();
+            let code = loops.block_on(async move {
                 let listener = match tokio::net::TcpListener::bind(cfg.listen).await {
                     Ok(l) => l,
                     Err(e) => {
@@ -285,14 +285,17 @@ fn main() -> ExitCode {
                         return ExitCode::FAILURE;
                     }
                 };
-                match ctxgate::serve(cfg, listener, admin, shutdown_signal()).await {
+                let loops = ctxgate::server::Loops::new(handles);
+                match ctxgate::serve_on(cfg, listener, admin, shutdown_signal(), loops).await {
                     Ok(()) => ExitCode::SUCCESS,
                     Err(e) => {
                         eprintln!("ctxgate: {e}");
                         ExitCode::from(EXIT_CONFIG)
                     }
                 }
-            })
+            });
+            loops.stop();
+            code
         }
     }
 }

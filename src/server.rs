@@ -13,6 +13,7 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -77,6 +78,197 @@ impl ConnMetrics {
     }
 }
 
+/// The event loops that serve client connections (`server.io_threads`): single-threaded
+/// runtimes, one per thread. The accept loop hands each new connection to the loop with the
+/// fewest open connections (ties: the next one round), and the connection, its calls and the
+/// tasks they spawn stay on that loop.
+///
+/// Why: on tokio's work-stealing runtime a call's tasks (the client connection, the upstream
+/// connection, the body) wake each other across threads; with one loop per core they wake
+/// each other in place. `bench/run`'s closed loop measured the difference (README
+/// "Benchmarks").
+#[derive(Clone)]
+pub struct Loops {
+    handles: Arc<[tokio::runtime::Handle]>,
+    open: Arc<[AtomicUsize]>,
+    next: Arc<AtomicUsize>,
+}
+
+impl Loops {
+    /// Only the runtime this is called on (tests, the admin listener): connections are spawned
+    /// on it with `tokio::spawn`, wherever its scheduler runs them.
+    pub fn here() -> Loops {
+        Loops::new(vec![tokio::runtime::Handle::current()])
+    }
+
+    /// These runtimes; each must be driven (by a thread in `block_on`) for as long as the
+    /// server runs.
+    pub fn new(handles: Vec<tokio::runtime::Handle>) -> Loops {
+        let open = handles.iter().map(|_| AtomicUsize::new(0)).collect();
+        Loops {
+            handles: handles.into(),
+            open,
+            next: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
+    /// The loops' runtimes, in order.
+    pub fn handles(&self) -> &[tokio::runtime::Handle] {
+        &self.handles
+    }
+
+    /// How many loops there are.
+    pub fn len(&self) -> usize {
+        self.handles.len()
+    }
+
+    /// Whether there are none (never, for a built `Loops`).
+    pub fn is_empty(&self) -> bool {
+        self.handles.is_empty()
+    }
+
+    /// Connections open on each loop now.
+    pub fn open(&self) -> Vec<usize> {
+        self.open
+            .iter()
+            .map(|o| o.load(Ordering::Relaxed))
+            .collect()
+    }
+
+    /// Prepares an accepted connection to be served on another loop: with more than one,
+    /// its socket leaves this loop's poller.
+    fn movable(&self, stream: TcpStream) -> Movable {
+        if self.handles.len() == 1 {
+            return Movable::Here(stream);
+        }
+        match stream.into_std() {
+            Ok(s) => Movable::Std(s),
+            Err(e) => Movable::Failed(e),
+        }
+    }
+
+    /// Spawns a connection's task on the loop with the fewest open connections.
+    fn spawn<F>(&self, task: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let n = self.handles.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
+        let i = (0..n)
+            .map(|k| (start + k) % n)
+            .min_by_key(|&i| self.open[i].load(Ordering::Relaxed))
+            .unwrap_or(0);
+        self.open[i].fetch_add(1, Ordering::Relaxed);
+        let open = self.open.clone();
+        self.handles[i].spawn(async move {
+            task.await;
+            open[i].fetch_sub(1, Ordering::Relaxed);
+        });
+    }
+}
+
+thread_local! {
+    /// The index of the event loop this thread drives (0 on any thread that drives none).
+    static LOOP: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Marks this thread as the one driving event loop `i` (called by the loop's thread before it
+/// starts).
+pub fn set_loop_index(i: usize) {
+    LOOP.with(|l| l.set(i));
+}
+
+/// The index of the event loop running on this thread: per-loop state (each route's upstream
+/// client) is picked by it, so a call's upstream connection lives on the call's own loop.
+pub fn loop_index() -> usize {
+    LOOP.with(|l| l.get())
+}
+
+/// The event loops `main` serves on: single-threaded tokio runtimes, the first driven by the
+/// thread that calls [`EventLoops::block_on`] (it also accepts, and runs the admin listener
+/// and the background tasks), each other by its own thread (`ctxgate-loop-N`) until
+/// [`EventLoops::stop`].
+pub struct EventLoops {
+    main: tokio::runtime::Runtime,
+    others: Vec<(
+        tokio::runtime::Handle,
+        tokio::sync::oneshot::Sender<()>,
+        std::thread::JoinHandle<()>,
+    )>,
+}
+
+impl EventLoops {
+    /// Starts `n` loops (at least one).
+    pub fn start(n: usize) -> std::io::Result<EventLoops> {
+        let build = || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+        };
+        let main = build()?;
+        let mut others = Vec::new();
+        for i in 1..n.max(1) {
+            let rt = build()?;
+            let handle = rt.handle().clone();
+            let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+            let thread = std::thread::Builder::new()
+                .name(format!("ctxgate-loop-{i}"))
+                .spawn(move || {
+                    set_loop_index(i);
+                    rt.block_on(async {
+                        let _ = stop_rx.await;
+                    });
+                })?;
+            others.push((handle, stop_tx, thread));
+        }
+        Ok(EventLoops { main, others })
+    }
+
+    /// The loops' handles, the main one first (for [`Loops::new`]).
+    pub fn handles(&self) -> Vec<tokio::runtime::Handle> {
+        std::iter::once(self.main.handle().clone())
+            .chain(self.others.iter().map(|(h, _, _)| h.clone()))
+            .collect()
+    }
+
+    /// Drives the main loop on this thread until `f` completes.
+    pub fn block_on<F: Future>(&self, f: F) -> F::Output {
+        set_loop_index(0);
+        self.main.block_on(f)
+    }
+
+    /// Stops the other loops (their connections are closed by then) and waits for them.
+    pub fn stop(self) {
+        for (_, stop, thread) in self.others {
+            let _ = stop.send(());
+            let _ = thread.join();
+        }
+    }
+}
+
+/// An accepted connection on its way to the loop that serves it.
+enum Movable {
+    /// Registered with the poller of the runtime it is served on.
+    Here(TcpStream),
+    /// Registered with none, yet.
+    Std(std::net::TcpStream),
+    /// Could not be taken off the accepting loop's poller (closed).
+    Failed(std::io::Error),
+}
+
+impl Movable {
+    /// The connection, registered with the poller of the runtime this runs on.
+    fn settle(self) -> Option<TcpStream> {
+        let r = match self {
+            Movable::Here(s) => return Some(s),
+            Movable::Std(s) => TcpStream::from_std(s),
+            Movable::Failed(e) => Err(e),
+        };
+        r.map_err(|e| tracing::debug!(error = %e, "accepted connection lost on hand-off"))
+            .ok()
+    }
+}
+
 /// The connection builder: HTTP/1.1 with keep-alive, and HTTP/2 with prior knowledge (h2c).
 fn builder(limits: &Server) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
@@ -109,10 +301,12 @@ async fn first_bytes(s: &TcpStream) -> bool {
 /// resolves; then stops accepting and waits up to `grace` for open connections to finish.
 /// When the grace period ends with connections still open, `cut` is called (it ends the calls
 /// still running, each with its error and its record) and they get [`CUT_FLUSH`] more to send
-/// it. Returns whether every connection finished within the grace period.
+/// it. Returns whether every connection finished within the grace period. Connections are
+/// served on `loops`.
 #[allow(clippy::too_many_arguments)]
 pub async fn serve_until<H, F>(
     listener: TcpListener,
+    loops: &Loops,
     handler: H,
     shutdown: impl Future<Output = ()>,
     grace: Duration,
@@ -154,6 +348,9 @@ where
             _ = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
+        // Accepted here, the socket is registered with this loop's poller; the loop that
+        // serves it must own its readiness, or every event would cross threads.
+        let stream = loops.movable(stream);
         let h = handler.clone();
         // The connection's kill switch rides in each request, so the request path can close a
         // connection whose client stopped reading.
@@ -170,8 +367,11 @@ where
         let builder = builder.clone();
         let watcher = graceful.watcher();
         let mut stopping = stopping.clone();
-        tokio::spawn(async move {
+        loops.spawn(async move {
             let _slot = slot;
+            let Some(stream) = stream.settle() else {
+                return;
+            };
             if let Some(m) = &metrics {
                 m.open.inc();
             }
@@ -280,6 +480,7 @@ pub async fn serve_admin(
     let handler = move |req| admin.clone().handle(req);
     serve_until(
         listener,
+        &Loops::here(),
         handler,
         shutdown,
         Duration::from_secs(1),
@@ -289,4 +490,105 @@ pub async fn serve_admin(
         || {},
     )
     .await;
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Sends one keep-alive request on `s` and returns the body of the answer.
+    async fn ask(s: &mut TcpStream) -> String {
+        s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = vec![0u8; 4096];
+        let mut got = Vec::new();
+        loop {
+            let n = s.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed before the answer");
+            got.extend_from_slice(&buf[..n]);
+            let text = String::from_utf8_lossy(&got).to_string();
+            if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length: "))
+                    .unwrap()
+                    .parse()
+                    .unwrap();
+                if body.len() >= len {
+                    return body[..len].to_string();
+                }
+            }
+        }
+    }
+
+    /// Connections are spread over the loops by open connections (four open at once: two on
+    /// each), each served on the loop it was handed to (its requests answer from there, every
+    /// one), and the counts go back to zero as they close.
+    #[test]
+    fn connections_are_spread_over_the_loops_and_stay_on_theirs() {
+        let loops = EventLoops::start(2).unwrap();
+        let handles = loops.handles();
+        loops.block_on(async move {
+            let spread = Loops::new(handles);
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+            let s2 = spread.clone();
+            let server = tokio::spawn(async move {
+                let handler = |_req: Request<Incoming>| async {
+                    let here = format!("{}", loop_index());
+                    Ok::<_, Infallible>(crate::proxy::stream::simple_response(
+                        http::StatusCode::OK,
+                        "text/plain",
+                        here,
+                    ))
+                };
+                serve_until(
+                    listener,
+                    &s2,
+                    handler,
+                    async {
+                        let _ = stop_rx.await;
+                    },
+                    Duration::from_secs(1),
+                    "test",
+                    &Server::default(),
+                    None,
+                    || {},
+                )
+                .await
+            });
+            let mut conns = Vec::new();
+            let mut served = Vec::new();
+            for _ in 0..4 {
+                let mut s = TcpStream::connect(addr).await.unwrap();
+                served.push(ask(&mut s).await);
+                conns.push(s);
+            }
+            let mut sorted = served.clone();
+            sorted.sort();
+            assert_eq!(sorted, ["0", "0", "1", "1"], "served on {served:?}");
+            assert_eq!(spread.open(), [2, 2]);
+            // Each connection keeps its loop.
+            for (s, first) in conns.iter_mut().zip(&served) {
+                for _ in 0..3 {
+                    assert_eq!(&ask(s).await, first);
+                }
+            }
+            drop(conns);
+            for _ in 0..200 {
+                if spread.open() == [0, 0] {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            assert_eq!(spread.open(), [0, 0]);
+            let _ = stop_tx.send(());
+            assert!(server.await.unwrap(), "drained within the grace period");
+        });
+        loops.stop();
+    }
 }

@@ -151,6 +151,20 @@ pub struct Server {
     /// How often freed heap memory is given back to the system (`malloc_trim`); zero: never.
     #[serde(serialize_with = "ser_duration")]
     pub memory_trim_interval: Duration,
+    /// Event loops serving client connections, each a single-threaded tokio runtime on its
+    /// own thread; 0: one per core. Each accepted connection goes to the loop with the fewest
+    /// open connections and stays there.
+    pub io_threads: usize,
+}
+
+impl Server {
+    /// The number of event loops to run: `io_threads`, or one per core when it is 0.
+    pub fn loops(&self) -> usize {
+        match self.io_threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
+    }
 }
 
 impl Default for Server {
@@ -163,6 +177,7 @@ impl Default for Server {
             body_idle_timeout: Duration::from_secs(30),
             body_total_timeout: Duration::from_secs(120),
             memory_trim_interval: Duration::from_secs(10),
+            io_threads: 0,
         }
     }
 }

@@ -100,6 +100,7 @@ struct RawServer {
     body_idle_timeout: Option<String>,
     body_total_timeout: Option<String>,
     memory_trim_interval: Option<String>,
+    io_threads: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -515,6 +516,7 @@ fn validate_server(raw: RawServer) -> Result<Server, ConfigError> {
                 d.memory_trim_interval,
             )?,
         },
+        io_threads: raw.io_threads.unwrap_or(d.io_threads),
     })
 }
 

@@ -88,10 +88,18 @@ impl PruneAction {
 pub struct RouteState {
     /// The route's config.
     pub config: Route,
-    /// Its pooled upstream client.
-    pub client: UpstreamClient,
+    /// Its pooled upstream clients, one per event loop (`server.io_threads`): a call uses its
+    /// loop's, so the upstream connection's task runs beside the call's.
+    pub clients: Box<[UpstreamClient]>,
     /// Its place in the proxy's route list (the recorder keeps its metric series by it).
     pub index: usize,
+}
+
+impl RouteState {
+    /// The upstream client of the event loop this runs on.
+    pub fn client(&self) -> &UpstreamClient {
+        &self.clients[crate::server::loop_index() % self.clients.len()]
+    }
 }
 
 /// What ends a call: implemented by `record::Recorder`, the only one that records.

@@ -52,7 +52,7 @@ impl Proxy {
         let deadline = tokio::time::Instant::now() + cfg.timeouts.total;
         call.deadline = Some(deadline);
         tokio::select! {
-            r = await_headers(route.client.request(up_req), &cfg.timeouts, deadline) => {
+            r = await_headers(route.client().request(up_req), &cfg.timeouts, deadline) => {
                 r?.map_err(|e| classify(&e, cfg, self.max_body_bytes))
             }
             _ = self.cut_signal() => Err(Error::ShuttingDown),

@@ -54,12 +54,21 @@ impl Proxy {
         // layout then lets the body be checked, as it arrives, against the previous request's
         // (by hash); only what follows the unchanged part is parsed. (A compressed body is
         // checked once decoded.)
+        // Layouts are kept only for bodies of LAYOUT_MIN_BYTES or more: a smaller plain body
+        // (by its Content-Length) follows none worth looking up, and is parsed whole in
+        // microseconds.
         let header_id = self.header_identity(&req.headers);
+        let compressed = req.headers.contains_key(http::header::CONTENT_ENCODING);
+        let small = !compressed
+            && req
+                .headers
+                .get(http::header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
+                .is_some_and(|n| n < LAYOUT_MIN_BYTES);
         let layout = header_id
             .as_ref()
-            .filter(|_| cfg.prune.enabled)
+            .filter(|_| cfg.prune.enabled && !small)
             .and_then(|id| self.pruning.view.layout(&id.id));
-        let compressed = req.headers.contains_key(http::header::CONTENT_ENCODING);
         let mut verifier = layout
             .as_ref()
             .filter(|_| !compressed)

@@ -77,6 +77,7 @@ impl Proxy {
         config: &Config,
         metrics: &Metrics,
         transcripts: Transcripts,
+        loops: usize,
     ) -> Result<Proxy, upstream::BuildError> {
         let m = ProxyMetrics::register(metrics, &config.routes);
         let native = upstream::native_roots();
@@ -87,7 +88,9 @@ impl Proxy {
         for (index, r) in configs.into_iter().enumerate() {
             routes.push(Arc::new(RouteState {
                 config: r.clone(),
-                client: upstream::build_client(r, &native)?,
+                clients: (0..loops.max(1))
+                    .map(|_| upstream::build_client(r, &native))
+                    .collect::<Result<_, _>>()?,
                 index,
             }));
             route_metrics.push(RouteMetrics::new(
@@ -184,12 +187,24 @@ impl Proxy {
 
     /// Starts the background work: the gate sweeper (it holds the gates weakly and ends with
     /// the proxy) and each route's connection warm-up, reporting to `readiness`.
-    pub fn start_background(&self, readiness: &Arc<upstream::Readiness>) {
+    /// Each loop's client is warmed on its loop (its connections' tasks run there), the
+    /// route's `prewarm_connections` dealt out over the loops.
+    pub fn start_background(
+        &self,
+        readiness: &Arc<upstream::Readiness>,
+        loops: &crate::server::Loops,
+    ) {
         self.gates.spawn_sweeper();
         for r in &self.routes {
+            let clients = r
+                .clients
+                .iter()
+                .cloned()
+                .zip(loops.handles().iter().cloned())
+                .collect();
             tokio::spawn(upstream::warm_up(
                 r.config.clone(),
-                r.client.clone(),
+                clients,
                 readiness.clone(),
                 self.warmup.clone(),
             ));

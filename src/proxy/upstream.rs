@@ -199,10 +199,11 @@ impl Readiness {
 
 /// Opens `prewarm_connections` connections to the route's upstream by sending that many
 /// concurrent `HEAD` requests to its base URL (any HTTP answer means the connection is up and
-/// now pooled). Records the outcome in `readiness` and the metrics.
+/// now pooled), dealt out round the event loops' clients, each sent on its own loop. Records
+/// the outcome in `readiness` and the metrics.
 pub async fn warm_up(
     route: Route,
-    client: UpstreamClient,
+    clients: Vec<(UpstreamClient, tokio::runtime::Handle)>,
     readiness: Arc<Readiness>,
     metrics: WarmupMetrics,
 ) {
@@ -219,10 +220,13 @@ pub async fn warm_up(
         route.target.scheme, route.target.authority, route.target.base_path
     );
     let mut tasks = Vec::with_capacity(n);
-    for _ in 0..n {
+    for k in 0..n {
+        let Some((client, on)) = clients.get(k % clients.len().max(1)) else {
+            break;
+        };
         let client = client.clone();
         let uri = uri.clone();
-        tasks.push(tokio::spawn(async move {
+        tasks.push(on.spawn(async move {
             let req = http::Request::head(uri.as_str())
                 .body(Either::Right(Full::new(Bytes::new())))
                 .map_err(|e| e.to_string())?;

@@ -111,6 +111,7 @@ impl Error {
             Error::BodyRead(_) => StatusCode::BAD_REQUEST,
             Error::UpstreamConnect { .. } => StatusCode::BAD_GATEWAY,
             Error::UpstreamReset { .. } => StatusCode::BAD_GATEWAY,
+            Error::Gate(crate::gate::Rejected::StateUnavailable) => StatusCode::SERVICE_UNAVAILABLE,
             Error::Gate(_) => StatusCode::TOO_MANY_REQUESTS,
             Error::BadChatBody(_) => StatusCode::BAD_REQUEST,
             Error::ContextOverflow(_) => StatusCode::BAD_REQUEST,
@@ -135,6 +136,7 @@ impl Error {
             Error::Gate(crate::gate::Rejected::QueueFull { .. }) => "gate_queue_full",
             Error::Gate(crate::gate::Rejected::QueueTimeout { .. }) => "gate_queue_timeout",
             Error::Gate(crate::gate::Rejected::TableFull { .. }) => "gate_table_full",
+            Error::Gate(crate::gate::Rejected::StateUnavailable) => "state_unavailable",
             Error::Timeout {
                 phase: Phase::Connect,
                 ..
@@ -170,6 +172,9 @@ impl Error {
             Error::BodyRead(_) => (ErrorClass::InvalidRequest, "body_read"),
             Error::UpstreamConnect { .. } => (ErrorClass::Upstream, "upstream_unreachable"),
             Error::UpstreamReset { .. } => (ErrorClass::Upstream, "upstream_reset"),
+            Error::Gate(crate::gate::Rejected::StateUnavailable) => {
+                (ErrorClass::Upstream, "state_unavailable")
+            }
             Error::Gate(r) => (ErrorClass::RateLimit, r.reason()),
             Error::BadChatBody(_) => (ErrorClass::InvalidRequest, "invalid_chat_body"),
             Error::ContextOverflow(_) => (ErrorClass::InvalidRequest, "context_length_exceeded"),

@@ -31,6 +31,9 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, MissedTickBehavior};
 
+use crate::config::OnStateError;
+use crate::state::{Denied, Lease, State};
+
 /// The conversation map is split in this many independently locked shards, so that concurrent
 /// requests of different conversations rarely contend and a sweep never stalls every request.
 const SHARDS: usize = 16;
@@ -87,6 +90,9 @@ pub enum Rejected {
         /// The configured bound.
         limit: usize,
     },
+    /// The shared state (Redis) cannot be reached and `state.on_error = "reject"`.
+    #[error("the shared state (Redis) cannot be reached (state.on_error = \"reject\")")]
+    StateUnavailable,
     /// No slot came free within the deadline.
     #[error("no gate slot came free within {timeout:?}, waited {waited:?} (gates.queue_timeout)")]
     QueueTimeout {
@@ -104,6 +110,7 @@ impl Rejected {
             Rejected::QueueFull { .. } => "queue_full",
             Rejected::TableFull { .. } => "too_many_conversations",
             Rejected::QueueTimeout { .. } => "queue_timeout",
+            Rejected::StateUnavailable => "state_unavailable",
         }
     }
 
@@ -112,7 +119,9 @@ impl Rejected {
         match self {
             // Rejecting a full queue costs nothing and a slot frees as soon as one call of the
             // conversation ends, so the client may come back soon.
-            Rejected::QueueFull { .. } | Rejected::TableFull { .. } => Duration::from_secs(1),
+            Rejected::QueueFull { .. }
+            | Rejected::TableFull { .. }
+            | Rejected::StateUnavailable => Duration::from_secs(1),
             // The gate stayed busy for the whole timeout: back off for a fraction of it, rounded
             // up to whole seconds (the header's unit) and capped so clients do not give up.
             Rejected::QueueTimeout { timeout, .. } => {
@@ -131,6 +140,10 @@ pub struct Gates {
     table: Arc<Table>,
     /// Requests inside `acquire` that could not be admitted at once, at any level.
     waiters: AtomicUsize,
+    /// With `[state] backend = "redis"`: the shared semaphores, used while Redis answers.
+    shared: Option<Arc<State>>,
+    /// The route caps' sizes (for the shared semaphores).
+    route_caps: HashMap<String, usize>,
 }
 
 /// The conversation map. Shared with every [`Permit`], which must update it when dropped even
@@ -232,14 +245,30 @@ impl Gates {
         limits: Limits,
         route_caps: impl IntoIterator<Item = (String, usize)>,
     ) -> Arc<Gates> {
+        Gates::new_shared(limits, route_caps, None)
+    }
+
+    /// [`Gates::new`], with the shared state: while it answers, every slot is a lease of a
+    /// semaphore in Redis (the conversation's, the route cap's, the global cap's), the same
+    /// on every replica; while it does not, the local gates admit (`on_error = "local"`) or
+    /// nothing does (`"reject"`).
+    pub fn new_shared(
+        limits: Limits,
+        route_caps: impl IntoIterator<Item = (String, usize)>,
+        shared: Option<Arc<State>>,
+    ) -> Arc<Gates> {
         let limits = Limits {
             per_conversation: permits(limits.per_conversation),
             max_inflight: permits(limits.max_inflight),
             ..limits
         };
-        let routes = route_caps
+        let route_caps: HashMap<String, usize> = route_caps
             .into_iter()
-            .map(|(route, cap)| (route, Arc::new(Semaphore::new(permits(cap)))))
+            .map(|(route, cap)| (route, permits(cap)))
+            .collect();
+        let routes = route_caps
+            .iter()
+            .map(|(route, &cap)| (route.clone(), Arc::new(Semaphore::new(cap))))
             .collect();
         Arc::new(Gates {
             global: Arc::new(Semaphore::new(limits.max_inflight)),
@@ -250,8 +279,93 @@ impl Gates {
                 active: AtomicUsize::new(0),
             }),
             waiters: AtomicUsize::new(0),
+            shared,
+            route_caps,
             limits,
         })
+    }
+
+    /// With shared state: the permit from Redis while it answers (`Ok(Some)`), a refusal,
+    /// or `Ok(None)` when the local gates must admit instead (Redis failed, `on_error =
+    /// "local"`). Without shared state: `Ok(None)`.
+    async fn acquire_shared_state(
+        &self,
+        conversation: Option<&str>,
+        route: &str,
+    ) -> Result<Option<Permit>, Rejected> {
+        let Some(s) = &self.shared else {
+            return Ok(None);
+        };
+        if s.up() {
+            let start = Instant::now();
+            let deadline = start.checked_add(self.limits.queue_timeout);
+            let _waiting = Waiting::start(&self.waiters);
+            let denied = |d: Denied| match d {
+                Denied::Full => Some(Rejected::QueueFull {
+                    limit: self.limits.max_queue_per_conversation,
+                }),
+                Denied::Timeout => Some(Rejected::QueueTimeout {
+                    waited: start.elapsed(),
+                    timeout: self.limits.queue_timeout,
+                }),
+                Denied::Unavailable => None,
+            };
+            let mut leases = Vec::with_capacity(3);
+            let mut failed = None;
+            if let Some(c) = conversation {
+                let longest =
+                    i64::try_from(self.limits.max_queue_per_conversation).unwrap_or(i64::MAX);
+                match s
+                    .acquire(
+                        &format!("c:{c}"),
+                        self.limits.per_conversation,
+                        longest,
+                        deadline,
+                    )
+                    .await
+                {
+                    Ok(l) => leases.push(l),
+                    Err(d) => failed = Some(d),
+                }
+            }
+            if failed.is_none() {
+                if let Some(&cap) = self.route_caps.get(route) {
+                    match s.acquire(&format!("r:{route}"), cap, -1, deadline).await {
+                        Ok(l) => leases.push(l),
+                        Err(d) => failed = Some(d),
+                    }
+                }
+            }
+            if failed.is_none() {
+                match s.acquire("g", self.limits.max_inflight, -1, deadline).await {
+                    Ok(l) => leases.push(l),
+                    Err(d) => failed = Some(d),
+                }
+            }
+            match failed.map(denied) {
+                None => {
+                    let active = conversation.map(|_| Active::start(&self.table));
+                    return Ok(Some(Permit {
+                        _global: None,
+                        _route: None,
+                        _conversation: None,
+                        _registration: None,
+                        _shared: leases,
+                        _active: active,
+                        waited: start.elapsed(),
+                    }));
+                }
+                Some(Some(r)) => return Err(r),
+                // Redis failed: what was taken goes back (or expires), and the local gates
+                // admit.
+                Some(None) => drop(leases),
+            }
+        }
+        s.probe();
+        match s.on_error() {
+            OnStateError::Local => Ok(None),
+            OnStateError::Reject => Err(Rejected::StateUnavailable),
+        }
     }
 
     /// The limits in force (after 0 caps were raised to 1).
@@ -262,6 +376,9 @@ impl Gates {
     /// Waits for a slot of `conversation`, then of `route`'s cap, then of the global cap, all
     /// within one `queue_timeout`. Dropping the returned future gives back whatever it held.
     pub async fn acquire(&self, conversation: &str, route: &str) -> Result<Permit, Rejected> {
+        if let Some(p) = self.acquire_shared_state(Some(conversation), route).await? {
+            return Ok(p);
+        }
         let start = Instant::now();
         // A timeout too large to add to the clock is as good as none.
         let deadline = start.checked_add(self.limits.queue_timeout);
@@ -295,10 +412,12 @@ impl Gates {
 
         registration.grant();
         Ok(Permit {
-            _global: global_slot,
+            _global: Some(global_slot),
             _route: route_slot,
             _conversation: Some(conversation_slot),
             _registration: Some(registration),
+            _shared: Vec::new(),
+            _active: None,
             waited: start.elapsed(),
         })
     }
@@ -306,6 +425,9 @@ impl Gates {
     /// Admits a request that belongs to no conversation (model lists, embeddings, files):
     /// only the route cap and the global cap apply, under the same `queue_timeout`.
     pub async fn acquire_shared(&self, route: &str) -> Result<Permit, Rejected> {
+        if let Some(p) = self.acquire_shared_state(None, route).await? {
+            return Ok(p);
+        }
         let start = Instant::now();
         let deadline = start.checked_add(self.limits.queue_timeout);
         let mut waiting: Option<Waiting<'_>> = None;
@@ -317,10 +439,12 @@ impl Gates {
                 timeout: self.limits.queue_timeout,
             })?;
         Ok(Permit {
-            _global: global_slot,
+            _global: Some(global_slot),
             _route: route_slot,
             _conversation: None,
             _registration: None,
+            _shared: Vec::new(),
+            _active: None,
             waited: start.elapsed(),
         })
     }
@@ -613,12 +737,32 @@ pub struct Permit {
     // Fields drop in declaration order: the slots go back before the registration ends, so the
     // gate cannot be evicted — and re-created with a fresh semaphore that would admit a second
     // call — while one of its slots is still out.
-    _global: OwnedSemaphorePermit,
+    _global: Option<OwnedSemaphorePermit>,
     _route: Option<OwnedSemaphorePermit>,
     /// `None` for requests that belong to no conversation (see [`Gates::acquire_shared`]).
     _conversation: Option<OwnedSemaphorePermit>,
     _registration: Option<Registration>,
+    /// The leases of the shared semaphores (conversation, route, global) when Redis admitted.
+    _shared: Vec<Lease>,
+    /// Counts a conversation admitted by Redis in the active-gates gauge.
+    _active: Option<Active>,
     waited: Duration,
+}
+
+/// A conversation admitted through the shared state, counted as active while it lives.
+struct Active(Arc<Table>);
+
+impl Active {
+    fn start(table: &Arc<Table>) -> Active {
+        table.active.fetch_add(1, Ordering::Relaxed);
+        Active(Arc::clone(table))
+    }
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Permit {
@@ -633,6 +777,7 @@ impl fmt::Debug for Permit {
         f.debug_struct("Permit")
             .field("waited", &self.waited)
             .field("route_capped", &self._route.is_some())
+            .field("shared", &self._shared.len())
             .finish_non_exhaustive()
     }
 }

@@ -17,6 +17,7 @@ pub mod proxy;
 pub mod prune;
 pub mod secret;
 pub mod server;
+pub mod state;
 pub mod transcript;
 
 use std::future::Future;
@@ -35,6 +36,9 @@ pub enum StartError {
     /// The transcript sink could not start (bad URL, directory not creatable).
     #[error(transparent)]
     Transcripts(#[from] transcript::StartError),
+    /// The shared state's Redis URL could not be used.
+    #[error(transparent)]
+    State(#[from] state::StartError),
 }
 
 /// Runs ctxgate on the given listeners until `shutdown` resolves, then shuts down gracefully:
@@ -71,11 +75,16 @@ pub async fn serve_on(
     let transcript_metrics = transcript::TranscriptMetrics::register(metrics.registry());
     let (transcripts, writer) =
         transcript::Transcripts::start(config.transcripts.clone(), transcript_metrics).await?;
+    let shared = state::State::start(&config.state, &metrics)?;
+    if let Some(s) = &shared {
+        s.check().await;
+    }
     let proxy = Arc::new(proxy::Proxy::new(
         &config,
         &metrics,
         transcripts,
         loops.len(),
+        shared,
     )?);
     let readiness = proxy::upstream::Readiness::new(&config.routes);
 

@@ -74,6 +74,8 @@ pub struct Config {
     pub prune: Prune,
     /// Transcript records.
     pub transcripts: TranscriptSettings,
+    /// Where gates and the conversation view live: this process, or Redis shared by replicas.
+    pub state: StateSettings,
     /// Routes, in file order. Matching picks the longest prefix.
     pub routes: Vec<Route>,
     /// `CTXGATE_…` variables in the environment that name no config key (skipped; the binary
@@ -508,6 +510,92 @@ impl FromStr for Encoding {
             "cl100k_base" => Ok(Encoding::Cl100kBase),
             other => Err(UnknownEncoding(other.to_string())),
         }
+    }
+}
+
+/// Where the gates and the conversation view live: `state.backend`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StateBackend {
+    /// In this process (the default: a sidecar beside one agent).
+    #[default]
+    Memory,
+    /// In Redis at `state.redis_url`, shared by every replica that names it.
+    Redis,
+}
+
+/// What a replica does while Redis is unreachable or slow: `state.on_error`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnStateError {
+    /// Falls back to its own in-memory gates and view, and goes back when Redis answers.
+    #[default]
+    Local,
+    /// Answers 503 (`state_unavailable`) to calls that need the shared state.
+    Reject,
+}
+
+/// The validated `[state]` table.
+#[derive(Debug, Clone, Serialize)]
+pub struct StateSettings {
+    /// Memory or Redis.
+    pub backend: StateBackend,
+    /// `redis://[user:password@]host:port/db` or `rediss://…` (TLS); printed with the
+    /// password masked.
+    #[serde(serialize_with = "ser_masked_url")]
+    pub redis_url: Option<Secret>,
+    /// Prefix of every key ctxgate writes (several deployments can share one Redis).
+    pub key_prefix: String,
+    /// Longest one Redis round trip may take; past it the operation counts as failed.
+    #[serde(serialize_with = "ser_duration")]
+    pub timeout: Duration,
+    /// A permit's lease: a replica that dies holding one loses it after this (renewed every
+    /// third of it while the call runs).
+    #[serde(serialize_with = "ser_duration")]
+    pub lease_ttl: Duration,
+    /// What happens while Redis cannot be reached.
+    pub on_error: OnStateError,
+}
+
+impl Default for StateSettings {
+    fn default() -> Self {
+        StateSettings {
+            backend: StateBackend::Memory,
+            redis_url: None,
+            key_prefix: "ctxgate:".to_string(),
+            timeout: Duration::from_millis(250),
+            lease_ttl: Duration::from_secs(10),
+            on_error: OnStateError::Local,
+        }
+    }
+}
+
+/// `scheme://user:password@host…` with the password (or a lone user-info part) replaced by
+/// `*****`; a URL without user info as it is.
+pub fn mask_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return "*****".to_string();
+    };
+    let (authority, tail) = match rest.find('/') {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    match authority.rsplit_once('@') {
+        None => url.to_string(),
+        Some((userinfo, host)) => {
+            let masked = match userinfo.split_once(':') {
+                Some((user, _)) => format!("{user}:*****"),
+                None => "*****".to_string(),
+            };
+            format!("{scheme}://{masked}@{host}{tail}")
+        }
+    }
+}
+
+fn ser_masked_url<S: serde::Serializer>(u: &Option<Secret>, s: S) -> Result<S::Ok, S::Error> {
+    match u {
+        Some(u) => s.serialize_str(&mask_url(u.expose())),
+        None => s.serialize_none(),
     }
 }
 

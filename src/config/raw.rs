@@ -19,8 +19,20 @@ pub(super) struct RawConfig {
     conversation: Option<RawConversation>,
     prune: Option<RawPrune>,
     transcripts: Option<RawTranscripts>,
+    state: Option<RawState>,
     #[serde(default)]
     routes: Vec<RawRoute>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawState {
+    backend: Option<StateBackend>,
+    redis_url: Option<String>,
+    key_prefix: Option<String>,
+    timeout: Option<String>,
+    lease_ttl: Option<String>,
+    on_error: Option<OnStateError>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -157,7 +169,7 @@ struct RawTls {
 
 /// Every top-level key of the file (the fields of [`RawConfig`]): an environment variable
 /// `CTXGATE_<KEY>…` is an override only when `<KEY>` is one of these.
-pub(super) const TOP_LEVEL_KEYS: [&str; 11] = [
+pub(super) const TOP_LEVEL_KEYS: [&str; 12] = [
     "listen",
     "admin_listen",
     "max_body_bytes",
@@ -168,6 +180,7 @@ pub(super) const TOP_LEVEL_KEYS: [&str; 11] = [
     "conversation",
     "prune",
     "transcripts",
+    "state",
     "routes",
 ];
 
@@ -198,6 +211,7 @@ impl RawConfig {
         let server = validate_server(self.server.unwrap_or_default())?;
         let gates = validate_gates(self.gates.unwrap_or_default())?;
         let transcripts = validate_transcripts(self.transcripts.unwrap_or_default())?;
+        let state = validate_state(self.state.unwrap_or_default())?;
         let conversation = validate_conversation(self.conversation.unwrap_or_default())?;
         let raw_prune = self.prune.unwrap_or_default();
         if let Some(k) = raw_prune.misplaced(true, false, false) {
@@ -317,6 +331,7 @@ impl RawConfig {
             conversation,
             prune,
             transcripts,
+            state,
             routes,
             ignored_env: Vec::new(),
         })
@@ -425,6 +440,59 @@ fn validate_route_prune(
         on_parse_error: raw.on_parse_error.unwrap_or(global.on_parse_error),
         budget,
         models,
+    })
+}
+
+fn validate_state(raw: RawState) -> Result<StateSettings, ConfigError> {
+    let d = StateSettings::default();
+    let backend = raw.backend.unwrap_or(d.backend);
+    let redis_url = raw.redis_url.filter(|u| !u.is_empty()).map(Secret::new);
+    if let Some(u) = &redis_url {
+        let scheme = u.expose().split("://").next().unwrap_or_default();
+        if !matches!(scheme, "redis" | "rediss") || !u.expose().contains("://") {
+            return Err(ConfigError::new(
+                "state.redis_url",
+                format!(
+                    "must be a redis:// or rediss:// URL, got {}",
+                    crate::config::mask_url(u.expose())
+                ),
+            ));
+        }
+    }
+    if backend == StateBackend::Redis && redis_url.is_none() {
+        return Err(ConfigError::new(
+            "state.redis_url",
+            "required when state.backend = \"redis\" (e.g. set CTXGATE_STATE__REDIS_URL)",
+        ));
+    }
+    let positive = |name: &str, v: &Option<String>, default: Duration| match v {
+        Some(s) => {
+            let key = format!("state.{name}");
+            let d = parse_duration(&key, s)?;
+            if d.is_zero() {
+                return Err(ConfigError::new(key, "must be > 0"));
+            }
+            Ok(d)
+        }
+        None => Ok(default),
+    };
+    let timeout = positive("timeout", &raw.timeout, d.timeout)?;
+    let lease_ttl = positive("lease_ttl", &raw.lease_ttl, d.lease_ttl)?;
+    if lease_ttl < timeout * 4 {
+        return Err(ConfigError::new(
+            "state.lease_ttl",
+            format!(
+                "must be at least 4 × state.timeout ({timeout:?}): a lease is renewed every third of it, and a renewal may take a timeout"
+            ),
+        ));
+    }
+    Ok(StateSettings {
+        backend,
+        redis_url,
+        key_prefix: raw.key_prefix.unwrap_or(d.key_prefix),
+        timeout,
+        lease_ttl,
+        on_error: raw.on_error.unwrap_or(d.on_error),
     })
 }
 

@@ -284,3 +284,43 @@ fn server_limits_default_and_validate() {
     let e = load(&format!("[server]\nbogus = 1\n{MIN}")).unwrap_err();
     assert!(e.to_string().contains("unknown field `bogus`"), "{e}");
 }
+
+#[test]
+fn state_defaults_validate_and_the_password_never_prints() {
+    let c = load(MIN).unwrap();
+    assert_eq!(c.state.backend, StateBackend::Memory);
+    assert_eq!(c.state.on_error, OnStateError::Local);
+    assert_eq!(c.state.lease_ttl, Duration::from_secs(10));
+    assert_eq!(c.state.key_prefix, "ctxgate:");
+    let url = "redis://app:s3cret-pass@redis.internal:6380/2";
+    let c = load(&format!(
+        "[state]\nbackend = \"redis\"\nredis_url = \"{url}\"\non_error = \"reject\"\ntimeout = \"100ms\"\nlease_ttl = \"2s\"\n{MIN}"
+    ))
+    .unwrap();
+    assert_eq!(c.state.backend, StateBackend::Redis);
+    assert_eq!(c.state.on_error, OnStateError::Reject);
+    assert_eq!(c.state.redis_url.as_ref().unwrap().expose(), url);
+    let shown = c.to_toml();
+    assert!(!shown.contains("s3cret"), "{shown}");
+    assert!(
+        shown.contains("redis://app:*****@redis.internal:6380/2"),
+        "{shown}"
+    );
+    assert!(!format!("{c:?}").contains("s3cret"));
+    assert_eq!(mask_url("rediss://:pw@h:1"), "rediss://:*****@h:1");
+    assert_eq!(mask_url("redis://tok@h"), "redis://*****@h");
+    assert_eq!(mask_url("redis://h:6379/0"), "redis://h:6379/0");
+
+    let e = load(&format!("[state]\nbackend = \"redis\"\n{MIN}")).unwrap_err();
+    assert_eq!(e.key, "state.redis_url");
+    let e = load(&format!("[state]\nredis_url = \"http://u:pw@h\"\n{MIN}")).unwrap_err();
+    assert_eq!(e.key, "state.redis_url");
+    assert!(!e.to_string().contains("pw@"), "{e}");
+    let e = load(&format!(
+        "[state]\ntimeout = \"1s\"\nlease_ttl = \"2s\"\n{MIN}"
+    ))
+    .unwrap_err();
+    assert_eq!(e.key, "state.lease_ttl");
+    let e = load(&format!("[state]\nbackend = \"etcd\"\n{MIN}")).unwrap_err();
+    assert!(e.to_string().contains("etcd"), "{e}");
+}

@@ -18,9 +18,9 @@ use super::call::Call;
 use super::Proxy;
 
 /// Builds the gates from `[gates]` and the routes' `max_inflight` caps.
-pub fn gates(config: &Config) -> Arc<Gates> {
+pub fn gates(config: &Config, shared: Option<Arc<crate::state::State>>) -> Arc<Gates> {
     let g = &config.gates;
-    Gates::new(
+    Gates::new_shared(
         Limits {
             per_conversation: g.max_concurrent_per_conversation,
             max_queue_per_conversation: g.max_queue_per_conversation,
@@ -33,6 +33,7 @@ pub fn gates(config: &Config) -> Arc<Gates> {
             .routes
             .iter()
             .filter_map(|r| r.max_inflight.map(|n| (r.name.clone(), n))),
+        shared,
     )
 }
 

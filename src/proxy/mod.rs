@@ -53,6 +53,10 @@ pub struct Proxy {
     server: crate::config::Server,
     conversation: Conversation,
     gates: Arc<Gates>,
+    /// The shared state (`[state] backend = "redis"`).
+    state: Option<Arc<crate::state::State>>,
+    /// How long a shared view entry lives unused.
+    view_idle_ttl: std::time::Duration,
     gate_fingerprinted: bool,
     pruning: prune::Pruning,
     heavy: heavy::Heavy,
@@ -78,6 +82,7 @@ impl Proxy {
         metrics: &Metrics,
         transcripts: Transcripts,
         loops: usize,
+        state: Option<Arc<crate::state::State>>,
     ) -> Result<Proxy, upstream::BuildError> {
         let m = ProxyMetrics::register(metrics, &config.routes);
         let native = upstream::native_roots();
@@ -101,13 +106,15 @@ impl Proxy {
                 r.dialect,
             ));
         }
-        let gates = admit::gates(config);
+        let gates = admit::gates(config, state.clone());
         Ok(Proxy {
             routes,
             max_body_bytes: config.max_body_bytes,
             server: config.server.clone(),
             conversation: config.conversation.clone(),
             gates,
+            state,
+            view_idle_ttl: config.prune.view_idle_ttl,
             gate_fingerprinted: config.gates.gate_fingerprinted,
             pruning: prune::Pruning::new(config).map_err(upstream::BuildError::Counter)?,
             // One thread fewer than the cores, at normal priority, fair per conversation.

@@ -5,6 +5,7 @@
 //! stores the outcome in the [`Call`] (a [`PruneAction`], the summary, the body to forward)
 //! and owns the pruning metric families, which `record` fills when the call ends.
 
+use crate::state::shared::SharedConv;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -86,7 +87,25 @@ impl Proxy {
         drop(bytes);
         let budget = Budget::for_request(&cfg.prune, req.model(), limit?);
         let started = Instant::now();
-        let (outcome, bytes) = self.decide(*req, &budget, call).await?;
+        // Shared state: the conversation's entry as the last replica left it, adopted when
+        // this replica's own is not it; written back once pruned.
+        let shared = match (&self.state, &call.conversation) {
+            (Some(s), Some(c)) if s.up() => Some((s, c.clone(), s.view_get(c).await)),
+            _ => None,
+        };
+        let entry = shared
+            .as_ref()
+            .and_then(|(_, _, e)| e.clone().ok().flatten());
+        let (outcome, bytes) = self.decide(*req, &budget, call, entry.clone()).await?;
+        if let Some((s, c, Ok(_))) = &shared {
+            let version = entry.as_ref().map_or(0, |e| e.version) + 1;
+            let view = &self.pruning.view;
+            if let Some(e) = view.shared_entry(c, s.writer(), version) {
+                if s.view_put(c, &e, self.view_idle_ttl).await.is_ok() {
+                    view.set_origin(c, (s.writer(), version));
+                }
+            }
+        }
         call.prune_took = Some(started.elapsed());
         call.budget = Some(budget);
         call.summary = outcome.as_ref().and_then(|o| o.summary().cloned());
@@ -143,13 +162,21 @@ impl Proxy {
         req: ChatRequest,
         budget: &Budget,
         call: &Call,
+        shared: Option<SharedConv>,
     ) -> Result<(Option<Outcome>, bytes::Bytes), Error> {
         let conversation = call.conversation.clone().unwrap_or_default();
         // What is new in the body is what pruning works on: a warm request of a conversation
         // in the view is pruned inline whatever its size.
         if req.fresh_bytes() <= INLINE_BYTES {
             let p = &self.pruning;
-            let o = prune_guarded(&req, budget, &p.view, &conversation, &p.counter);
+            let o = prune_guarded(
+                &req,
+                budget,
+                &p.view,
+                &conversation,
+                &p.counter,
+                shared.as_ref(),
+            );
             return Ok(keep_body(o, req));
         }
         let (view, counter, b) = (
@@ -161,7 +188,7 @@ impl Proxy {
         match self
             .heavy
             .run(&lane, move || {
-                let o = prune_guarded(&req, &b, &view, &conversation, &counter);
+                let o = prune_guarded(&req, &b, &view, &conversation, &counter, shared.as_ref());
                 keep_body(o, req)
             })
             .await
@@ -212,9 +239,10 @@ pub fn prune_guarded(
     view: &View,
     conversation: &str,
     counter: &Counter,
+    shared: Option<&SharedConv>,
 ) -> Option<Outcome> {
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        prune::prune(req, budget, view, conversation, counter)
+        prune::prune_shared(req, budget, view, conversation, counter, shared)
     })) {
         Ok(o) => Some(o),
         Err(_) => {

@@ -33,7 +33,7 @@ mod view;
 #[cfg(test)]
 mod tests;
 
-pub use policy::{prune, LAYOUT_MIN_BYTES};
+pub use policy::{prune, prune_shared, LAYOUT_MIN_BYTES};
 pub use request::{ChatRequest, Layout, ParseError, Verifier};
 pub use tokens::{Counter, Encoding, UnknownEncoding};
 pub use view::View;

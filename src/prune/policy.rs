@@ -13,6 +13,7 @@ use crate::prune::request::{count_chars, ChatRequest, Meta};
 use crate::prune::tokens::{estimate_bytes, Counter, Encoding};
 use crate::prune::view::{ConvState, Elided, Entry, StateKey, View};
 use crate::prune::{Budget, Mode, OnOverflow, Outcome, Rejection, Summary};
+use crate::state::shared::SharedConv;
 
 /// Bodies from this size on leave their layout in the view, for the next request of their
 /// conversation to parse only what is new.
@@ -29,6 +30,20 @@ pub fn prune(
     conversation: &str,
     counter: &Counter,
 ) -> Outcome {
+    prune_shared(req, budget, view, conversation, counter, None)
+}
+
+/// [`prune`], with the conversation's shared view entry (`[state] backend = "redis"`): when
+/// the view's own entry is not that one (another replica wrote it since), the shared one is
+/// adopted first, so the cut is the one the other replica kept.
+pub fn prune_shared(
+    req: &ChatRequest,
+    budget: &Budget,
+    view: &View,
+    conversation: &str,
+    counter: &Counter,
+    shared: Option<&SharedConv>,
+) -> Outcome {
     let enc = req.encoding(counter, budget.default_encoding);
     let key = StateKey {
         enc,
@@ -36,6 +51,15 @@ pub fn prune(
         dialect: req.dialect(),
     };
     let prev = view.get(conversation).filter(|s| s.key == key);
+    let prev = match shared {
+        Some(sh)
+            if sh.key == key.words()
+                && prev.as_ref().and_then(|p| p.origin) != Some((sh.writer, sh.version)) =>
+        {
+            Some(Arc::new(ConvState::from_shared(sh, req, key)))
+        }
+        _ => prev,
+    };
     let mut w = Work::new(req, budget, counter, enc, prev.as_deref());
     view.record(w.view_hit);
     let outcome = w.run(prev.as_deref().and_then(|p| p.cut));
@@ -810,6 +834,7 @@ impl<'a> Work<'a> {
             fixed: Some((self.fixed_fp, self.fixed_extra)),
             msgs: self.entries,
             cut: self.cut,
+            origin: None,
             // A small body parses in microseconds: its layout would cost the view more
             // memory than it saves time.
             layout: self

@@ -1509,3 +1509,53 @@ fn check_fields_except(orig_body: &[u8], out_body: &[u8], changed: &[&str]) {
         }
     }
 }
+
+/// Replicas sharing the view (`[state] backend = "redis"`): three views take the growing
+/// conversation's requests in turn, each adopting the entry the previous one shared; every
+/// request is forwarded exactly as one view alone forwards it.
+#[test]
+fn views_taking_turns_through_the_shared_entry_prune_as_one_view() {
+    let c = counter();
+    let budget = Budget {
+        hard_token_limit: 4000,
+        target_tokens: 2400,
+        max_messages: 0,
+        keep_file_content_turns: 1,
+        min_file_lines: 10,
+        ..Budget::default()
+    };
+    let alone = view();
+    let replicas = [view(), view(), view()];
+    let mut shared: Option<crate::state::shared::SharedConv> = None;
+    let mut adopted = 0;
+    for (i, msgs) in grow_conversation(40).into_iter().enumerate() {
+        let body = json!({"model":"gpt-4o","messages": msgs})
+            .to_string()
+            .into_bytes();
+        let req = ChatRequest::parse(Dialect::OpenAi, &body).unwrap();
+        let want = prune(&req, &budget, &alone, "grow", &c);
+        let r = &replicas[i % 3];
+        let writer = (i % 3) as u64 + 1;
+        if shared.is_some()
+            && r.get("grow").and_then(|s| s.origin)
+                != shared.as_ref().map(|s| (s.writer, s.version))
+        {
+            adopted += 1;
+        }
+        let got = crate::prune::prune_shared(&req, &budget, r, "grow", &c, shared.as_ref());
+        let bytes = |o: &Outcome| match o {
+            Outcome::Unchanged(_) => body.clone(),
+            Outcome::Pruned { body: b, .. } => b.clone(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            String::from_utf8(bytes(&got)).unwrap(),
+            String::from_utf8(bytes(&want)).unwrap(),
+            "request {i}"
+        );
+        let version = shared.as_ref().map_or(0, |s| s.version) + 1;
+        shared = r.shared_entry("grow", writer, version);
+        r.set_origin("grow", (writer, version));
+    }
+    assert!(adopted > 50, "{adopted}");
+}

@@ -14,8 +14,9 @@ use std::time::Duration;
 use moka::sync::Cache;
 use serde_json::value::RawValue;
 
-use crate::prune::request::{Layout, Meta};
+use crate::prune::request::{ChatRequest, Layout, Meta};
 use crate::prune::tokens::Encoding;
+use crate::state::shared::SharedConv;
 
 /// The conversation view shared by all requests (cheap to share: wrap it in an `Arc`).
 pub struct View {
@@ -120,6 +121,35 @@ impl View {
     pub(crate) fn put(&self, conversation: &str, state: ConvState) {
         self.cache.insert(conversation.to_string(), Arc::new(state));
     }
+
+    /// The shared form of the conversation's entry, to be written as `writer`'s `version`
+    /// (`[state] backend = "redis"`); `None` when the view has no entry for it.
+    pub fn shared_entry(
+        &self,
+        conversation: &str,
+        writer: u64,
+        version: u64,
+    ) -> Option<SharedConv> {
+        let s = self.cache.get(conversation)?;
+        Some(SharedConv {
+            writer,
+            version,
+            key: s.key.words(),
+            fixed: s.fixed,
+            msgs: s.msgs.iter().map(|e| (e.fp, e.tokens)).collect(),
+            cut: s.cut.map(|(i, fp)| (i as u64, fp)),
+        })
+    }
+
+    /// Marks the conversation's entry as the shared one `(writer, version)` (it was written):
+    /// the next request finds it current and keeps it.
+    pub fn set_origin(&self, conversation: &str, origin: (u64, u64)) {
+        if let Some(s) = self.cache.get(conversation) {
+            let mut s = (*s).clone();
+            s.origin = Some(origin);
+            self.put(conversation, s);
+        }
+    }
 }
 
 /// Anchors kept (each a few conversation ids).
@@ -141,9 +171,42 @@ pub(crate) struct ConvState {
     pub(crate) cut: Option<(usize, u64)>,
     /// Where the last body's parts lay, so that the next body parses only what is new.
     pub(crate) layout: Option<Arc<Layout>>,
+    /// The shared entry this one is (writer, version), when state is shared through Redis.
+    pub(crate) origin: Option<(u64, u64)>,
 }
 
 impl ConvState {
+    /// The state a replica adopts from the shared entry `sh` for `req`: the request's leading
+    /// messages whose fingerprints match the shared ones, in order, with the shared counts
+    /// (their facts read from the request), the fixed part's count and the cut.
+    pub(crate) fn from_shared(sh: &SharedConv, req: &ChatRequest, key: StateKey) -> ConvState {
+        let mut msgs = Vec::new();
+        for (i, (m, &(fp, tokens))) in req.messages().iter().zip(&sh.msgs).enumerate() {
+            if m.fp != fp {
+                break;
+            }
+            let v: serde_json::Value =
+                serde_json::from_slice(req.raw(i)).unwrap_or(serde_json::Value::Null);
+            msgs.push(Entry {
+                fp,
+                meta: Arc::new(Meta::of(req.dialect(), &v)),
+                tokens,
+                elided: None,
+            });
+            crate::pace::pace_by(16);
+        }
+        ConvState {
+            key,
+            fixed: sh.fixed,
+            msgs,
+            cut: sh
+                .cut
+                .and_then(|(i, fp)| Some((usize::try_from(i).ok()?, fp))),
+            layout: None,
+            origin: Some((sh.writer, sh.version)),
+        }
+    }
+
     fn weight(&self) -> usize {
         let per = std::mem::size_of::<Entry>() + std::mem::size_of::<Meta>() + 32;
         let elided: usize = self
@@ -163,6 +226,13 @@ pub(crate) struct StateKey {
     pub(crate) enc: Encoding,
     pub(crate) min_file_lines: u64,
     pub(crate) dialect: crate::dialect::Dialect,
+}
+
+impl StateKey {
+    /// The key as three numbers, for the shared entry.
+    pub(crate) fn words(self) -> [u64; 3] {
+        [self.enc as u64, self.dialect as u64, self.min_file_lines]
+    }
 }
 
 /// What the view knows about one message.

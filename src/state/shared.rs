@@ -1,0 +1,188 @@
+//! The conversation view's shared part: what one replica learnt about a conversation, so
+//! that the next replica to serve it counts nothing twice and keeps the same cut.
+//!
+//! After a call is pruned its replica writes, under `{prefix}{conversation}:view`, the
+//! writer and version of its view entry, the settings its counts were made with, the
+//! fingerprint and token count of the fixed part (tools, Anthropic system) and of every
+//! message, and the cut (index and fingerprint of the first kept history message). The value
+//! is binary (below), expires after `prune.view_idle_ttl`, and is replaced whole: calls of
+//! one conversation are serialised by the shared gate, so there is one writer at a time.
+//!
+//! Before pruning, a replica reads it; when its own entry is not the one written last
+//! (another writer or another version) it adopts the shared one: the messages of the request
+//! that match the shared fingerprints, in order, take the shared counts, and the cut comes
+//! along. Pruning then keeps the same cut the other replica kept, and the forwarded prefix
+//! stays byte-identical from replica to replica. A message's elided form is not shared (it
+//! is recomputed from the message, deterministically).
+
+use std::sync::Arc;
+
+use super::State;
+
+/// The shared form of a conversation's view entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SharedConv {
+    /// The replica that wrote it.
+    pub writer: u64,
+    /// Its version (one more at each write).
+    pub version: u64,
+    /// The settings the counts were made with (encoding, dialect, min_file_lines), opaque.
+    pub key: [u64; 3],
+    /// Fingerprint and extra tokens of the fixed part.
+    pub fixed: Option<(u64, u64)>,
+    /// Fingerprint and exact tokens (when counted) of each message, in order.
+    pub msgs: Vec<(u64, Option<u64>)>,
+    /// The cut: index and fingerprint of the first kept history message.
+    pub cut: Option<(u64, u64)>,
+}
+
+/// The format's first bytes (and version).
+const MAGIC: &[u8; 4] = b"cgv1";
+/// Stands for "not counted" among the token counts.
+const NONE: u64 = u64::MAX;
+
+impl SharedConv {
+    /// `MAGIC`, then little-endian u64s: writer, version, key ×3, fixed flag, fixed fp,
+    /// fixed tokens, cut flag, cut index, cut fp, message count, then fp and tokens per
+    /// message (`u64::MAX`: not counted).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(4 + 8 * (12 + 2 * self.msgs.len()));
+        out.extend_from_slice(MAGIC);
+        let mut put = |v: u64| out.extend_from_slice(&v.to_le_bytes());
+        put(self.writer);
+        put(self.version);
+        for k in self.key {
+            put(k);
+        }
+        let (f, (ffp, ft)) = (self.fixed.is_some(), self.fixed.unwrap_or_default());
+        put(u64::from(f));
+        put(ffp);
+        put(ft);
+        let (c, (ci, cfp)) = (self.cut.is_some(), self.cut.unwrap_or_default());
+        put(u64::from(c));
+        put(ci);
+        put(cfp);
+        put(self.msgs.len() as u64);
+        for &(fp, t) in &self.msgs {
+            put(fp);
+            put(t.unwrap_or(NONE));
+        }
+        out
+    }
+
+    /// The inverse of [`SharedConv::encode`]; `None` for anything else (another format, a
+    /// truncated value).
+    pub fn decode(b: &[u8]) -> Option<SharedConv> {
+        let rest = b.strip_prefix(MAGIC)?;
+        let mut words = rest
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default()));
+        if rest.len() % 8 != 0 {
+            return None;
+        }
+        let mut next = || words.next();
+        let writer = next()?;
+        let version = next()?;
+        let key = [next()?, next()?, next()?];
+        let fixed = (next()? == 1, next()?, next()?);
+        let cut = (next()? == 1, next()?, next()?);
+        let n = usize::try_from(next()?).ok()?;
+        if rest.len() != 8 * (12 + 2 * n) {
+            return None;
+        }
+        let mut msgs = Vec::with_capacity(n);
+        for _ in 0..n {
+            let fp = next()?;
+            let t = next()?;
+            msgs.push((fp, (t != NONE).then_some(t)));
+        }
+        Some(SharedConv {
+            writer,
+            version,
+            key,
+            fixed: fixed.0.then_some((fixed.1, fixed.2)),
+            msgs,
+            cut: cut.0.then_some((cut.1, cut.2)),
+        })
+    }
+}
+
+impl State {
+    /// The conversation's shared view entry: `Ok(None)` when there is none (or not one this
+    /// build reads), `Err` when Redis failed (the fallback is now on).
+    pub async fn view_get(self: &Arc<Self>, conversation: &str) -> Result<Option<SharedConv>, ()> {
+        let key = self.key(conversation, "view");
+        let mut c = self.conn.clone();
+        let r = self
+            .trip("view_get", async move {
+                redis::cmd("GET")
+                    .arg(&key)
+                    .query_async::<Option<Vec<u8>>>(&mut c)
+                    .await
+            })
+            .await;
+        if r.is_err() {
+            self.probe();
+        }
+        Ok(r?.and_then(|b| SharedConv::decode(&b)))
+    }
+
+    /// Writes the conversation's shared view entry, to expire after `ttl`.
+    pub async fn view_put(
+        self: &Arc<Self>,
+        conversation: &str,
+        entry: &SharedConv,
+        ttl: std::time::Duration,
+    ) -> Result<(), ()> {
+        let key = self.key(conversation, "view");
+        let value = entry.encode();
+        let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+        let mut c = self.conn.clone();
+        let r = self
+            .trip("view_put", async move {
+                redis::cmd("SET")
+                    .arg(&key)
+                    .arg(value)
+                    .arg("PX")
+                    .arg(ms)
+                    .query_async::<()>(&mut c)
+                    .await
+            })
+            .await;
+        if r.is_err() {
+            self.probe();
+        }
+        r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encoding_round_trips_and_refuses_what_it_did_not_write() {
+        let e = SharedConv {
+            writer: 7,
+            version: 42,
+            key: [1, 2, 3],
+            fixed: Some((99, 1234)),
+            msgs: vec![(5, Some(10)), (6, None), (u64::MAX - 1, Some(0))],
+            cut: Some((1, 6)),
+        };
+        let b = e.encode();
+        assert_eq!(b.len(), 4 + 8 * (12 + 6));
+        assert_eq!(SharedConv::decode(&b), Some(e.clone()));
+        let none = SharedConv {
+            fixed: None,
+            cut: None,
+            msgs: vec![],
+            ..e
+        };
+        assert_eq!(SharedConv::decode(&none.encode()), Some(none));
+        assert_eq!(SharedConv::decode(&b[..b.len() - 8]), None, "truncated");
+        assert_eq!(SharedConv::decode(&b[..b.len() - 3]), None, "ragged");
+        assert_eq!(SharedConv::decode(b"cgv2"), None, "another format");
+        assert_eq!(SharedConv::decode(b""), None);
+    }
+}

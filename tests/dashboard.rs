@@ -112,6 +112,7 @@ fn every_dashboard_metric_is_exported() {
     let m = ctxgate::metrics::Metrics::new();
     ctxgate::proxy::ProxyMetrics::register(&m, &[]);
     let t = ctxgate::transcript::TranscriptMetrics::register(m.registry());
+    ctxgate::state::StateMetrics::register(&m);
     let mut exported: BTreeSet<String> = m.names().iter().cloned().collect();
     let transcript: [&dyn Collector; 5] = [
         &t.queue_depth,

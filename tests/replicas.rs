@@ -439,10 +439,12 @@ async fn redis_stopped_and_restarted_mid_run() {
         );
         assert_eq!(sample(&page, "ctxgate_state_local"), 1.0);
         // The first round trip to fail (whichever op it was) is counted.
-        let errors: f64 = ["acquire", "release", "renew", "view_get", "view_put", "ping"]
-            .iter()
-            .map(|op| sample(&page, &format!("ctxgate_state_errors_total{{op=\"{op}\"}}")))
-            .sum();
+        let errors: f64 = [
+            "acquire", "release", "renew", "view_get", "view_put", "ping",
+        ]
+        .iter()
+        .map(|op| sample(&page, &format!("ctxgate_state_errors_total{{op=\"{op}\"}}")))
+        .sum();
         assert!(errors >= 1.0, "{errors}");
     }
 

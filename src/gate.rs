@@ -299,7 +299,7 @@ impl Gates {
         if s.up() {
             let start = Instant::now();
             let deadline = start.checked_add(self.limits.queue_timeout);
-            let _waiting = Waiting::start(&self.waiters);
+            let mut _waiting = None;
             let denied = |d: Denied| match d {
                 Denied::Full => Some(Rejected::QueueFull {
                     limit: self.limits.max_queue_per_conversation,
@@ -310,36 +310,40 @@ impl Gates {
                 }),
                 Denied::Unavailable => None,
             };
-            let mut leases = Vec::with_capacity(3);
-            let mut failed = None;
+            // The semaphores, in the order the local gates take them: the conversation's, the
+            // route cap's, the global one; all in one round trip when each has a free slot and
+            // nobody waiting, else one by one, waiting in line.
+            let mut sems: Vec<(String, usize, i64)> = Vec::with_capacity(3);
             if let Some(c) = conversation {
                 let longest =
                     i64::try_from(self.limits.max_queue_per_conversation).unwrap_or(i64::MAX);
-                match s
-                    .acquire(
-                        &format!("c:{c}"),
-                        self.limits.per_conversation,
-                        longest,
-                        deadline,
-                    )
-                    .await
-                {
-                    Ok(l) => leases.push(l),
-                    Err(d) => failed = Some(d),
-                }
+                sems.push((format!("c:{c}"), self.limits.per_conversation, longest));
             }
-            if failed.is_none() {
-                if let Some(&cap) = self.route_caps.get(route) {
-                    match s.acquire(&format!("r:{route}"), cap, -1, deadline).await {
+            if let Some(&cap) = self.route_caps.get(route) {
+                sems.push((format!("r:{route}"), cap, -1));
+            }
+            sems.push(("g".to_string(), self.limits.max_inflight, -1));
+            let mut leases = Vec::with_capacity(3);
+            let all: Vec<(&str, usize)> = sems.iter().map(|(n, k, _)| (n.as_str(), *k)).collect();
+            let mut failed = match s.acquire_all(&all).await {
+                Ok(Some(l)) => {
+                    leases.push(l);
+                    None
+                }
+                Ok(None) => None,
+                Err(d) => Some(d),
+            };
+            if leases.is_empty() && failed.is_none() {
+                // Not admitted at once: counted as waiting until it is (or gives up).
+                _waiting = Some(Waiting::start(&self.waiters));
+                for (name, slots, longest) in &sems {
+                    match s.acquire(name, *slots, *longest, deadline).await {
                         Ok(l) => leases.push(l),
-                        Err(d) => failed = Some(d),
+                        Err(d) => {
+                            failed = Some(d);
+                            break;
+                        }
                     }
-                }
-            }
-            if failed.is_none() {
-                match s.acquire("g", self.limits.max_inflight, -1, deadline).await {
-                    Ok(l) => leases.push(l),
-                    Err(d) => failed = Some(d),
                 }
             }
             match failed.map(denied) {

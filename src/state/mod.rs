@@ -89,22 +89,57 @@ keep()
 return 0
 "#;
 
-/// Gives a slot back, or a place in line. KEYS: holders, waiters, waiter expiries. ARGV: the
-/// lease id. Returns how many entries it removed.
-pub const RELEASE: &str = r#"
-return redis.call('ZREM', KEYS[1], ARGV[1]) + redis.call('ZREM', KEYS[2], ARGV[1])
-  + redis.call('ZREM', KEYS[3], ARGV[1])
-"#;
-
-/// Extends a held lease by the ttl from now; 0 when the lease is gone (expired and taken).
-/// KEYS: holders. ARGV: lease id, ttl in ms.
-pub const RENEW: &str = r#"
-if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 0 end
+/// The common case in one round trip: a slot of every semaphore named (the conversation's,
+/// the route cap's, the global cap's) when each has one free and nobody in line; otherwise
+/// nothing changes (but expired entries go) and the caller takes them one by one with
+/// [`ACQUIRE`]. Returns 1 (all granted) or 0.
+///
+/// KEYS: holders, waiters, waiter expiries of each semaphore. ARGV: lease id, lease ttl in
+/// ms, then the slots of each semaphore.
+pub const ACQUIRE_ALL: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
-redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]) * 3)
+local id, ttl = ARGV[1], tonumber(ARGV[2])
+local n = #KEYS / 3
+for i = 0, n - 1 do
+  local holders, waiters, expiries = KEYS[3 * i + 1], KEYS[3 * i + 2], KEYS[3 * i + 3]
+  redis.call('ZREMRANGEBYSCORE', holders, '-inf', now)
+  local gone = redis.call('ZRANGEBYSCORE', expiries, '-inf', now)
+  for _, w in ipairs(gone) do redis.call('ZREM', waiters, w) end
+  redis.call('ZREMRANGEBYSCORE', expiries, '-inf', now)
+  local free = tonumber(ARGV[3 + i]) - redis.call('ZCARD', holders)
+  if free <= 0 or redis.call('ZCARD', waiters) > 0 then return 0 end
+end
+for i = 0, n - 1 do
+  redis.call('ZADD', KEYS[3 * i + 1], now + ttl, id)
+  for k = 1, 3 do redis.call('PEXPIRE', KEYS[3 * i + k], ttl * 3) end
+end
 return 1
+"#;
+
+/// Gives slots back, or places in line. KEYS: holders, waiters, waiter expiries of each
+/// semaphore. ARGV: the lease id. Returns how many entries it removed.
+pub const RELEASE: &str = r#"
+local n = 0
+for _, k in ipairs(KEYS) do n = n + redis.call('ZREM', k, ARGV[1]) end
+return n
+"#;
+
+/// Extends held slots by the ttl from now. KEYS: the holders of each semaphore. ARGV: lease
+/// id, ttl in ms. Returns how many slots were still held (fewer: one expired and was taken).
+pub const RENEW: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[2])
+local held = 0
+for _, k in ipairs(KEYS) do
+  if redis.call('ZSCORE', k, ARGV[1]) then
+    redis.call('ZADD', k, now + ttl, ARGV[1])
+    redis.call('PEXPIRE', k, ttl * 3)
+    held = held + 1
+  end
+end
+return held
 "#;
 
 /// How often a replica that fell back pings Redis.
@@ -204,6 +239,7 @@ pub struct State {
     down: AtomicBool,
     probing: Mutex<bool>,
     acquire: Script,
+    acquire_all: Script,
     release: Script,
     renew: Script,
     metrics: StateMetrics,
@@ -259,6 +295,7 @@ impl State {
             down: AtomicBool::new(false),
             probing: Mutex::new(false),
             acquire: Script::new(ACQUIRE),
+            acquire_all: Script::new(ACQUIRE_ALL),
             release: Script::new(RELEASE),
             renew: Script::new(RENEW),
             metrics: StateMetrics::register(metrics),
@@ -398,24 +435,17 @@ impl State {
         longest: i64,
         deadline: Option<Instant>,
     ) -> Result<Lease, Denied> {
-        let seq = LEASES.fetch_add(1, Ordering::Relaxed);
-        let mut lease = Lease {
-            state: Arc::clone(self),
-            holders: self.key(name, "h"),
-            waiters: self.key(name, "w"),
-            expiries: self.key(name, "x"),
-            id: format!("{}-{seq}", self.replica),
-            renewer: None,
-        };
+        let mut lease = self.lease(&[name]);
         let counter = self.key(name, "n");
         let ttl_ms = u64::try_from(self.lease_ttl.as_millis()).unwrap_or(u64::MAX);
         let mut pause = POLL_FIRST;
         loop {
             let mut c = self.conn.clone();
             let mut inv = self.acquire.prepare_invoke();
-            inv.key(&lease.holders)
-                .key(&lease.waiters)
-                .key(&lease.expiries)
+            let [h, w, x] = &lease.keys[0];
+            inv.key(h)
+                .key(w)
+                .key(x)
                 .key(&counter)
                 .arg(&lease.id)
                 .arg(slots)
@@ -451,6 +481,63 @@ impl State {
     }
 }
 
+impl State {
+    /// A lease (not yet granted) on the semaphores `names`.
+    fn lease(self: &Arc<Self>, names: &[&str]) -> Lease {
+        let seq = LEASES.fetch_add(1, Ordering::Relaxed);
+        Lease {
+            state: Arc::clone(self),
+            keys: names
+                .iter()
+                .map(|n| [self.key(n, "h"), self.key(n, "w"), self.key(n, "x")])
+                .collect(),
+            id: format!("{}-{seq}", self.replica),
+            renewer: None,
+        }
+    }
+
+    /// A slot of every semaphore in `sems` (name, slots) in one round trip, when each has one
+    /// free and nobody waiting (`Ok(None)` otherwise: take them one by one with
+    /// [`State::acquire`]).
+    pub async fn acquire_all(
+        self: &Arc<Self>,
+        sems: &[(&str, usize)],
+    ) -> Result<Option<Lease>, Denied> {
+        let names: Vec<&str> = sems.iter().map(|(n, _)| *n).collect();
+        let mut lease = self.lease(&names);
+        let ttl_ms = u64::try_from(self.lease_ttl.as_millis()).unwrap_or(u64::MAX);
+        let mut c = self.conn.clone();
+        let mut inv = self.acquire_all.prepare_invoke();
+        for [h, w, x] in &lease.keys {
+            inv.key(h).key(w).key(x);
+        }
+        inv.arg(&lease.id).arg(ttl_ms);
+        for (_, slots) in sems {
+            inv.arg(*slots);
+        }
+        let r = self
+            .trip(
+                "acquire",
+                async move { inv.invoke_async::<i64>(&mut c).await },
+            )
+            .await;
+        match r {
+            Ok(1) => {
+                lease.arm();
+                Ok(Some(lease))
+            }
+            Ok(_) => {
+                lease.renewer = Some(None);
+                Ok(None)
+            }
+            Err(()) => {
+                lease.renewer = Some(None);
+                Err(Denied::Unavailable)
+            }
+        }
+    }
+}
+
 static LEASES: AtomicU64 = AtomicU64::new(0);
 
 /// A random 64-bit id (the replica's), from the std hasher's per-process random keys, the
@@ -467,13 +554,12 @@ fn rand_u64() -> u64 {
     h.finish()
 }
 
-/// A place in a shared semaphore: a held slot (renewed while held) or a place in its line.
-/// Dropping it gives either back (one `RELEASE` round trip, off the request path).
+/// A place in shared semaphores: held slots (renewed while held) or a place in a line.
+/// Dropping it gives them back (one `RELEASE` round trip, off the request path).
 pub struct Lease {
     state: Arc<State>,
-    holders: String,
-    waiters: String,
-    expiries: String,
+    /// Holders, waiters and waiter expiries of each semaphore.
+    keys: Vec<[String; 3]>,
     id: String,
     /// `None`: waiting. `Some(Some(task))`: held, renewed by the task. `Some(None)`: nothing
     /// to give back (refused).
@@ -492,7 +578,9 @@ impl Lease {
         self.state.leases.fetch_add(1, Ordering::Relaxed);
         self.state.metrics.leases.inc();
         let state = Arc::downgrade(&self.state);
-        let (holders, id) = (self.holders.clone(), self.id.clone());
+        let holders: Vec<String> = self.keys.iter().map(|k| k[0].clone()).collect();
+        let id = self.id.clone();
+        let slots = holders.len() as i64;
         let every = self.state.lease_ttl / 3;
         let ttl_ms = u64::try_from(self.state.lease_ttl.as_millis()).unwrap_or(u64::MAX);
         self.renewer = Some(Some(tokio::spawn(async move {
@@ -501,7 +589,10 @@ impl Lease {
                 let Some(s) = state.upgrade() else { return };
                 let mut c = s.conn.clone();
                 let mut inv = s.renew.prepare_invoke();
-                inv.key(&holders).arg(&id).arg(ttl_ms);
+                for h in &holders {
+                    inv.key(h);
+                }
+                inv.arg(&id).arg(ttl_ms);
                 match s
                     .trip(
                         "renew",
@@ -509,7 +600,7 @@ impl Lease {
                     )
                     .await
                 {
-                    Ok(0) => {
+                    Ok(n) if n < slots => {
                         tracing::warn!(lease = %id, "shared state: a held lease expired before its renewal (Redis was unreachable longer than state.lease_ttl?)");
                         return;
                     }
@@ -537,11 +628,7 @@ impl Drop for Lease {
             return;
         };
         let state = Arc::clone(&self.state);
-        let keys = [
-            std::mem::take(&mut self.holders),
-            std::mem::take(&mut self.waiters),
-            std::mem::take(&mut self.expiries),
-        ];
+        let keys = std::mem::take(&mut self.keys);
         let id = std::mem::take(&mut self.id);
         rt.spawn(async move {
             if !held && !state.up() {
@@ -550,7 +637,10 @@ impl Drop for Lease {
             }
             let mut c = state.conn.clone();
             let mut inv = state.release.prepare_invoke();
-            inv.key(&keys[0]).key(&keys[1]).key(&keys[2]).arg(&id);
+            for k in keys.iter().flatten() {
+                inv.key(k);
+            }
+            inv.arg(&id);
             let _ = state
                 .trip(
                     "release",

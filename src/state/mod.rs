@@ -361,7 +361,7 @@ impl State {
 
     /// Counts a failed round trip; the first failure while up turns the fallback on (logged
     /// once) and starts the probe.
-    fn failed(self: &State, op: &'static str, why: &str) {
+    fn failed(&self, op: &'static str, why: &str) {
         self.metrics.errors.with_label_values(&[op]).inc();
         if self.down.swap(true, Ordering::AcqRel) {
             return;
@@ -469,13 +469,13 @@ impl State {
                 Ok(_) => {}
                 Err(()) => return Err(Denied::Unavailable),
             }
-            if deadline.is_some_and(|d| Instant::now() + pause >= d) {
-                if let Some(d) = deadline {
-                    tokio::time::sleep_until(d).await;
-                }
+            // Still in line: poll again after the pause, and once more at the deadline.
+            let now = Instant::now();
+            if deadline.is_some_and(|d| now >= d) {
                 return Err(Denied::Timeout);
             }
-            tokio::time::sleep(pause).await;
+            let wake = deadline.map_or(now + pause, |d| (now + pause).min(d));
+            tokio::time::sleep_until(wake).await;
             pause = (pause * 2).min(POLL_MAX);
         }
     }

@@ -44,8 +44,13 @@ impl Redis {
     }
 
     async fn run(&mut self) {
+        self.run_with(&[]).await;
+    }
+
+    async fn run_with(&mut self, extra: &[&str]) {
         let child = tokio::process::Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(extra)
             .args(["--save", "", "--appendonly", "no", "--dir"])
             .arg(&self.dir)
             .stdout(Stdio::null())
@@ -76,6 +81,23 @@ impl Redis {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill().await;
         }
+    }
+
+    /// Sends one inline command and returns the first line of the answer.
+    async fn command(&self, line: &str) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).await.unwrap();
+        s.write_all(format!("{line}\r\n").as_bytes()).await.unwrap();
+        let mut buf = [0u8; 256];
+        let n = tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        String::from_utf8_lossy(&buf[..n])
+            .lines()
+            .next()
+            .unwrap_or("")
+            .to_string()
     }
 
     fn url(&self) -> String {
@@ -452,8 +474,9 @@ async fn a_replica_killed_holding_a_permit_loses_it_within_the_lease_ttl() {
 }
 
 /// Redis stopped mid-run and started again: calls keep being answered (each replica falls
-/// back to its own gates, once, counted), then the replicas go back to Redis (counted), and
-/// every gauge ends at 0. With `on_error = "reject"` the calls get 503 `state_unavailable`.
+/// back to its own gates, once, counted); a Redis that is back but read-only keeps them
+/// there; once it takes writes the replicas go back to Redis (counted), and every gauge ends
+/// at 0. With `on_error = "reject"` the calls get 503 `state_unavailable`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_stopped_and_restarted_mid_run() {
     let mut redis = Redis::start().await;
@@ -502,7 +525,20 @@ async fn redis_stopped_and_restarted_mid_run() {
         assert!(errors >= 1.0, "{errors}");
     }
 
-    redis.run().await;
+    // Back, but read-only (a replica of a primary that is not there, as after a failover
+    // gone wrong): it answers PING, refuses writes, so the replicas stay on their fallback.
+    redis.run_with(&["--replicaof", "127.0.0.1", "1"]).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for g in [&a, &b] {
+        let page = metrics(g).await;
+        assert_eq!(
+            sample(&page, "ctxgate_state_local"),
+            1.0,
+            "a read-only Redis is still down"
+        );
+        assert_eq!(sample(&page, "ctxgate_state_recoveries_total"), 0.0);
+    }
+    assert_eq!(redis.command("REPLICAOF NO ONE").await, "+OK");
     for g in [&a, &b, &strict] {
         until_sample(g, "ctxgate_state_recoveries_total", 1.0).await;
         until_sample(g, "ctxgate_state_local", 0.0).await;

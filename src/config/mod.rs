@@ -576,18 +576,16 @@ pub fn mask_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return "*****".to_string();
     };
-    let (authority, tail) = match rest.find('/') {
-        Some(i) => rest.split_at(i),
-        None => (rest, ""),
-    };
-    match authority.rsplit_once('@') {
+    // Everything before the last '@' is user info, whatever it holds: a generated password
+    // may contain '/', '?' or '#', which would otherwise end the authority early.
+    match rest.rsplit_once('@') {
         None => url.to_string(),
         Some((userinfo, host)) => {
             let masked = match userinfo.split_once(':') {
-                Some((user, _)) => format!("{user}:*****"),
-                None => "*****".to_string(),
+                Some((user, _)) if !user.contains(['/', '?', '#']) => format!("{user}:*****"),
+                _ => "*****".to_string(),
             };
-            format!("{scheme}://{masked}@{host}{tail}")
+            format!("{scheme}://{masked}@{host}")
         }
     }
 }

@@ -310,6 +310,11 @@ fn state_defaults_validate_and_the_password_never_prints() {
     assert_eq!(mask_url("rediss://:pw@h:1"), "rediss://:*****@h:1");
     assert_eq!(mask_url("redis://tok@h"), "redis://*****@h");
     assert_eq!(mask_url("redis://h:6379/0"), "redis://h:6379/0");
+    assert_eq!(
+        mask_url("redis://:ab/cd?e#f@host:6379/0"),
+        "redis://:*****@host:6379/0",
+        "a password with '/', '?' or '#' in it"
+    );
 
     let e = load(&format!("[state]\nbackend = \"redis\"\n{MIN}")).unwrap_err();
     assert_eq!(e.key, "state.redis_url");

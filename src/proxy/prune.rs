@@ -97,11 +97,16 @@ impl Proxy {
             .as_ref()
             .and_then(|(_, _, e)| e.clone().ok().flatten());
         let (outcome, bytes) = self.decide(*req, &budget, call, entry.clone()).await?;
-        if let Some((s, c, Ok(_))) = &shared {
-            let version = entry.as_ref().map_or(0, |e| e.version) + 1;
+        // Published only when pruning ran (a failed run left the view's older entry), and
+        // only over the entry read (compare-and-set): a concurrent call of the conversation
+        // on another replica (ungated, or max_concurrent_per_conversation > 1) cannot be
+        // overwritten by an older one.
+        if let (Some((s, c, Ok(_))), Some(_)) = (&shared, &outcome) {
+            let read = entry.as_ref().map(|e| (e.writer, e.version));
+            let version = read.map_or(0, |(_, v)| v).wrapping_add(1);
             let view = &self.pruning.view;
             if let Some(e) = view.shared_entry(c, s.writer(), version) {
-                if s.view_put(c, &e, self.view_idle_ttl).await.is_ok() {
+                if s.view_put(c, &e, read, self.view_idle_ttl).await == Ok(true) {
                     view.set_origin(c, (s.writer(), version));
                 }
             }

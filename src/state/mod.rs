@@ -6,8 +6,7 @@
 //! With the memory backend (the default) there is no [`State`] and nothing here runs.
 //!
 //! **Semaphores.** One per conversation (`max_concurrent_per_conversation` slots), one per
-//! capped route, one global. Each is three keys under one hash tag (so a cluster keeps them on
-//! one slot): the holders (a sorted set of lease ids scored by expiry, in Redis's clock), the
+//! capped route, one global. Each is three keys under one hash tag: the holders (a sorted set of lease ids scored by expiry, in Redis's clock), the
 //! waiters (lease ids scored by arrival, from a counter) and the waiters' expiries. A Lua
 //! script ([`ACQUIRE`]) runs atomically on the server: it drops expired holders and waiters,
 //! then grants the slot to a caller that is first in line (or finds no line and a free slot),
@@ -18,10 +17,16 @@
 //! and releases it ([`RELEASE`]) when the call ends. A replica that dies holding a lease loses
 //! it at expiry; one that dies waiting loses its place.
 //!
+//! One Redis (or a primary with replicas behind one address): Redis Cluster is not supported
+//! (`ACQUIRE_ALL` and `RELEASE` touch several semaphores' keys at once, and the connection does
+//! not follow cluster redirects).
+//!
 //! **Faults.** Every round trip is bounded by `state.timeout`. A failed or slow one turns the
 //! replica to its in-memory gates and view (`on_error = "local"`, counted and logged once) or
-//! to refusing calls (`"reject"`), and a probe pings Redis every 500 ms until it answers; then
-//! the replica goes back. Leases held when Redis went away are not lost track of: their
+//! to refusing calls (`"reject"`), and a probe tries Redis every 500 ms (a write and a script
+//! call, so that a Redis that answers PING but refuses writes — full under `noeviction`,
+//! read-only after a failover, scripts denied by an ACL — is not taken for a recovered one);
+//! when both succeed the replica goes back. Leases held when Redis went away are not lost track of: their
 //! renewals fail quietly and Redis expires them.
 //!
 //! **The view.** See [`shared`]: after a call is pruned its conversation's fingerprints,
@@ -242,6 +247,7 @@ pub struct State {
     acquire_all: Script,
     release: Script,
     renew: Script,
+    view_put: Script,
     metrics: StateMetrics,
 }
 
@@ -296,6 +302,7 @@ impl State {
             probing: Mutex::new(false),
             acquire: Script::new(ACQUIRE),
             acquire_all: Script::new(ACQUIRE_ALL),
+            view_put: Script::new(shared::VIEW_PUT),
             release: Script::new(RELEASE),
             renew: Script::new(RENEW),
             metrics: StateMetrics::register(metrics),
@@ -385,6 +392,30 @@ impl State {
         .map(|_| ())
     }
 
+    /// The probe's test: a write that expires at once and a script call (the operations
+    /// calls need), both within `timeout`.
+    async fn healthy(&self) -> bool {
+        let key = self.key("probe", "p");
+        let mut c = self.conn.clone();
+        // The script on a key that holds nothing (ZREM on a string would be a type error).
+        let none = self.key("probe", "z");
+        let mut inv = self.release.prepare_invoke();
+        inv.key(&none).arg(&self.replica);
+        let both = async {
+            redis::cmd("SET")
+                .arg(&key)
+                .arg(&self.replica)
+                .arg("PX")
+                .arg(1000)
+                .query_async::<()>(&mut c)
+                .await?;
+            inv.invoke_async::<i64>(&mut c).await
+        };
+        tokio::time::timeout(self.timeout, both)
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
     /// Starts the probe if the fallback is on and no probe runs: it pings every 500 ms and
     /// turns the fallback off at the first answer. Called by the request path (cheap when
     /// up).
@@ -404,14 +435,7 @@ impl State {
             loop {
                 tokio::time::sleep(PROBE_EVERY).await;
                 let Some(s) = state.upgrade() else { return };
-                let mut c = s.conn.clone();
-                let ok = tokio::time::timeout(
-                    s.timeout,
-                    redis::cmd("PING").query_async::<String>(&mut c),
-                )
-                .await
-                .is_ok_and(|r| r.is_ok());
-                if ok {
+                if s.healthy().await {
                     *s.probing.lock().unwrap_or_else(PoisonError::into_inner) = false;
                     s.down.store(false, Ordering::Release);
                     s.metrics.recoveries.inc();
@@ -530,10 +554,9 @@ impl State {
                 lease.renewer = Some(None);
                 Ok(None)
             }
-            Err(()) => {
-                lease.renewer = Some(None);
-                Err(Denied::Unavailable)
-            }
+            // The script may have run before the reply was lost: the Drop gives back
+            // whatever it may hold (best effort; else the slots expire after the ttl).
+            Err(()) => Err(Denied::Unavailable),
         }
     }
 }
@@ -614,16 +637,17 @@ impl Lease {
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        let held = match self.renewer.take() {
+        // Held (renewed), or in line / granted unbeknown to us (a lost reply): either way
+        // there may be something to give back. Refused: nothing.
+        match self.renewer.take() {
             Some(None) => return,
             Some(Some(task)) => {
                 task.abort();
                 self.state.metrics.leases.dec();
                 self.state.leases.fetch_sub(1, Ordering::Relaxed);
-                true
             }
-            None => false,
-        };
+            None => {}
+        }
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             return;
         };
@@ -631,10 +655,6 @@ impl Drop for Lease {
         let keys = std::mem::take(&mut self.keys);
         let id = std::mem::take(&mut self.id);
         rt.spawn(async move {
-            if !held && !state.up() {
-                // A place in line expires on its own; no point waiting on a Redis that is down.
-                return;
-            }
             let mut c = state.conn.clone();
             let mut inv = state.release.prepare_invoke();
             for k in keys.iter().flatten() {

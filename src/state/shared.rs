@@ -38,6 +38,26 @@ pub struct SharedConv {
 
 /// The format's first bytes (and version).
 const MAGIC: &[u8; 4] = b"cgv1";
+
+/// Writes the entry only over the one read: KEYS[1] the entry; ARGV: the first 20 bytes of
+/// the entry read (magic, writer, version; empty when there was none), the new entry, its
+/// ttl in ms. Atomic as a script; returns 1 (written) or 0 (another call wrote first).
+pub const VIEW_PUT: &str = r#"
+local cur = redis.call('GET', KEYS[1])
+if (not cur and ARGV[1] == '') or (cur and string.sub(cur, 1, 20) == ARGV[1]) then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', tonumber(ARGV[3]))
+  return 1
+end
+return 0
+"#;
+
+/// An entry's first 20 bytes: the magic, its writer and its version.
+fn header(writer: u64, version: u64) -> Vec<u8> {
+    let mut h = MAGIC.to_vec();
+    h.extend_from_slice(&writer.to_le_bytes());
+    h.extend_from_slice(&version.to_le_bytes());
+    h
+}
 /// Stands for "not counted" among the token counts.
 const NONE: u64 = u64::MAX;
 
@@ -86,8 +106,11 @@ impl SharedConv {
         let key = [next()?, next()?, next()?];
         let fixed = (next()? == 1, next()?, next()?);
         let cut = (next()? == 1, next()?, next()?);
+        // The count must match the length exactly (checked without overflow), so a value
+        // from Redis can never make this allocate more than it holds.
         let n = usize::try_from(next()?).ok()?;
-        if rest.len() != 8 * (12 + 2 * n) {
+        let want = n.checked_mul(2)?.checked_add(12)?.checked_mul(8)?;
+        if rest.len() != want {
             return None;
         }
         let mut msgs = Vec::with_capacity(n);
@@ -127,28 +150,30 @@ impl State {
         Ok(r?.and_then(|b| SharedConv::decode(&b)))
     }
 
-    /// Writes the conversation's shared view entry, to expire after `ttl`.
+    /// Writes the conversation's shared view entry, to expire after `ttl`, if the entry in
+    /// Redis is still the one read (`read`: its writer and version; `None`: there was none).
+    /// `Ok(false)`: another call wrote first, and this entry was not written.
     pub async fn view_put(
         self: &Arc<Self>,
         conversation: &str,
         entry: &SharedConv,
+        read: Option<(u64, u64)>,
         ttl: std::time::Duration,
-    ) -> Result<(), ()> {
+    ) -> Result<bool, ()> {
         let key = self.key(conversation, "view");
         let value = entry.encode();
+        let expected = read.map_or_else(Vec::new, |(w, v)| header(w, v));
         let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
         let mut c = self.conn.clone();
+        let mut inv = self.view_put.prepare_invoke();
+        inv.key(&key).arg(expected).arg(value).arg(ms);
         let r = self
-            .trip("view_put", async move {
-                redis::cmd("SET")
-                    .arg(&key)
-                    .arg(value)
-                    .arg("PX")
-                    .arg(ms)
-                    .query_async::<()>(&mut c)
-                    .await
-            })
-            .await;
+            .trip(
+                "view_put",
+                async move { inv.invoke_async::<i64>(&mut c).await },
+            )
+            .await
+            .map(|n| n == 1);
         if r.is_err() {
             self.probe();
         }
@@ -172,6 +197,7 @@ mod tests {
         };
         let b = e.encode();
         assert_eq!(b.len(), 4 + 8 * (12 + 6));
+        assert_eq!(b[..20], header(7, 42)[..], "the compare-and-set header");
         assert_eq!(SharedConv::decode(&b), Some(e.clone()));
         let none = SharedConv {
             fixed: None,
@@ -184,5 +210,11 @@ mod tests {
         assert_eq!(SharedConv::decode(&b[..b.len() - 3]), None, "ragged");
         assert_eq!(SharedConv::decode(b"cgv2"), None, "another format");
         assert_eq!(SharedConv::decode(b""), None);
+        // A count that would overflow the length check, or claim more than the value holds.
+        let mut huge = b[..4 + 8 * 11].to_vec();
+        huge.extend_from_slice(&(1u64 << 62).to_le_bytes());
+        assert_eq!(SharedConv::decode(&huge), None);
+        huge[4 + 8 * 11..].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert_eq!(SharedConv::decode(&huge), None);
     }
 }

@@ -7,6 +7,9 @@
 //! travels in every request's extensions, so the request path can [`ConnKill::kill`] the
 //! connection: the next (or the pending, which is woken) read or write fails, and hyper drops
 //! the connection.
+//!
+//! Also here, below both the server and the request path: the index of the event loop a
+//! thread drives ([`loop_index`]), by which a call picks its loop's upstream client.
 
 use std::io;
 use std::pin::Pin;
@@ -221,6 +224,25 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Killable<T> {
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.io).poll_shutdown(cx)
     }
+}
+
+// The event loop a connection is served on (`server::EventLoops`): set by each loop's thread,
+// read by per-loop state on the request path.
+thread_local! {
+    /// The index of the event loop this thread drives (0 on any thread that drives none).
+    static LOOP: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Marks this thread as the one driving event loop `i` (called by the loop's thread before it
+/// starts).
+pub fn set_loop_index(i: usize) {
+    LOOP.with(|l| l.set(i));
+}
+
+/// The index of the event loop running on this thread: per-loop state (each route's upstream
+/// client) is picked by it, so a call's upstream connection lives on the call's own loop.
+pub fn loop_index() -> usize {
+    LOOP.with(|l| l.get())
 }
 
 #[cfg(test)]

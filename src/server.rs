@@ -28,7 +28,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
 use crate::config::Server;
-use crate::conn::{ConnKill, Killable};
+use crate::conn::{set_loop_index, ConnKill, Killable};
 use crate::metrics::Metrics;
 use crate::proxy::stream::ResponseBody;
 
@@ -165,23 +165,6 @@ impl Loops {
             open[i].fetch_sub(1, Ordering::Relaxed);
         });
     }
-}
-
-thread_local! {
-    /// The index of the event loop this thread drives (0 on any thread that drives none).
-    static LOOP: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
-}
-
-/// Marks this thread as the one driving event loop `i` (called by the loop's thread before it
-/// starts).
-pub fn set_loop_index(i: usize) {
-    LOOP.with(|l| l.set(i));
-}
-
-/// The index of the event loop running on this thread: per-loop state (each route's upstream
-/// client) is picked by it, so a call's upstream connection lives on the call's own loop.
-pub fn loop_index() -> usize {
-    LOOP.with(|l| l.get())
 }
 
 /// The event loops `main` serves on: single-threaded tokio runtimes, the first driven by the
@@ -539,7 +522,7 @@ mod tests {
             let s2 = spread.clone();
             let server = tokio::spawn(async move {
                 let handler = |_req: Request<Incoming>| async {
-                    let here = format!("{}", loop_index());
+                    let here = format!("{}", crate::conn::loop_index());
                     Ok::<_, Infallible>(crate::proxy::stream::simple_response(
                         http::StatusCode::OK,
                         "text/plain",

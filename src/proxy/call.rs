@@ -98,7 +98,7 @@ pub struct RouteState {
 impl RouteState {
     /// The upstream client of the event loop this runs on.
     pub fn client(&self) -> &UpstreamClient {
-        &self.clients[crate::server::loop_index() % self.clients.len()]
+        &self.clients[crate::conn::loop_index() % self.clients.len()]
     }
 }
 

@@ -9,7 +9,6 @@ use bytes::Bytes;
 use common::*;
 use ctxgate::dialect::Dialect;
 use ctxgate::prune::{ChatRequest, Counter, Encoding};
-use serde_json::value::RawValue;
 
 const SEED: &str = include_str!("fixtures/openai-seed.json");
 const SEED_ANTHROPIC: &str = include_str!("fixtures/anthropic-seed.json");
@@ -18,16 +17,6 @@ fn count(dialect: Dialect, body: &[u8]) -> u64 {
     Counter::new(Encoding::O200kBase)
         .unwrap()
         .count_request(&ChatRequest::parse(dialect, body).unwrap())
-}
-
-fn messages(body: &[u8]) -> Vec<String> {
-    #[derive(serde::Deserialize)]
-    struct B<'a> {
-        #[serde(borrow)]
-        messages: Vec<&'a RawValue>,
-    }
-    let b: B = serde_json::from_slice(body).unwrap();
-    b.messages.iter().map(|m| m.get().to_string()).collect()
 }
 
 #[tokio::test]
@@ -55,7 +44,7 @@ async fn seed_conversation_is_pruned_to_the_budget() {
     let fwd = &got[0].body;
     let after = count(Dialect::OpenAi, fwd);
     assert!(after <= 4000, "forwarded {after} tokens");
-    assert!(messages(fwd).len() <= 5);
+    assert!(raw_messages(fwd).len() <= 5);
     assert_eq!(
         h["x-ctxgate-tokens-after"].to_str().unwrap(),
         after.to_string()
@@ -68,15 +57,15 @@ async fn seed_conversation_is_pruned_to_the_budget() {
     assert!(tb > 50_000, "tokens-before {tb}");
     assert_eq!(
         h["x-ctxgate-messages-dropped"].to_str().unwrap(),
-        (messages(SEED.as_bytes()).len() - messages(fwd).len()).to_string()
+        (raw_messages(SEED.as_bytes()).len() - raw_messages(fwd).len()).to_string()
     );
     assert_eq!(
         got[0].headers["content-length"].to_str().unwrap(),
         fwd.len().to_string()
     );
     // The system prompt and the newest message are kept byte for byte.
-    let orig = messages(SEED.as_bytes());
-    let kept = messages(fwd);
+    let orig = raw_messages(SEED.as_bytes());
+    let kept = raw_messages(fwd);
     assert_eq!(kept[0], orig[0]);
     assert_eq!(kept.last(), orig.last());
     // Fields ctxgate does not know survive in their order.
@@ -123,19 +112,6 @@ async fn seed_conversation_is_pruned_to_the_budget() {
     );
 }
 
-/// A 40-turn agent conversation: each turn a task, a tool call, its result (a file), an answer.
-fn turn(i: usize) -> Vec<serde_json::Value> {
-    let file: String = (0..40)
-        .map(|l| format!("fn handler_{i}_{l}(x: u32) -> u32 {{ x * {l} + {i} }} // line {l}\n"))
-        .collect();
-    vec![
-        serde_json::json!({"role": "user", "content": format!("Step {i}: look at src/mod_{i}.rs and tell me what handler_{i}_3 returns for x = {i}. Be precise and brief.")}),
-        serde_json::json!({"role": "assistant", "content": null, "tool_calls": [{"id": format!("call_{i}"), "type": "function", "function": {"name": "read_file", "arguments": format!("{{\"path\":\"src/mod_{i}.rs\"}}")}}]}),
-        serde_json::json!({"role": "tool", "tool_call_id": format!("call_{i}"), "content": format!("```rust\n{file}```")}),
-        serde_json::json!({"role": "assistant", "content": format!("handler_{i}_3({i}) returns {} because it computes x * 3 + {i}.", i * 3 + i)}),
-    ]
-}
-
 #[tokio::test]
 async fn forty_turns_keep_a_byte_stable_prefix() {
     let up = mock(llm_reply).await;
@@ -145,50 +121,16 @@ async fn forty_turns_keep_a_byte_stable_prefix() {
         .set("prune", "keep_file_content_turns", 1)
         .start()
         .await;
-    let tools = serde_json::json!([{"type": "function", "function": {"name": "read_file", "description": "Read a file.", "parameters": {"type": "object", "properties": {"path": {"type": "string", "description": "The path."}}, "required": ["path"]}}}]);
-    let mut history =
-        vec![serde_json::json!({"role": "system", "content": "You are a careful coding agent."})];
+    send_agent_conversation(&gate.url("/v1/chat/completions"), "agent-40").await;
     let mut forwarded: Vec<Vec<String>> = Vec::new();
-    for i in 0..40 {
-        let [task, call, result, answer]: [serde_json::Value; 4] = turn(i).try_into().unwrap();
-        // The agent sends the task, then the tool result; its answer joins the history after.
-        for step in [vec![task], vec![call, result]] {
-            history.extend(step);
-            let body = serde_json::json!({"model": "gpt-4o", "messages": history, "tools": tools})
-                .to_string();
-            let (s, _, _) = send(
-                "POST",
-                &gate.url("/v1/chat/completions"),
-                &[("x-conversation-id", "agent-40")],
-                &body,
-            )
-            .await;
-            assert_eq!(s, 200);
-        }
-        history.push(answer);
-    }
     for r in up.requests() {
         assert!(count(Dialect::OpenAi, &r.body) <= 4000);
-        forwarded.push(messages(&r.body));
+        forwarded.push(raw_messages(&r.body));
     }
     assert_eq!(forwarded.len(), 80);
     // Turn by turn (each user task opens a turn): the previous turn's forwarded messages, all but
     // its newest turn, must reappear byte-identical at the start of this turn's.
-    let mut stable = 0;
-    let mut turns = 0;
-    for pair in forwarded.chunks(2).collect::<Vec<_>>().windows(2) {
-        let prev = pair[0].last().unwrap();
-        let cur = &pair[1][0];
-        let newest_turn_start = prev
-            .iter()
-            .rposition(|m| m.contains("\"role\":\"user\""))
-            .unwrap();
-        let prefix = &prev[..newest_turn_start];
-        turns += 1;
-        if cur.len() >= prefix.len() && &cur[..prefix.len()] == prefix {
-            stable += 1;
-        }
-    }
+    let (stable, turns) = stable_turns(&forwarded);
     assert!(
         stable * 10 >= turns * 9,
         "{stable}/{turns} turns kept the prefix"
@@ -470,7 +412,7 @@ async fn a_resumed_parse_forwards_what_a_full_parse_forwards() {
     let mut history =
         vec![serde_json::json!({"role": "system", "content": "You are a careful coding agent."})];
     for i in 0..30 {
-        history.extend(turn(i));
+        history.extend(agent_turn(i));
         if i == 20 {
             history[3]["content"] = serde_json::json!("an edited tool result");
         }
@@ -515,7 +457,7 @@ async fn a_resumed_parse_forwards_what_a_full_parse_forwards() {
     assert!(
         forwarded[1]
             .iter()
-            .any(|r| messages(&r.body).len() < 30 * 4 / 2),
+            .any(|r| raw_messages(&r.body).len() < 30 * 4 / 2),
         "the limit pruned"
     );
     let bytes = |page: &str, part: &str| {
@@ -556,7 +498,7 @@ async fn a_body_in_small_frames_is_checked_as_it_arrives() {
     let mut model = "gpt-4o";
     let mut total = 0usize;
     for i in 0..16 {
-        history.extend(turn(i));
+        history.extend(agent_turn(i));
         if i == 9 {
             history[5]["content"] = serde_json::json!("an edited answer");
         }

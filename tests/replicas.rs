@@ -314,44 +314,11 @@ async fn eighty_turns_spread_over_replicas_keep_a_byte_stable_prefix() {
         .set("prune", "keep_file_content_turns", 1);
     let replicas = vec![cfg.start().await, cfg.start().await, cfg.start().await];
     let lb = round_robin(replicas.iter().map(|g| g.addr).collect()).await;
-    let tools = serde_json::json!([{"type": "function", "function": {"name": "read_file", "description": "Read a file.", "parameters": {"type": "object", "properties": {"path": {"type": "string", "description": "The path."}}, "required": ["path"]}}}]);
-    let mut history =
-        vec![serde_json::json!({"role": "system", "content": "You are a careful coding agent."})];
-    for i in 0..40 {
-        let file: String = (0..40)
-            .map(|l| format!("fn handler_{i}_{l}(x: u32) -> u32 {{ x * {l} + {i} }} // line {l}\n"))
-            .collect();
-        let task = serde_json::json!({"role": "user", "content": format!("Step {i}: look at src/mod_{i}.rs and tell me what handler_{i}_3 returns for x = {i}. Be precise and brief.")});
-        let call = serde_json::json!({"role": "assistant", "content": null, "tool_calls": [{"id": format!("call_{i}"), "type": "function", "function": {"name": "read_file", "arguments": format!("{{\"path\":\"src/mod_{i}.rs\"}}")}}]});
-        let result = serde_json::json!({"role": "tool", "tool_call_id": format!("call_{i}"), "content": format!("```rust\n{file}```")});
-        let answer = serde_json::json!({"role": "assistant", "content": format!("handler_{i}_3({i}) returns {} because it computes x * 3 + {i}.", i * 3 + i)});
-        for step in [vec![task], vec![call, result]] {
-            history.extend(step);
-            let body = serde_json::json!({"model": "gpt-4o", "messages": history, "tools": tools})
-                .to_string();
-            let (s, _, _) = send(
-                "POST",
-                &format!("http://{lb}/v1/chat/completions"),
-                &[("x-conversation-id", "agent-80")],
-                &body,
-            )
-            .await;
-            assert_eq!(s, 200);
-        }
-        history.push(answer);
-    }
+    send_agent_conversation(&format!("http://{lb}/v1/chat/completions"), "agent-80").await;
     let forwarded: Vec<Vec<String>> = up
         .requests()
         .iter()
-        .map(|r| {
-            let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
-            v["messages"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|m| m.to_string())
-                .collect()
-        })
+        .map(|r| raw_messages(&r.body))
         .collect();
     assert_eq!(forwarded.len(), 80);
     // Each replica served about a third of the calls.
@@ -368,21 +335,7 @@ async fn eighty_turns_spread_over_replicas_keep_a_byte_stable_prefix() {
     }
     // Turn by turn: the previous turn's forwarded messages, all but its newest turn, reappear
     // byte-identical at the start of this turn's.
-    let mut stable = 0;
-    let mut turns = 0;
-    for pair in forwarded.chunks(2).collect::<Vec<_>>().windows(2) {
-        let prev = pair[0].last().unwrap();
-        let cur = &pair[1][0];
-        let newest_turn_start = prev
-            .iter()
-            .rposition(|m| m.contains("\"role\":\"user\""))
-            .unwrap();
-        let prefix = &prev[..newest_turn_start];
-        turns += 1;
-        if cur.len() >= prefix.len() && &cur[..prefix.len()] == prefix {
-            stable += 1;
-        }
-    }
+    let (stable, turns) = stable_turns(&forwarded);
     assert!(
         stable * 10 >= turns * 9,
         "{stable}/{turns} turns kept the prefix across replicas"

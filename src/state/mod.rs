@@ -366,6 +366,18 @@ impl State {
         }
     }
 
+    /// Runs a prepared script invocation as one timed, bounded round trip (see [`State::trip`]).
+    async fn eval(&self, op: &'static str, inv: redis::ScriptInvocation<'_>) -> Result<i64, ()> {
+        let mut c = self.conn.clone();
+        self.trip(op, async move { inv.invoke_async::<i64>(&mut c).await })
+            .await
+    }
+
+    /// The lease ttl in milliseconds, as the scripts take it.
+    fn ttl_ms(&self) -> u64 {
+        u64::try_from(self.lease_ttl.as_millis()).unwrap_or(u64::MAX)
+    }
+
     /// Counts a failed round trip; the first failure while up turns the fallback on (logged
     /// once) and starts the probe.
     fn failed(&self, op: &'static str, why: &str) {
@@ -461,10 +473,9 @@ impl State {
     ) -> Result<Lease, Denied> {
         let mut lease = self.lease(&[name]);
         let counter = self.key(name, "n");
-        let ttl_ms = u64::try_from(self.lease_ttl.as_millis()).unwrap_or(u64::MAX);
+        let ttl_ms = self.ttl_ms();
         let mut pause = POLL_FIRST;
         loop {
-            let mut c = self.conn.clone();
             let mut inv = self.acquire.prepare_invoke();
             let [h, w, x] = &lease.keys[0];
             inv.key(h)
@@ -475,12 +486,7 @@ impl State {
                 .arg(slots)
                 .arg(longest)
                 .arg(ttl_ms);
-            let r = self
-                .trip(
-                    "acquire",
-                    async move { inv.invoke_async::<i64>(&mut c).await },
-                )
-                .await;
+            let r = self.eval("acquire", inv).await;
             match r {
                 Ok(1) => {
                     lease.arm();
@@ -529,8 +535,7 @@ impl State {
     ) -> Result<Option<Lease>, Denied> {
         let names: Vec<&str> = sems.iter().map(|(n, _)| *n).collect();
         let mut lease = self.lease(&names);
-        let ttl_ms = u64::try_from(self.lease_ttl.as_millis()).unwrap_or(u64::MAX);
-        let mut c = self.conn.clone();
+        let ttl_ms = self.ttl_ms();
         let mut inv = self.acquire_all.prepare_invoke();
         for [h, w, x] in &lease.keys {
             inv.key(h).key(w).key(x);
@@ -539,12 +544,7 @@ impl State {
         for (_, slots) in sems {
             inv.arg(*slots);
         }
-        let r = self
-            .trip(
-                "acquire",
-                async move { inv.invoke_async::<i64>(&mut c).await },
-            )
-            .await;
+        let r = self.eval("acquire", inv).await;
         match r {
             Ok(1) => {
                 lease.arm();
@@ -605,24 +605,17 @@ impl Lease {
         let id = self.id.clone();
         let slots = holders.len() as i64;
         let every = self.state.lease_ttl / 3;
-        let ttl_ms = u64::try_from(self.state.lease_ttl.as_millis()).unwrap_or(u64::MAX);
+        let ttl_ms = self.state.ttl_ms();
         self.renewer = Some(Some(tokio::spawn(async move {
             loop {
                 tokio::time::sleep(every).await;
                 let Some(s) = state.upgrade() else { return };
-                let mut c = s.conn.clone();
                 let mut inv = s.renew.prepare_invoke();
                 for h in &holders {
                     inv.key(h);
                 }
                 inv.arg(&id).arg(ttl_ms);
-                match s
-                    .trip(
-                        "renew",
-                        async move { inv.invoke_async::<i64>(&mut c).await },
-                    )
-                    .await
-                {
+                match s.eval("renew", inv).await {
                     Ok(n) if n < slots => {
                         tracing::warn!(lease = %id, "shared state: a held lease expired before its renewal (Redis was unreachable longer than state.lease_ttl?)");
                         return;
@@ -655,18 +648,12 @@ impl Drop for Lease {
         let keys = std::mem::take(&mut self.keys);
         let id = std::mem::take(&mut self.id);
         rt.spawn(async move {
-            let mut c = state.conn.clone();
             let mut inv = state.release.prepare_invoke();
             for k in keys.iter().flatten() {
                 inv.key(k);
             }
             inv.arg(&id);
-            let _ = state
-                .trip(
-                    "release",
-                    async move { inv.invoke_async::<i64>(&mut c).await },
-                )
-                .await;
+            let _ = state.eval("release", inv).await;
         });
     }
 }

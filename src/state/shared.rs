@@ -164,16 +164,9 @@ impl State {
         let value = entry.encode();
         let expected = read.map_or_else(Vec::new, |(w, v)| header(w, v));
         let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
-        let mut c = self.conn.clone();
         let mut inv = self.view_put.prepare_invoke();
         inv.key(&key).arg(expected).arg(value).arg(ms);
-        let r = self
-            .trip(
-                "view_put",
-                async move { inv.invoke_async::<i64>(&mut c).await },
-            )
-            .await
-            .map(|n| n == 1);
+        let r = self.eval("view_put", inv).await.map(|n| n == 1);
         if r.is_err() {
             self.probe();
         }

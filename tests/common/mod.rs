@@ -580,3 +580,68 @@ pub fn jsonl_records(dir: &std::path::Path) -> Vec<serde_json::Value> {
         })
         .collect()
 }
+
+/// The forwarded `messages` of a chat body, each as its raw bytes.
+pub fn raw_messages(body: &[u8]) -> Vec<String> {
+    #[derive(serde::Deserialize)]
+    struct B<'a> {
+        #[serde(borrow)]
+        messages: Vec<&'a serde_json::value::RawValue>,
+    }
+    let b: B = serde_json::from_slice(body).unwrap();
+    b.messages.iter().map(|m| m.get().to_string()).collect()
+}
+
+/// Turn `i` of a 40-turn coding-agent conversation: a task, a tool call, its result (a
+/// 40-line file) and the answer.
+pub fn agent_turn(i: usize) -> [serde_json::Value; 4] {
+    let file: String = (0..40)
+        .map(|l| format!("fn handler_{i}_{l}(x: u32) -> u32 {{ x * {l} + {i} }} // line {l}\n"))
+        .collect();
+    [
+        serde_json::json!({"role": "user", "content": format!("Step {i}: look at src/mod_{i}.rs and tell me what handler_{i}_3 returns for x = {i}. Be precise and brief.")}),
+        serde_json::json!({"role": "assistant", "content": null, "tool_calls": [{"id": format!("call_{i}"), "type": "function", "function": {"name": "read_file", "arguments": format!("{{\"path\":\"src/mod_{i}.rs\"}}")}}]}),
+        serde_json::json!({"role": "tool", "tool_call_id": format!("call_{i}"), "content": format!("```rust\n{file}```")}),
+        serde_json::json!({"role": "assistant", "content": format!("handler_{i}_3({i}) returns {} because it computes x * 3 + {i}.", i * 3 + i)}),
+    ]
+}
+
+/// Sends the 40-turn agent conversation to `url` as conversation `conv`: each turn the task,
+/// then the tool result (80 calls, each answered 200); the answer joins the history after.
+pub async fn send_agent_conversation(url: &str, conv: &str) {
+    let tools = serde_json::json!([{"type": "function", "function": {"name": "read_file", "description": "Read a file.", "parameters": {"type": "object", "properties": {"path": {"type": "string", "description": "The path."}}, "required": ["path"]}}}]);
+    let mut history =
+        vec![serde_json::json!({"role": "system", "content": "You are a careful coding agent."})];
+    for i in 0..40 {
+        let [task, call, result, answer] = agent_turn(i);
+        for step in [vec![task], vec![call, result]] {
+            history.extend(step);
+            let body = serde_json::json!({"model": "gpt-4o", "messages": history, "tools": tools})
+                .to_string();
+            let (s, _, _) = send("POST", url, &[("x-conversation-id", conv)], &body).await;
+            assert_eq!(s, 200);
+        }
+        history.push(answer);
+    }
+}
+
+/// Of the agent conversation's forwarded messages (two calls per turn): `(stable, turns)`,
+/// the turns whose first call repeats byte for byte the previous turn's last call, all but
+/// its newest turn, at its start.
+pub fn stable_turns(forwarded: &[Vec<String>]) -> (usize, usize) {
+    let (mut stable, mut turns) = (0, 0);
+    for pair in forwarded.chunks(2).collect::<Vec<_>>().windows(2) {
+        let prev = pair[0].last().unwrap();
+        let cur = &pair[1][0];
+        let newest_turn_start = prev
+            .iter()
+            .rposition(|m| m.contains("\"role\":\"user\""))
+            .unwrap();
+        let prefix = &prev[..newest_turn_start];
+        turns += 1;
+        if cur.len() >= prefix.len() && &cur[..prefix.len()] == prefix {
+            stable += 1;
+        }
+    }
+    (stable, turns)
+}

@@ -13,6 +13,7 @@ pub mod gate;
 pub mod memory;
 pub mod metrics;
 pub mod pace;
+pub mod prices;
 pub mod proxy;
 pub mod prune;
 pub mod secret;

@@ -13,10 +13,12 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::prices::{Price, PriceEntry, Prices};
 pub use crate::secret::Secret;
 
 mod env;
@@ -76,6 +78,8 @@ pub struct Config {
     pub transcripts: TranscriptSettings,
     /// Where gates and the conversation view live: this process, or Redis shared by replicas.
     pub state: StateSettings,
+    /// `[[prices]]`: model prices for cost estimates (before the shipped table).
+    pub prices: Prices,
     /// Routes, in file order. Matching picks the longest prefix.
     pub routes: Vec<Route>,
     /// `CTXGATE_…` variables in the environment that name no config key (skipped; the binary
@@ -210,7 +214,7 @@ pub enum OnParseError {
 impl Serialize for Budget {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeMap;
-        let mut m = s.serialize_map(Some(9))?;
+        let mut m = s.serialize_map(Some(11))?;
         m.serialize_entry("hard_token_limit", &self.hard_token_limit)?;
         m.serialize_entry("target_tokens", &self.target_tokens)?;
         m.serialize_entry("max_messages", &self.max_messages)?;
@@ -229,6 +233,11 @@ impl Serialize for Budget {
         };
         m.serialize_entry("mode", mode)?;
         m.serialize_entry("default_encoding", self.default_encoding.as_str())?;
+        m.serialize_entry(
+            "holdout_percent",
+            &(f64::from(self.holdout_basis_points) / 100.0),
+        )?;
+        m.serialize_entry("summary", &*self.summary)?;
         m.end()
     }
 }
@@ -429,6 +438,56 @@ pub struct Budget {
     pub mode: Mode,
     /// Encoding for models whose name does not identify one (and all Anthropic requests).
     pub default_encoding: Encoding,
+    /// Share of conversations forwarded unpruned as the holdout, in hundredths of a percent
+    /// (`prune.holdout_percent` × 100).
+    pub holdout_basis_points: u32,
+    /// `[prune.summary]`: summaries of what the cut drops.
+    pub summary: Arc<SummarySettings>,
+}
+
+/// `[prune.summary]`, resolved for one route and model.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SummarySettings {
+    /// Summarise what the cut drops (off by default).
+    pub enabled: bool,
+    /// The route the summary call goes to (default: the request's own).
+    pub route: Option<String>,
+    /// The model that writes the summary.
+    pub model: String,
+    /// Path after the route's upstream URL (default by the route's dialect: `chat/completions`
+    /// for openai, `v1/messages` for anthropic).
+    pub path: Option<String>,
+    /// The summary's `max_tokens`.
+    pub max_tokens: u64,
+    /// Longest the summary call may take.
+    #[serde(serialize_with = "ser_duration")]
+    pub timeout: Duration,
+    /// The instructions the summariser gets.
+    pub prompt: String,
+    /// A cut that drops fewer tokens than this is not summarised.
+    pub min_dropped_tokens: u64,
+    /// Environment variable holding the summary route's API key (default: the client's own
+    /// credentials, only when the summary route has the request route's upstream).
+    pub api_key_env: Option<String>,
+}
+
+/// The summariser's default instructions.
+pub const DEFAULT_SUMMARY_PROMPT: &str = "You keep the running summary of a long conversation between a user and an AI assistant (often a coding agent). The messages below no longer fit in the assistant's context window; they will be replaced by your summary. If a previous summary is given, fold it in. Keep what the assistant needs to carry on: the user's goals and constraints, decisions made and why, files, functions and commands involved, facts learned, errors met and how they were fixed, and work still open. Be concise and concrete. Write plain text, without a preamble.";
+
+impl Default for SummarySettings {
+    fn default() -> Self {
+        SummarySettings {
+            enabled: false,
+            route: None,
+            model: String::new(),
+            path: None,
+            max_tokens: 1024,
+            timeout: Duration::from_secs(60),
+            prompt: DEFAULT_SUMMARY_PROMPT.to_string(),
+            min_dropped_tokens: 1000,
+            api_key_env: None,
+        }
+    }
 }
 
 impl Default for Budget {
@@ -447,6 +506,8 @@ impl Default for Budget {
             on_overflow: OnOverflow::Reject,
             mode: Mode::Enforce,
             default_encoding: Encoding::O200kBase,
+            holdout_basis_points: 0,
+            summary: Arc::new(SummarySettings::default()),
         }
     }
 }

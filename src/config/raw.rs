@@ -21,7 +21,36 @@ pub(super) struct RawConfig {
     transcripts: Option<RawTranscripts>,
     state: Option<RawState>,
     #[serde(default)]
+    prices: Vec<RawPrice>,
+    #[serde(default)]
     routes: Vec<RawRoute>,
+}
+
+/// One `[[prices]]` entry: a model glob and its prices per million tokens.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPrice {
+    #[serde(rename = "match")]
+    pattern: String,
+    input: f64,
+    output: f64,
+    cached_input: Option<f64>,
+    cache_write: Option<f64>,
+}
+
+/// One `[prune.summary]` table at any level.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSummary {
+    enabled: Option<bool>,
+    route: Option<String>,
+    model: Option<String>,
+    path: Option<String>,
+    max_tokens: Option<u64>,
+    timeout: Option<String>,
+    prompt: Option<String>,
+    min_dropped_tokens: Option<u64>,
+    api_key_env: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -66,6 +95,8 @@ struct RawPrune {
     on_parse_error: Option<OnParseError>,
     view_max_bytes: Option<u64>,
     view_idle_ttl: Option<String>,
+    holdout_percent: Option<f64>,
+    summary: Option<RawSummary>,
     models: Option<Vec<RawPrune>>,
     /// Only in `[[routes.prune.models]]`: the model-name pattern.
     #[serde(rename = "match")]
@@ -169,7 +200,7 @@ struct RawTls {
 
 /// Every top-level key of the file (the fields of [`RawConfig`]): an environment variable
 /// `CTXGATE_<KEY>…` is an override only when `<KEY>` is one of these.
-pub(super) const TOP_LEVEL_KEYS: [&str; 12] = [
+pub(super) const TOP_LEVEL_KEYS: [&str; 13] = [
     "listen",
     "admin_listen",
     "max_body_bytes",
@@ -181,6 +212,7 @@ pub(super) const TOP_LEVEL_KEYS: [&str; 12] = [
     "prune",
     "transcripts",
     "state",
+    "prices",
     "routes",
 ];
 
@@ -320,6 +352,8 @@ impl RawConfig {
                 prune: route_prune,
             });
         }
+        check_summary_routes(&routes)?;
+        let prices = validate_prices(self.prices)?;
         Ok(Config {
             listen,
             admin_listen,
@@ -332,6 +366,7 @@ impl RawConfig {
             prune,
             transcripts,
             state,
+            prices,
             routes,
             ignored_env: Vec::new(),
         })
@@ -389,6 +424,18 @@ fn refine_budget(key: &str, base: Budget, raw: &RawPrune) -> Result<Budget, Conf
     if let Some(v) = raw.mode {
         b.mode = v;
     }
+    if let Some(v) = raw.holdout_percent {
+        if !(0.0..=100.0).contains(&v) {
+            return Err(ConfigError::new(
+                format!("{key}.holdout_percent"),
+                format!("must be between 0 and 100, got {v}"),
+            ));
+        }
+        b.holdout_basis_points = (v * 100.0).round() as u32;
+    }
+    if let Some(s) = &raw.summary {
+        b.summary = Arc::new(refine_summary(&format!("{key}.summary"), &b.summary, s)?);
+    }
     if let Some(e) = &raw.default_encoding {
         b.default_encoding = e.parse::<Encoding>().map_err(|_| {
             ConfigError::new(
@@ -398,6 +445,129 @@ fn refine_budget(key: &str, base: Budget, raw: &RawPrune) -> Result<Budget, Conf
         })?;
     }
     Ok(b)
+}
+
+/// Applies one `[prune.summary]` level over `base`.
+fn refine_summary(
+    key: &str,
+    base: &SummarySettings,
+    raw: &RawSummary,
+) -> Result<SummarySettings, ConfigError> {
+    let mut s = base.clone();
+    if let Some(v) = raw.enabled {
+        s.enabled = v;
+    }
+    if let Some(v) = &raw.route {
+        s.route = Some(v.clone()).filter(|r| !r.is_empty());
+    }
+    if let Some(v) = &raw.model {
+        s.model = v.clone();
+    }
+    if let Some(v) = &raw.path {
+        if v.starts_with('/') || v.contains("..") || v.contains("://") {
+            return Err(ConfigError::new(
+                format!("{key}.path"),
+                format!("must be a relative path such as \"chat/completions\", got {v:?}"),
+            ));
+        }
+        s.path = Some(v.clone()).filter(|p| !p.is_empty());
+    }
+    if let Some(v) = raw.max_tokens {
+        if v == 0 {
+            return Err(ConfigError::new(format!("{key}.max_tokens"), "must be > 0, got 0"));
+        }
+        s.max_tokens = v;
+    }
+    if let Some(v) = &raw.timeout {
+        s.timeout = parse_duration(&format!("{key}.timeout"), v)?;
+    }
+    if let Some(v) = &raw.prompt {
+        if v.trim().is_empty() {
+            return Err(ConfigError::new(format!("{key}.prompt"), "must not be empty"));
+        }
+        s.prompt = v.clone();
+    }
+    if let Some(v) = raw.min_dropped_tokens {
+        s.min_dropped_tokens = v;
+    }
+    if let Some(v) = &raw.api_key_env {
+        s.api_key_env = Some(v.clone()).filter(|e| !e.is_empty());
+    }
+    if s.enabled && s.model.is_empty() {
+        return Err(ConfigError::new(
+            format!("{key}.model"),
+            "must name the model that writes summaries when summaries are enabled",
+        ));
+    }
+    Ok(s)
+}
+
+/// Checks each route's summary settings (and its model entries') against the routes: the
+/// summary route must exist, and a summary sent to another upstream must carry its own key
+/// (`api_key_env`): the client's credentials only ever go to the upstream they were meant for.
+fn check_summary_routes(routes: &[Route]) -> Result<(), ConfigError> {
+    for (i, r) in routes.iter().enumerate() {
+        let levels = std::iter::once((format!("routes[{i}].prune.summary"), &r.prune.budget))
+            .chain(r.prune.models.iter().enumerate().map(|(j, m)| {
+                (format!("routes[{i}].prune.models[{j}].summary"), &m.budget)
+            }));
+        for (key, b) in levels {
+            let s = &b.summary;
+            if !s.enabled {
+                continue;
+            }
+            let name = s.route.as_deref().unwrap_or(&r.name);
+            let Some(target) = routes.iter().find(|o| o.name == name) else {
+                return Err(ConfigError::new(
+                    format!("{key}.route"),
+                    format!("must name a route, got {name:?}"),
+                ));
+            };
+            if target.target.authority != r.target.authority && s.api_key_env.is_none() {
+                return Err(ConfigError::new(
+                    format!("{key}.api_key_env"),
+                    format!(
+                        "must name the variable holding a key for route {name:?}: its upstream is not this route's, and a client's credentials are never sent to another upstream"
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn validate_prices(raw: Vec<RawPrice>) -> Result<Prices, ConfigError> {
+    let mut entries = Vec::with_capacity(raw.len());
+    for (i, r) in raw.into_iter().enumerate() {
+        let key = |k: &str| format!("prices[{i}].{k}");
+        if r.pattern.is_empty() {
+            return Err(ConfigError::new(
+                key("match"),
+                "must be a model name pattern such as \"gpt-4o*\", got \"\"",
+            ));
+        }
+        let check = |k: &str, v: f64| {
+            if v.is_finite() && v >= 0.0 {
+                Ok(v)
+            } else {
+                Err(ConfigError::new(
+                    key(k),
+                    format!("must be a price >= 0 in US dollars per million tokens, got {v}"),
+                ))
+            }
+        };
+        let input = check("input", r.input)?;
+        entries.push(PriceEntry {
+            pattern: r.pattern,
+            price: Price {
+                input,
+                output: check("output", r.output)?,
+                cached_input: check("cached_input", r.cached_input.unwrap_or(input))?,
+                cache_write: check("cache_write", r.cache_write.unwrap_or(input))?,
+            },
+        });
+    }
+    Ok(Prices { entries })
 }
 
 fn validate_route_prune(

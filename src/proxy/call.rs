@@ -180,6 +180,10 @@ pub struct Call {
     pub prune_reason: Option<&'static str>,
     /// Pruning's figures (not for rejected or skipped requests).
     pub summary: Option<Summary>,
+    /// The conversation is in the holdout (`prune.holdout_percent`): forwarded unpruned.
+    pub holdout: bool,
+    /// Tokens of ctxgate's summary pinned into the forwarded prompt.
+    pub summary_tokens: Option<u64>,
     /// How long the prune phase took.
     pub prune_took: Option<Duration>,
     /// Bytes of the chat body taken from the conversation's previous body unparsed, and bytes
@@ -231,6 +235,8 @@ impl Call {
             prune_reason: None,
             conn,
             summary: None,
+            holdout: false,
+            summary_tokens: None,
             prune_took: None,
             parsed_bytes: None,
             request_messages: None,

@@ -21,7 +21,7 @@ use crate::dialect::{Dialect, Tapped};
 use crate::error::{Error, Phase};
 use crate::metrics::{Metrics, LATENCY_BUCKETS, OVERHEAD_BUCKETS};
 use crate::prune::Summary;
-use crate::transcript::{Record, Transcripts, Usage};
+use crate::transcript::{Record, Transcripts, Usage, KIND_CALL};
 
 use super::call::{Call, End, Finish, PruneAction};
 use super::prune::{PruneMetrics, RoutePruneMetrics};
@@ -472,6 +472,12 @@ fn record(
         error_kind: error_kind.map(str::to_string),
         request_messages: call.request_messages.take(),
         response_text: tapped.text,
+        kind: KIND_CALL.to_string(),
+        holdout: call.holdout,
+        finish_reason: None,
+        summary_tokens: call.summary_tokens,
+        cost_usd: None,
+        cost_unpruned_usd: None,
     }
 }
 

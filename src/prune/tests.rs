@@ -1093,6 +1093,7 @@ fn gen_budget() -> impl Strategy<Value = Budget> {
                 ][ov],
                 mode: Mode::Enforce,
                 default_encoding: Encoding::O200kBase,
+                ..Budget::default()
             },
         )
 }

@@ -30,7 +30,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use metrics::TranscriptMetrics;
-pub use record::{now_ts, Record, Usage};
+pub use record::{now_ts, Record, Usage, KIND_CALL, KIND_SUMMARY};
 pub use sink::{Sink, SinkError};
 
 use queue::Queue;

@@ -55,6 +55,38 @@ pub struct Record {
     pub request_messages: Option<serde_json::Value>,
     /// The assembled response text; only with `include_bodies = true`.
     pub response_text: Option<String>,
+    /// `call`: a client's call; `summary`: ctxgate's own call summarising what the cut dropped
+    /// from `conversation_id` (`[prune.summary]`).
+    #[serde(default = "kind_call")]
+    pub kind: String,
+    /// The conversation is in the holdout (`prune.holdout_percent`): forwarded unpruned, its
+    /// `tokens_after` what pruning would have sent.
+    #[serde(default)]
+    pub holdout: bool,
+    /// How the answer ended, as the upstream said: OpenAI `finish_reason`, Anthropic
+    /// `stop_reason`, Responses `status` (`incomplete_details.reason` when incomplete).
+    #[serde(default)]
+    pub finish_reason: Option<String>,
+    /// Tokens of ctxgate's summary pinned into the forwarded prompt (part of `tokens_after`).
+    #[serde(default)]
+    pub summary_tokens: Option<u64>,
+    /// Estimated cost in US dollars of what was sent, from the upstream's usage and
+    /// `[[prices]]`; `None` without usage or a price for the model.
+    #[serde(default)]
+    pub cost_usd: Option<f64>,
+    /// Estimated cost had the prompt gone unpruned: `cost_usd` plus the removed tokens at the
+    /// call's own mix of cached and fresh prompt prices.
+    #[serde(default)]
+    pub cost_unpruned_usd: Option<f64>,
+}
+
+/// [`Record::kind`] of a client's call.
+pub const KIND_CALL: &str = "call";
+/// [`Record::kind`] of ctxgate's summary call.
+pub const KIND_SUMMARY: &str = "summary";
+
+fn kind_call() -> String {
+    KIND_CALL.to_string()
 }
 
 /// Token usage as the upstream reported it; `None` where it reported nothing.

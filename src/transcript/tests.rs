@@ -62,6 +62,12 @@ fn rec(i: usize) -> Record {
         request_messages: odd
             .then(|| serde_json::json!([{"role": "user", "content": format!("hello {i}")}])),
         response_text: odd.then(|| format!("answer {i}")),
+        kind: if i % 3 == 0 { "summary" } else { "call" }.into(),
+        holdout: i % 4 == 2,
+        finish_reason: odd.then(|| "stop".to_string()),
+        summary_tokens: (i % 5 == 0).then_some(i as u64),
+        cost_usd: odd.then_some(0.0125 + i as f64),
+        cost_unpruned_usd: odd.then_some(0.5 + i as f64),
     }
 }
 
@@ -667,7 +673,8 @@ async fn pg_rows(client: &tokio_postgres::Client) -> Vec<Record> {
                     stream, tokens_before, tokens_before_exact, tokens_after, messages_before,
                     messages_after, files_elided, prune_action, input_tokens, output_tokens,
                     cache_read_tokens, cache_write_tokens, usage_ratio, error_kind,
-                    request_messages::text, response_text, prune_reason
+                    request_messages::text, response_text, prune_reason, kind, holdout,
+                    finish_reason, summary_tokens, cost_usd, cost_unpruned_usd
              FROM ctxgate_transcripts ORDER BY id",
             &[],
         )
@@ -705,6 +712,12 @@ async fn pg_rows(client: &tokio_postgres::Client) -> Vec<Record> {
                 .map(|s| serde_json::from_str(&s).unwrap()),
             response_text: r.get(23),
             prune_reason: r.get(24),
+            kind: r.get(25),
+            holdout: r.get(26),
+            finish_reason: r.get(27),
+            summary_tokens: u(r.get(28)),
+            cost_usd: r.get(29),
+            cost_unpruned_usd: r.get(30),
         })
         .collect()
 }

@@ -30,7 +30,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const SCHEMA_TIMEOUT: Duration = Duration::from_secs(30);
 /// Limit on inserting one batch.
 const INSERT_TIMEOUT: Duration = Duration::from_secs(30);
-/// Rows per INSERT statement: 1000 × 24 parameters stays far below PostgreSQL's 65535.
+/// Rows per INSERT statement: 1000 × 31 parameters stays below PostgreSQL's 65535.
 const ROWS_PER_STATEMENT: usize = 1000;
 /// Advisory lock key ("ctxgate1") taken while creating or migrating, so several ctxgate
 /// instances starting together do not race on `CREATE TABLE`.
@@ -63,7 +63,13 @@ const CREATE_TABLE: &str = "CREATE TABLE IF NOT EXISTS ctxgate_transcripts (
     error_kind text,
     request_messages jsonb,
     response_text text,
-    prune_reason text
+    prune_reason text,
+    kind text,
+    holdout boolean,
+    finish_reason text,
+    summary_tokens bigint,
+    cost_usd double precision,
+    cost_unpruned_usd double precision
 )";
 
 /// Every column ctxgate inserts, in insert order, with the type used when a migration adds
@@ -94,6 +100,12 @@ pub const COLUMNS: &[(&str, &str)] = &[
     ("request_messages", "jsonb"),
     ("response_text", "text"),
     ("prune_reason", "text"),
+    ("kind", "text"),
+    ("holdout", "boolean"),
+    ("finish_reason", "text"),
+    ("summary_tokens", "bigint"),
+    ("cost_usd", "double precision"),
+    ("cost_unpruned_usd", "double precision"),
 ];
 
 /// Indexes ctxgate creates: name and definition.
@@ -433,6 +445,12 @@ struct Row {
     request_messages: Option<String>,
     response_text: Option<String>,
     prune_reason: Option<String>,
+    kind: String,
+    holdout: bool,
+    finish_reason: Option<String>,
+    summary_tokens: Option<i64>,
+    cost_usd: Option<f64>,
+    cost_unpruned_usd: Option<f64>,
 }
 
 impl From<&Record> for Row {
@@ -465,6 +483,12 @@ impl From<&Record> for Row {
             request_messages: r.request_messages.as_ref().map(json_text),
             response_text: r.response_text.as_deref().map(text),
             prune_reason: r.prune_reason.as_deref().map(text),
+            kind: text(&r.kind),
+            holdout: r.holdout,
+            finish_reason: r.finish_reason.as_deref().map(text),
+            summary_tokens: big(r.summary_tokens),
+            cost_usd: r.cost_usd,
+            cost_unpruned_usd: r.cost_unpruned_usd,
         }
     }
 }
@@ -499,6 +523,12 @@ fn params(rows: &[Row]) -> Vec<&(dyn ToSql + Sync)> {
             &r.request_messages,
             &r.response_text,
             &r.prune_reason,
+            &r.kind,
+            &r.holdout,
+            &r.finish_reason,
+            &r.summary_tokens,
+            &r.cost_usd,
+            &r.cost_unpruned_usd,
         ]);
     }
     p

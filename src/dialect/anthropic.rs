@@ -5,20 +5,30 @@
 //! - Errors: `{"type":"error","error":{"type","message"}}`; a stream in error ends with an
 //!   `event: error` event whose data is that object.
 //! - Usage, non-streaming: `usage.input_tokens`, `output_tokens`, `cache_read_input_tokens`,
-//!   `cache_creation_input_tokens`; text from `content[].text`.
+//!   `cache_creation_input_tokens`; the finish reason from `stop_reason`; text from
+//!   `content[].text`.
 //! - Usage, streaming: `message_start.message.usage`, then `message_delta.usage` (cumulative
-//!   output tokens); text from `content_block_delta` `text_delta`s.
+//!   output tokens) and `message_delta.delta.stop_reason`; text from `content_block_delta`
+//!   `text_delta`s.
 //! - Anthropic's `input_tokens` leaves out the cached part; ctxgate adds cache reads and
 //!   writes back so that input always means the whole prompt.
 
 use http::Method;
 use serde_json::Value;
 
-use super::tap::{put, set, Count, Tapped, UsageOnly};
+use super::tap::{names_string, put, set, set_str, Count, Tapped};
 use super::{ErrorClass, Wire};
 
 /// The Anthropic Messages format.
 pub struct Anthropic;
+
+/// What the tap reads of a whole answer: serde skips every other field without building it.
+/// An answer with an unexpected shape fails this parse and is read as a `Value` instead.
+#[derive(serde::Deserialize)]
+struct Answer {
+    usage: Option<Numbers>,
+    stop_reason: Option<String>,
+}
 
 /// Anthropic's usage figures.
 #[derive(serde::Deserialize)]
@@ -77,13 +87,14 @@ impl Wire for Anthropic {
 
     fn tap_json(&self, body: &[u8], found: &mut Tapped) {
         if found.text.is_none() {
-            if let Ok(b) = serde_json::from_slice::<UsageOnly<Numbers>>(body) {
+            if let Ok(b) = serde_json::from_slice::<Answer>(body) {
                 if let Some(u) = b.usage {
                     put(&mut found.input_tokens, u.input_tokens);
                     put(&mut found.output_tokens, u.output_tokens);
                     put(&mut found.cache_read_tokens, u.cache_read_input_tokens);
                     put(&mut found.cache_write_tokens, u.cache_creation_input_tokens);
                 }
+                found.finish_reason = b.stop_reason;
                 return;
             }
         }
@@ -91,6 +102,7 @@ impl Wire for Anthropic {
             return;
         };
         usage(&v["usage"], found);
+        set_str(&mut found.finish_reason, &v["stop_reason"]);
         if let Some(blocks) = v["content"].as_array() {
             for b in blocks {
                 if let Some(t) = b["text"].as_str() {
@@ -103,7 +115,10 @@ impl Wire for Anthropic {
     fn tap_event(&self, v: &Value, found: &mut Tapped) {
         match v.get("type").and_then(Value::as_str) {
             Some("message_start") => usage(&v["message"]["usage"], found),
-            Some("message_delta") => usage(&v["usage"], found),
+            Some("message_delta") => {
+                usage(&v["usage"], found);
+                set_str(&mut found.finish_reason, &v["delta"]["stop_reason"]);
+            }
             Some("content_block_delta") => {
                 if let Some(t) = v.pointer("/delta/text").and_then(Value::as_str) {
                     found.push_text(t);
@@ -111,6 +126,11 @@ impl Wire for Anthropic {
             }
             _ => {}
         }
+    }
+
+    /// `message_delta` carries usage too; this catches one that does not.
+    fn tap_wants(&self, data: &[u8]) -> bool {
+        names_string(data, "stop_reason")
     }
 
     fn finish_usage(&self, found: &mut Tapped) {

@@ -7,7 +7,8 @@
 //!
 //! A dialect owns what differs on the wire: which requests it prunes, the JSON shape of an
 //! error and of the SSE event that ends a stream in error, the wording of a context overflow,
-//! and where an answer carries its token usage (read by the [`tap::UsageTap`]). The route's
+//! and where an answer carries its token usage and finish reason (read by the
+//! [`tap::UsageTap`]). The route's
 //! `dialect` key names one ([`Dialect`], a config value); [`Dialect::wire`] gives its
 //! implementation. How a chat body is split into messages, counted and pruned per dialect
 //! lives with pruning (`prune::request`, `prune::tokens`, `prune::elide`), which asks
@@ -60,9 +61,17 @@ pub trait Wire: Sync {
     /// answer.
     fn tap_json(&self, body: &[u8], found: &mut Tapped);
 
-    /// Reads usage (and text) from the `data:` payload of one SSE event; only called for
-    /// payloads that mention `usage` (or text, when collecting it).
+    /// Reads usage, the finish reason (and text) from the `data:` payload of one SSE event;
+    /// only called for payloads that mention `usage`, that [`Wire::tap_wants`], or (when
+    /// collecting it) that mention text.
     fn tap_event(&self, data: &serde_json::Value, found: &mut Tapped);
+
+    /// Whether an SSE payload carries something [`Wire::tap_event`] reads besides usage and
+    /// text (the finish reason, where its event carries no usage). A byte check: it runs on
+    /// every event, and only the payloads it accepts are parsed.
+    fn tap_wants(&self, _data: &[u8]) -> bool {
+        false
+    }
 
     /// The message of the error that refuses a prompt whose pinned part is over the limit
     /// (`pinned` tokens against `limit`), in the API's own words, so that clients react to it
@@ -83,6 +92,25 @@ pub trait Wire: Sync {
     /// The answer of the count-tokens endpoint for `tokens`.
     fn count_answer(&self, tokens: u64) -> String {
         format!("{{\"input_tokens\":{tokens}}}")
+    }
+}
+
+/// The bounded set a finish reason is counted under, whatever the dialect's word for it.
+pub const FINISH_CLASSES: [&str; 5] = ["stop", "length", "tool_calls", "content_filter", "other"];
+
+/// The class in [`FINISH_CLASSES`] of a finish reason as the upstream said it (OpenAI chat
+/// `finish_reason`, Anthropic `stop_reason`, Responses `status` or incomplete reason). The
+/// dialects' words do not clash, so one table serves all three. A Responses answer that
+/// ends in tool calls is `completed` like any other: it counts as `stop`.
+pub fn finish_class(reason: &str) -> &'static str {
+    match reason {
+        // OpenAI; Anthropic; Responses.
+        "stop" | "end_turn" | "stop_sequence" | "completed" => "stop",
+        "length" | "max_tokens" | "model_context_window_exceeded" | "max_output_tokens" => "length",
+        "tool_calls" | "function_call" | "tool_use" => "tool_calls",
+        "content_filter" | "refusal" => "content_filter",
+        // Anthropic `pause_turn`, Responses `failed`, anything new.
+        _ => "other",
     }
 }
 
@@ -147,6 +175,31 @@ mod tests {
                 .sse_error_event(ErrorClass::Timeout, "c", "m"),
             "event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"timeout_error\",\"message\":\"m\"}}\n\n"
         );
+    }
+
+    #[test]
+    fn finish_reasons_fall_into_the_bounded_set() {
+        for (word, class) in [
+            ("stop", "stop"),
+            ("end_turn", "stop"),
+            ("stop_sequence", "stop"),
+            ("completed", "stop"),
+            ("length", "length"),
+            ("max_tokens", "length"),
+            ("max_output_tokens", "length"),
+            ("model_context_window_exceeded", "length"),
+            ("tool_calls", "tool_calls"),
+            ("function_call", "tool_calls"),
+            ("tool_use", "tool_calls"),
+            ("content_filter", "content_filter"),
+            ("refusal", "content_filter"),
+            ("pause_turn", "other"),
+            ("failed", "other"),
+            ("Stop", "other"),
+        ] {
+            assert_eq!(finish_class(word), class, "{word}");
+            assert!(FINISH_CLASSES.contains(&class));
+        }
     }
 
     #[test]

@@ -4,18 +4,34 @@
 //! - Errors: `{"error":{"message","type","param","code"}}`; a stream in error ends with a
 //!   `data: {"error":…}` event.
 //! - Usage, non-streaming: `usage.prompt_tokens`, `completion_tokens`,
-//!   `prompt_tokens_details.cached_tokens`; text from `choices[0].message.content`.
+//!   `prompt_tokens_details.cached_tokens`; the finish reason from `choices[0].finish_reason`;
+//!   text from `choices[0].message.content`.
 //! - Usage, streaming: the chunk with `usage` (sent last when `stream_options.include_usage`
-//!   is set); text from `choices[0].delta.content`.
+//!   is set); the finish reason from the chunk whose `choices[0].finish_reason` is not null
+//!   (every chunk has the key, so only a string value gets a chunk parsed); text from
+//!   `choices[0].delta.content`.
 
 use http::Method;
 use serde_json::Value;
 
-use super::tap::{put, set, Count, Tapped, UsageOnly};
+use super::tap::{names_string, put, set, set_str, Count, Tapped};
 use super::{ErrorClass, Wire};
 
 /// The OpenAI chat completions format.
 pub struct OpenAiChat;
+
+/// What the tap reads of a whole answer: serde skips every other field without building it.
+/// An answer with an unexpected shape fails this parse and is read as a `Value` instead.
+#[derive(serde::Deserialize)]
+struct Answer {
+    usage: Option<Numbers>,
+    choices: Option<Vec<Choice>>,
+}
+
+#[derive(serde::Deserialize)]
+struct Choice {
+    finish_reason: Option<String>,
+}
 
 /// OpenAI's usage figures.
 #[derive(serde::Deserialize)]
@@ -41,6 +57,7 @@ fn usage(u: &Value, f: &mut Tapped) {
 
 fn json_value(v: &Value, f: &mut Tapped) {
     usage(&v["usage"], f);
+    set_str(&mut f.finish_reason, &v["choices"][0]["finish_reason"]);
     if let Some(t) = v
         .pointer("/choices/0/message/content")
         .and_then(Value::as_str)
@@ -81,7 +98,7 @@ impl Wire for OpenAiChat {
 
     fn tap_json(&self, body: &[u8], found: &mut Tapped) {
         if found.text.is_none() {
-            if let Ok(b) = serde_json::from_slice::<UsageOnly<Numbers>>(body) {
+            if let Ok(b) = serde_json::from_slice::<Answer>(body) {
                 if let Some(u) = b.usage {
                     put(&mut found.input_tokens, u.prompt_tokens);
                     put(&mut found.output_tokens, u.completion_tokens);
@@ -90,6 +107,10 @@ impl Wire for OpenAiChat {
                         u.prompt_tokens_details.and_then(|d| d.cached_tokens),
                     );
                 }
+                found.finish_reason = b
+                    .choices
+                    .and_then(|c| c.into_iter().next())
+                    .and_then(|c| c.finish_reason);
                 return;
             }
         }
@@ -102,11 +123,16 @@ impl Wire for OpenAiChat {
         if v.get("usage").is_some_and(|u| !u.is_null()) {
             usage(&v["usage"], found);
         }
+        set_str(&mut found.finish_reason, &v["choices"][0]["finish_reason"]);
         if let Some(t) = v
             .pointer("/choices/0/delta/content")
             .and_then(Value::as_str)
         {
             found.push_text(t);
         }
+    }
+
+    fn tap_wants(&self, data: &[u8]) -> bool {
+        names_string(data, "finish_reason")
     }
 }

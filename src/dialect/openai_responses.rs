@@ -6,19 +6,44 @@
 //!   ends with a `response.failed` event whose `response.error` holds the code and message:
 //!   the event the SDKs and Codex read a failed response from.
 //! - Usage, non-streaming: `usage.input_tokens` (cached part included), `output_tokens`,
-//!   `input_tokens_details.cached_tokens`; text from the `output_text` parts of `output`.
+//!   `input_tokens_details.cached_tokens`; text from the `output_text` parts of `output`. The
+//!   finish reason is the response's `status` (`completed`, `failed`), or for an `incomplete`
+//!   one the reason it gives (`incomplete_details.reason`: `max_output_tokens`,
+//!   `content_filter`).
 //! - Usage, streaming: the final event (`response.completed`, `response.incomplete` or
-//!   `response.failed`) carries the whole response, usage and output included; text is taken
-//!   from it rather than from the deltas.
+//!   `response.failed`) carries the whole response, usage, status and output included; text
+//!   is taken from it rather than from the deltas.
 
 use http::Method;
 use serde_json::Value;
 
-use super::tap::{put, set, Count, Tapped, UsageOnly};
+use super::tap::{put, set, Count, Tapped};
 use super::{ErrorClass, Wire};
 
 /// The OpenAI Responses format.
 pub struct OpenAiResponses;
+
+/// What the tap reads of a whole response: serde skips every other field without building
+/// it. A response with an unexpected shape fails this parse and is read as a `Value` instead.
+#[derive(serde::Deserialize)]
+struct Answer {
+    usage: Option<Numbers>,
+    status: Option<String>,
+    incomplete_details: Option<Incomplete>,
+}
+
+#[derive(serde::Deserialize)]
+struct Incomplete {
+    reason: Option<String>,
+}
+
+/// The finish reason of a response: its status, or why it is incomplete.
+fn finish_reason(status: Option<&str>, incomplete_reason: Option<&str>) -> Option<String> {
+    match (status, incomplete_reason) {
+        (Some("incomplete"), Some(reason)) => Some(reason.to_string()),
+        (status, _) => status.map(str::to_string),
+    }
+}
 
 /// The Responses API's usage figures.
 #[derive(serde::Deserialize)]
@@ -42,10 +67,17 @@ fn usage(u: &Value, f: &mut Tapped) {
     );
 }
 
-/// Usage and text of a whole response object.
+/// Usage, finish reason and text of a whole response object.
 fn response(r: &Value, f: &mut Tapped) {
     if r.get("usage").is_some_and(|u| !u.is_null()) {
         usage(&r["usage"], f);
+    }
+    let reason = finish_reason(
+        r["status"].as_str(),
+        r["incomplete_details"]["reason"].as_str(),
+    );
+    if reason.is_some() {
+        f.finish_reason = reason;
     }
     if f.text.is_none() {
         return;
@@ -111,7 +143,7 @@ impl Wire for OpenAiResponses {
 
     fn tap_json(&self, body: &[u8], found: &mut Tapped) {
         if found.text.is_none() {
-            if let Ok(b) = serde_json::from_slice::<UsageOnly<Numbers>>(body) {
+            if let Ok(b) = serde_json::from_slice::<Answer>(body) {
                 if let Some(u) = b.usage {
                     put(&mut found.input_tokens, u.input_tokens);
                     put(&mut found.output_tokens, u.output_tokens);
@@ -120,6 +152,10 @@ impl Wire for OpenAiResponses {
                         u.input_tokens_details.and_then(|d| d.cached_tokens),
                     );
                 }
+                found.finish_reason = finish_reason(
+                    b.status.as_deref(),
+                    b.incomplete_details.and_then(|d| d.reason).as_deref(),
+                );
                 return;
             }
         }
@@ -136,6 +172,18 @@ impl Wire for OpenAiResponses {
         ) {
             response(&v["response"], found);
         }
+    }
+
+    /// The final events carry `usage` (so they are parsed anyway); this catches one whose
+    /// response has none.
+    fn tap_wants(&self, data: &[u8]) -> bool {
+        [
+            &b"response.completed"[..],
+            b"response.incomplete",
+            b"response.failed",
+        ]
+        .iter()
+        .any(|t| memchr::memmem::find(data, t).is_some())
     }
 }
 
@@ -164,6 +212,38 @@ mod tests {
         );
         let t = tap(false, true, COMPLETED);
         assert_eq!(t.text.as_deref(), Some("Hello"));
+        assert_eq!(t.finish_reason.as_deref(), Some("completed"));
+        let t = tap(false, false, COMPLETED);
+        assert_eq!(t.finish_reason.as_deref(), Some("completed"));
+    }
+
+    const INCOMPLETE: &str = r#"{"id":"resp_2","object":"response","status":"incomplete","incomplete_details":{"reason":"max_output_tokens"},"output":[],"usage":{"input_tokens":10,"output_tokens":64}}"#;
+
+    #[test]
+    fn an_incomplete_response_gives_its_reason() {
+        for text in [false, true] {
+            let t = tap(false, text, INCOMPLETE);
+            assert_eq!(
+                (t.finish_reason.as_deref(), t.output_tokens),
+                (Some("max_output_tokens"), Some(64)),
+                "text {text}"
+            );
+        }
+        let stream = format!(
+            "event: response.created\ndata: {{\"type\":\"response.created\",\"response\":{{\"status\":\"in_progress\",\"usage\":null}}}}\n\n\
+             event: response.incomplete\ndata: {{\"type\":\"response.incomplete\",\"response\":{INCOMPLETE}}}\n\n"
+        );
+        let t = tap(true, false, &stream);
+        assert_eq!(t.finish_reason.as_deref(), Some("max_output_tokens"));
+        // A stream broken off before its final event has no finish reason (the created
+        // event's in_progress is not one); a final event without usage is read too.
+        let cut = "event: response.created\ndata: {\"type\":\"response.created\",\"response\":{\"status\":\"in_progress\",\"usage\":null}}\n\n";
+        assert_eq!(tap(true, false, cut).finish_reason, None);
+        let bare = "data: {\"type\":\"response.failed\",\"response\":{\"status\":\"failed\"}}\n\n";
+        assert_eq!(
+            tap(true, false, bare).finish_reason.as_deref(),
+            Some("failed")
+        );
     }
 
     #[test]
@@ -180,6 +260,7 @@ mod tests {
         );
         // Text comes once, from the final response, not twice (deltas and final).
         assert_eq!(t.text.as_deref(), Some("Hello"));
+        assert_eq!(t.finish_reason.as_deref(), Some("completed"));
     }
 
     #[test]

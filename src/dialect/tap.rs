@@ -1,5 +1,5 @@
-//! The usage tap: reads the upstream's token usage (and, when asked, the assembled answer text)
-//! from a response as it streams through. It sees a reference to each chunk after it has been
+//! The usage tap: reads the upstream's token usage and how the answer ended (its finish
+//! reason; and, when asked, the assembled answer text) from a response as it streams through. It sees a reference to each chunk after it has been
 //! handed on, copies only what it must (a non-streamed JSON body, up to a cap; the current
 //! partial SSE line), and parses only the events that can carry what it looks for, so it never
 //! delays a byte. Where each dialect keeps its usage is the dialect's own business
@@ -39,6 +39,10 @@ pub struct Tapped {
     pub cache_read_tokens: Option<u64>,
     /// Prompt tokens written to the provider's cache (Anthropic).
     pub cache_write_tokens: Option<u64>,
+    /// How the answer ended, in the upstream's own word: OpenAI chat `finish_reason` (of the
+    /// first choice), Anthropic `stop_reason`, Responses `status` (`incomplete_details.reason`
+    /// when incomplete).
+    pub finish_reason: Option<String>,
     /// The assembled answer text, when text collection was asked for.
     pub text: Option<String>,
 }
@@ -189,8 +193,9 @@ impl UsageTap {
             return;
         };
         let data = data.strip_prefix(b" ").unwrap_or(data);
-        // Only parse events that can carry usage or (when collecting) text.
+        // Only parse events that can carry usage, the finish reason or (when collecting) text.
         let wanted = contains(data, b"usage")
+            || self.wire.tap_wants(data)
             || (self.found.text.is_some()
                 && (contains(data, b"\"text\"") || contains(data, b"\"content\"")));
         if !wanted {
@@ -200,15 +205,6 @@ impl UsageTap {
             self.wire.tap_event(&v, &mut self.found);
         }
     }
-}
-
-/// A response body of which only `usage` is wanted, as the plain numbers `N` (each dialect's
-/// own usage fields): serde skips every other field without building it. A body whose usage
-/// has an unexpected shape fails this parse and is read as a `Value` instead.
-#[derive(serde::Deserialize)]
-pub(crate) struct UsageOnly<N> {
-    #[serde(default = "Option::default")]
-    pub(crate) usage: Option<N>,
 }
 
 /// Sets `slot` when `v` is an unsigned integer (floats, negatives, strings, null: absent).
@@ -255,6 +251,26 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
     hay.windows(needle.len()).any(|w| w == needle)
 }
 
+/// Whether the JSON text `data` has the key `"key"` with a string value somewhere (`"key":"…"`,
+/// whitespace allowed around the colon): a byte check, no parsing, so that an SSE event whose
+/// finish reason is still `null` is not parsed for it.
+pub(crate) fn names_string(data: &[u8], key: &str) -> bool {
+    let quoted = format!("\"{key}\"");
+    memchr::memmem::find_iter(data, quoted.as_bytes()).any(|at| {
+        let mut rest = data[at + quoted.len()..]
+            .iter()
+            .skip_while(|b| b.is_ascii_whitespace());
+        rest.next() == Some(&b':') && rest.find(|b| !b.is_ascii_whitespace()) == Some(&b'"')
+    })
+}
+
+/// Sets `slot` when `v` is a string (anything else: absent).
+pub(crate) fn set_str(slot: &mut Option<String>, v: &Value) {
+    if let Some(s) = v.as_str() {
+        *slot = Some(s.to_string());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -270,7 +286,7 @@ mod tests {
 
     #[test]
     fn openai_json() {
-        let body = r#"{"choices":[{"message":{"content":"Hi there"}}],"usage":{"prompt_tokens":120,"completion_tokens":7,"prompt_tokens_details":{"cached_tokens":64}}}"#;
+        let body = r#"{"choices":[{"message":{"content":"Hi there"},"finish_reason":"length"}],"usage":{"prompt_tokens":120,"completion_tokens":7,"prompt_tokens_details":{"cached_tokens":64}}}"#;
         let (a, b) = body.split_at(40);
         let t = run(Dialect::OpenAi, false, &[a, b]);
         assert_eq!(
@@ -280,6 +296,7 @@ mod tests {
                 output_tokens: Some(7),
                 cache_read_tokens: Some(64),
                 cache_write_tokens: None,
+                finish_reason: Some("length".into()),
                 text: Some("Hi there".into())
             }
         );
@@ -295,7 +312,85 @@ mod tests {
             assert_eq!(t.output_tokens, Some(2));
             assert_eq!(t.cache_read_tokens, Some(0));
             assert_eq!(t.text.as_deref(), Some("Hello"));
+            assert_eq!(t.finish_reason, None, "no chunk gave one");
         }
+    }
+
+    #[test]
+    fn openai_finish_reason_streamed_and_not() {
+        // The finish reason comes in a chunk of its own, without usage (no include_usage);
+        // every chunk before it has `"finish_reason": null` (Python's spacing here).
+        let s = "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"},\"finish_reason\": null}]}\n\n\
+                 data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\": \"tool_calls\"}]}\n\n\
+                 data: [DONE]\n\n";
+        for text in [false, true] {
+            let mut t = UsageTap::new(Dialect::OpenAi.wire(), true, text);
+            for c in s.as_bytes().chunks(11) {
+                t.feed(&Bytes::copy_from_slice(c));
+            }
+            let t = t.finish();
+            assert_eq!(
+                t.finish_reason.as_deref(),
+                Some("tool_calls"),
+                "text {text}"
+            );
+            assert_eq!(t.input_tokens, None);
+        }
+        // Providers that put usage in the finishing chunk (DeepSeek): both are read.
+        let s = "data: {\"choices\":[{\"delta\":{},\"finish_reason\":\"stop\"}],\"usage\":{\"prompt_tokens\":9,\"completion_tokens\":2}}\n\n";
+        let t = run(Dialect::OpenAi, true, &[s]);
+        assert_eq!(
+            (t.finish_reason.as_deref(), t.input_tokens),
+            (Some("stop"), Some(9))
+        );
+        // Not streamed: the typed parse and the `Value` one (collecting text) agree.
+        let body = r#"{"choices":[{"index":0,"message":{"content":"x"},"finish_reason":"content_filter"},{"index":1,"finish_reason":"stop"}]}"#;
+        for text in [false, true] {
+            let mut t = UsageTap::new(Dialect::OpenAi.wire(), false, text);
+            t.feed(&Bytes::from_static(body.as_bytes()));
+            assert_eq!(
+                t.finish().finish_reason.as_deref(),
+                Some("content_filter"),
+                "the first choice's, text {text}"
+            );
+        }
+        // A finish reason that is not a string is no finish reason.
+        let t = run(
+            Dialect::OpenAi,
+            false,
+            &[r#"{"choices":[{"finish_reason":7}]}"#],
+        );
+        assert_eq!(t.finish_reason, None);
+    }
+
+    #[test]
+    fn a_string_value_is_told_from_null_without_parsing() {
+        assert!(names_string(
+            br#"{"finish_reason":"stop"}"#,
+            "finish_reason"
+        ));
+        assert!(names_string(
+            br#"{"finish_reason" :  "stop"}"#,
+            "finish_reason"
+        ));
+        assert!(names_string(
+            br#"{"a":{"finish_reason":null},"b":{"finish_reason":"length"}}"#,
+            "finish_reason"
+        ));
+        assert!(!names_string(
+            br#"{"finish_reason": null}"#,
+            "finish_reason"
+        ));
+        assert!(!names_string(br#"{"finish_reason"}"#, "finish_reason"));
+        assert!(!names_string(br#"{"x":"finish_reason"}"#, "finish_reason"));
+        assert!(!names_string(
+            br#"{"my_finish_reason":"x"}"#,
+            "finish_reason"
+        ));
+        assert!(!names_string(
+            br#"{"text":"say \"finish_reason\": \"stop\""}"#,
+            "finish_reason"
+        ));
     }
 
     #[test]
@@ -309,12 +404,14 @@ mod tests {
                 output_tokens: Some(12),
                 cache_read_tokens: Some(500),
                 cache_write_tokens: Some(300),
+                finish_reason: Some("end_turn".into()),
                 text: Some("Hi".into())
             }
         );
-        let j = r#"{"content":[{"type":"text","text":"A"},{"type":"tool_use","id":"t"},{"type":"text","text":"B"}],"usage":{"input_tokens":5,"output_tokens":6,"cache_read_input_tokens":0,"cache_creation_input_tokens":0}}"#;
+        let j = r#"{"content":[{"type":"text","text":"A"},{"type":"tool_use","id":"t"},{"type":"text","text":"B"}],"stop_reason":"tool_use","usage":{"input_tokens":5,"output_tokens":6,"cache_read_input_tokens":0,"cache_creation_input_tokens":0}}"#;
         let t = run(Dialect::Anthropic, false, &[j]);
         assert_eq!(t.text.as_deref(), Some("AB"));
+        assert_eq!(t.finish_reason.as_deref(), Some("tool_use"));
         assert_eq!(
             (
                 t.input_tokens,
@@ -324,6 +421,15 @@ mod tests {
             ),
             (Some(5), Some(6), Some(0), Some(0))
         );
+        let mut typed = UsageTap::new(Dialect::Anthropic.wire(), false, false);
+        typed.feed(&Bytes::from_static(j.as_bytes()));
+        assert_eq!(typed.finish().finish_reason.as_deref(), Some("tool_use"));
+        // A message_delta without usage still gives its stop reason; message_start's null
+        // is none.
+        let s = "data: {\"type\":\"message_start\",\"message\":{\"stop_reason\":null,\"usage\":{\"input_tokens\":3}}}\n\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"max_tokens\"}}\n\n";
+        let mut t = UsageTap::new(Dialect::Anthropic.wire(), true, false);
+        t.feed(&Bytes::from_static(s.as_bytes()));
+        assert_eq!(t.finish().finish_reason.as_deref(), Some("max_tokens"));
     }
 
     #[test]
@@ -422,12 +528,32 @@ mod tests {
             }
         }
         // A compressed SSE stream, Anthropic's, split mid-event.
-        let events = "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":10,\"cache_read_input_tokens\":5,\"output_tokens\":1}}}\n\nevent: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":9}}\n\n";
+        let events = "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":10,\"cache_read_input_tokens\":5,\"output_tokens\":1}}}\n\nevent: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"output_tokens\":9}}\n\n";
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
         gz.write_all(events.as_bytes()).unwrap();
         let gz = gz.finish().unwrap();
         let t = tap_encoded(Dialect::Anthropic, true, "gzip", &gz, 5);
-        assert_eq!((t.input_tokens, t.output_tokens), (Some(15), Some(9)));
+        assert_eq!(
+            (t.input_tokens, t.output_tokens, t.finish_reason.as_deref()),
+            (Some(15), Some(9), Some("end_turn"))
+        );
+        // A compressed OpenAI stream whose finish reason has a chunk of its own, and a
+        // compressed JSON answer.
+        let events = "data: {\"choices\":[{\"delta\":{\"content\":\"x\"},\"finish_reason\":null}]}\n\ndata: {\"choices\":[{\"delta\":{},\"finish_reason\":\"length\"}]}\n\ndata: [DONE]\n\n";
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        gz.write_all(events.as_bytes()).unwrap();
+        let gz = gz.finish().unwrap();
+        let t = tap_encoded(Dialect::OpenAi, true, "gzip", &gz, 3);
+        assert_eq!(t.finish_reason.as_deref(), Some("length"));
+        let answer = r#"{"choices":[{"message":{"content":"x"},"finish_reason":"stop"}],"usage":{"prompt_tokens":4}}"#;
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        gz.write_all(answer.as_bytes()).unwrap();
+        let gz = gz.finish().unwrap();
+        let t = tap_encoded(Dialect::OpenAi, false, "gzip", &gz, 3);
+        assert_eq!(
+            (t.finish_reason.as_deref(), t.input_tokens),
+            (Some("stop"), Some(4))
+        );
         // Identity is no encoding at all.
         assert_eq!(
             figures(tap_encoded(Dialect::OpenAi, false, "identity", ANSWER, 9)),

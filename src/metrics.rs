@@ -13,8 +13,8 @@
 use std::sync::{Arc, Mutex};
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    CounterVec, Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Latency buckets (seconds) spanning sub-millisecond proxy overhead to multi-minute streams.
@@ -58,6 +58,14 @@ impl Metrics {
     /// Registers a counter family.
     pub fn counter_vec(&self, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
         let c = IntCounterVec::new(Opts::new(name, help), labels)
+            .unwrap_or_else(|e| invalid_metric(name, e));
+        self.register(Box::new(c.clone()));
+        c
+    }
+
+    /// Registers a counter family of floating-point values (US dollars).
+    pub fn float_counter_vec(&self, name: &str, help: &str, labels: &[&str]) -> CounterVec {
+        let c = CounterVec::new(Opts::new(name, help), labels)
             .unwrap_or_else(|e| invalid_metric(name, e));
         self.register(Box::new(c.clone()));
         c

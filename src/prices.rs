@@ -87,11 +87,33 @@ pub struct Prices {
 impl Prices {
     /// The price of `model`, and the glob that matched it (a bounded metric label).
     pub fn find(&self, model: &str) -> Option<(&str, Price)> {
+        self.find_indexed(model).map(|(_, g, p)| (g, p))
+    }
+
+    /// [`Prices::find`], with the matching entry's place in the whole table (the config's
+    /// entries, then the shipped ones): a dense key, below [`Prices::table_len`], for state
+    /// kept per priced model.
+    pub fn find_indexed(&self, model: &str) -> Option<(usize, &str, Price)> {
+        self.table()
+            .enumerate()
+            .find_map(|(i, (g, p))| glob_match(g, model).then_some((i, g, p)))
+    }
+
+    /// The glob of the entry at `index` of the whole table.
+    pub fn glob(&self, index: usize) -> Option<&str> {
+        self.table().nth(index).map(|(g, _)| g)
+    }
+
+    /// Entries in the whole table: the config's and the shipped ones.
+    pub fn table_len(&self) -> usize {
+        self.entries.len() + SHIPPED.len()
+    }
+
+    fn table(&self) -> impl Iterator<Item = (&str, Price)> {
         self.entries
             .iter()
             .map(|e| (e.pattern.as_str(), e.price))
             .chain(SHIPPED.iter().map(|(g, p)| (*g, *p)))
-            .find(|(g, _)| glob_match(g, model))
     }
 }
 
@@ -150,12 +172,21 @@ mod tests {
                 price: p(1.0, 0.5, 1.0, 2.0),
             }],
         };
-        assert_eq!(prices.find("gpt-4o").map(|(g, p)| (g, p.input)), Some(("gpt-4o", 1.0)));
+        assert_eq!(
+            prices.find("gpt-4o").map(|(g, p)| (g, p.input)),
+            Some(("gpt-4o", 1.0))
+        );
         assert_eq!(
             prices.find("gpt-4o-mini").map(|(g, p)| (g, p.input)),
             Some(("gpt-4o-mini*", 0.15))
         );
         assert_eq!(prices.find("llama-3"), None);
+        // The index counts the config's entries first, then the shipped ones.
+        let (i, g, _) = prices.find_indexed("gpt-4o-mini").unwrap();
+        assert_eq!((prices.glob(i), g), (Some("gpt-4o-mini*"), "gpt-4o-mini*"));
+        assert_eq!(prices.find_indexed("gpt-4o").map(|(i, _, _)| i), Some(0));
+        assert_eq!(prices.table_len(), SHIPPED.len() + 1);
+        assert_eq!(prices.glob(prices.table_len()), None);
     }
 
     #[test]

@@ -197,6 +197,26 @@ async fn a_fresh_page_shows_every_known_series_at_zero() {
             "ctxgate_transcript_records_dropped_total{{reason=\"{reason}\",sink=\"jsonl\"}} 0"
         ));
     }
+    // The effectiveness series of a model without a price (`other`), and the comparison's
+    // latency by group; a priced model's appear with its first call.
+    for group in ["pruned", "holdout"] {
+        has(&format!(
+            "ctxgate_effect_calls_total{{group=\"{group}\",model=\"other\",route=\"test\"}} 0"
+        ));
+        has(&format!(
+            "ctxgate_effect_call_duration_seconds_count{{group=\"{group}\",route=\"test\"}} 0"
+        ));
+        for reason in ["stop", "length", "tool_calls", "content_filter", "other"] {
+            has(&format!(
+                "ctxgate_effect_finish_reasons_total{{group=\"{group}\",model=\"other\",reason=\"{reason}\",route=\"test\"}} 0"
+            ));
+        }
+    }
+    for prompt in ["sent", "unpruned"] {
+        has(&format!(
+            "ctxgate_effect_cost_usd_total{{model=\"other\",prompt=\"{prompt}\",route=\"test\"}} 0"
+        ));
+    }
     has("ctxgate_client_disconnects_total{route=\"test\"} 0");
     has("ctxgate_prune_cut_moves_total{route=\"test\"} 0");
     has("ctxgate_transcript_records_written_total{sink=\"jsonl\"} 0");

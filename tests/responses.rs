@@ -160,7 +160,14 @@ fn cfg(up: &Mock, dir: &TempDir) -> TestConfig {
 async fn a_growing_codex_session_is_pruned_and_recorded() {
     let up = mock(responses_reply).await;
     let dir = TempDir::new("responses-e2e");
-    let gate = cfg(&up, &dir).start().await;
+    let gate = cfg(&up, &dir)
+        .set(
+            "",
+            "prices",
+            json!([{"match": "gpt-5-codex", "input": 2.0, "cached_input": 0.5, "output": 8.0}]),
+        )
+        .start()
+        .await;
     let turns = 20;
     for steps in 0..turns {
         let body = codex_request(steps).to_string();
@@ -231,6 +238,24 @@ async fn a_growing_codex_session_is_pruned_and_recorded() {
         assert_eq!(r["usage"]["cache_read_tokens"], 4096);
         assert_eq!(r["usage"]["output_tokens"], 7);
         assert!(r["tokens_after"].as_u64().unwrap() <= 6000, "{r}");
+        assert_eq!(r["finish_reason"], "completed");
+        // 5000 prompt tokens, 4096 cached (904 fresh), 7 output, at the config's price.
+        let sent = (904.0 * 2.0 + 4096.0 * 0.5 + 7.0 * 8.0) / 1e6;
+        assert_eq!(r["cost_usd"].as_f64(), Some(sent));
+        // Pruned: plus what was removed, in the upstream's tokens, at the call's cache mix.
+        let unpruned = r["cost_unpruned_usd"].as_f64().unwrap();
+        if r["prune_action"] == "pruned" {
+            let (before, after) = (
+                r["tokens_before"].as_f64().unwrap(),
+                r["tokens_after"].as_f64().unwrap(),
+            );
+            let removed = ((before - after) * 5000.0 / after).round();
+            let share = 4096.0 / 5000.0;
+            let want = sent + removed * (share * 0.5 + (1.0 - share) * 2.0) / 1e6;
+            assert!((unpruned - want).abs() < 1e-12, "{unpruned} vs {want}");
+        } else {
+            assert_eq!(unpruned, sent);
+        }
     }
     let pruned = records
         .iter()
@@ -280,6 +305,9 @@ async fn server_held_history_and_string_input_pass_unpruned_with_their_reason() 
         ]
     );
     assert_eq!(records[0]["usage"]["input_tokens"], 5000, "JSON usage read");
+    assert_eq!(records[0]["finish_reason"], "completed", "JSON status read");
+    // gpt-5 is in the shipped price table: a cost without any [[prices]].
+    assert!(records[0]["cost_usd"].as_f64().unwrap() > 0.0);
 }
 
 #[tokio::test]

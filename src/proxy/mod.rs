@@ -12,11 +12,13 @@
 //! guard from the moment the request arrives). The
 //! wire formats are `crate::dialect`, pruning itself is `crate::prune`, the gates are
 //! `crate::gate`. `upstream.rs` holds the pooled clients, TLS and the start-up warm-up;
-//! `heavy.rs` the pool for large bodies (fair per conversation, bounded). docs/ARCHITECTURE.md has the whole map.
+//! `heavy.rs` the pool for large bodies (fair per conversation, bounded); `effect.rs` a call's
+//! cost and its side of the holdout comparison, which `record` works out. docs/ARCHITECTURE.md has the whole map.
 
 pub mod admit;
 pub mod call;
 pub mod count;
+pub mod effect;
 pub mod forward;
 pub mod heavy;
 pub mod identify;
@@ -90,6 +92,8 @@ impl Proxy {
         configs.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
         let mut routes = Vec::with_capacity(configs.len());
         let mut route_metrics = Vec::with_capacity(configs.len());
+        let names: Vec<&str> = configs.iter().map(|r| r.name.as_str()).collect();
+        let effects = effect::Effects::new(config.prices.clone(), m.effect, &names);
         for (index, r) in configs.into_iter().enumerate() {
             routes.push(Arc::new(RouteState {
                 config: r.clone(),
@@ -123,6 +127,7 @@ impl Proxy {
                 m.call,
                 route_metrics,
                 m.gate.rejections.clone(),
+                effects,
                 transcripts.clone(),
             )),
             transcripts,
@@ -255,6 +260,8 @@ pub struct ProxyMetrics {
     pub prune: prune::PruneMetrics,
     /// Start-up warm-up.
     pub warmup: upstream::WarmupMetrics,
+    /// Costs and the holdout comparison.
+    pub effect: effect::EffectMetrics,
 }
 
 impl ProxyMetrics {
@@ -270,6 +277,7 @@ impl ProxyMetrics {
             gate: admit::GateMetrics::register(m, &names),
             prune: prune::PruneMetrics::register(m, &names),
             warmup: upstream::WarmupMetrics::register(m, &names),
+            effect: effect::EffectMetrics::register(m, &names),
         }
     }
 }

@@ -6,7 +6,8 @@
 //!   (`ctxgate_http_requests_total`, time to first byte);
 //! - [`Recorder::finish`], exactly once per call, when it ends — last byte, an error ctxgate
 //!   answered with, a timeout, the upstream breaking off, the client gone before or after the
-//!   headers (the [`Call`]'s drop guard calls it): everything else, the log event and the
+//!   headers (the [`Call`]'s drop guard calls it): everything else (with the call's cost and
+//!   its side of the holdout comparison, worked out in `effect.rs`), the log event and the
 //!   transcript record, handed to the bounded queue without waiting.
 //!
 //! A call that ends before any response was sent counts as status 499 (the client closed the
@@ -24,6 +25,7 @@ use crate::prune::Summary;
 use crate::transcript::{Record, Transcripts, Usage, KIND_CALL};
 
 use super::call::{Call, End, Finish, PruneAction};
+use super::effect::{Effect, Effects};
 use super::prune::{PruneMetrics, RoutePruneMetrics};
 
 /// Status recorded for a call whose client left before any response was sent.
@@ -232,6 +234,8 @@ pub struct Recorder {
     /// Each route's series, by `RouteState::index`.
     routes: Vec<RouteMetrics>,
     gate_rejections: IntCounterVec,
+    /// Costs and the holdout comparison (`effect.rs`).
+    effects: Effects,
     transcripts: Transcripts,
 }
 
@@ -241,12 +245,14 @@ impl Recorder {
         metrics: CallMetrics,
         routes: Vec<RouteMetrics>,
         gate_rejections: IntCounterVec,
+        effects: Effects,
         transcripts: Transcripts,
     ) -> Recorder {
         Recorder {
             metrics,
             routes,
             gate_rejections,
+            effects,
             transcripts,
         }
     }
@@ -304,10 +310,13 @@ impl Finish for Recorder {
             self.count_response(call.route_name(), call.status.unwrap_or(CLIENT_CLOSED));
         }
         let tapped = call.take_usage();
+        let ratio = usage_ratio(&tapped, call.summary.as_ref());
+        let effect = self.effects.of(call, &tapped, ratio);
         let error_kind = self.count(call, end, elapsed, responded, &tapped);
+        self.effects.observe(call, &effect, &tapped, end, elapsed);
         log(call, end, error_kind);
         self.transcripts
-            .submit(record(call, elapsed, error_kind, tapped));
+            .submit(record(call, elapsed, error_kind, tapped, &effect));
     }
 }
 
@@ -438,6 +447,7 @@ fn record(
     elapsed: Duration,
     error_kind: Option<&'static str>,
     tapped: Tapped,
+    effect: &Effect,
 ) -> Record {
     let s = call.summary.as_ref();
     let (route, upstream) = match &call.route {
@@ -474,10 +484,10 @@ fn record(
         response_text: tapped.text,
         kind: KIND_CALL.to_string(),
         holdout: call.holdout,
-        finish_reason: None,
+        finish_reason: tapped.finish_reason,
         summary_tokens: call.summary_tokens,
-        cost_usd: None,
-        cost_unpruned_usd: None,
+        cost_usd: effect.costs.map(|c| c.sent),
+        cost_unpruned_usd: effect.costs.map(|c| c.unpruned),
     }
 }
 

@@ -85,7 +85,17 @@ impl Proxy {
         // `decide` only when it is forwarded as it came, so that a large body that was pruned
         // is freed on the heavy pool, not on an async worker.
         drop(bytes);
-        let budget = Budget::for_request(&cfg.prune, req.model(), limit?);
+        let mut budget = Budget::for_request(&cfg.prune, req.model(), limit?);
+        // The holdout: pruning is computed (what it would have sent is recorded) and the
+        // request goes as it came, whatever its size.
+        call.holdout = call
+            .conversation
+            .as_deref()
+            .is_some_and(|c| in_holdout(c, budget.holdout_basis_points));
+        if call.holdout {
+            budget.mode = prune::Mode::Shadow;
+            budget.on_overflow = prune::OnOverflow::Forward;
+        }
         let started = Instant::now();
         // Shared state: the conversation's entry as the last replica left it, adopted when
         // this replica's own is not it; written back once pruned.
@@ -142,7 +152,11 @@ impl Proxy {
                 bytes
             }
             Outcome::Shadow(_) => {
-                call.action = PruneAction::Shadow;
+                call.action = if call.holdout {
+                    PruneAction::Holdout
+                } else {
+                    PruneAction::Shadow
+                };
                 bytes
             }
             Outcome::Pruned { body, .. } => {
@@ -221,6 +235,17 @@ fn keep_body(outcome: Option<Outcome>, req: ChatRequest) -> (Option<Outcome>, by
     };
     (outcome, body)
 }
+
+/// Whether `conversation` is in the holdout of `basis_points` (hundredths of a percent): a
+/// stable hash of the id, so a conversation is in or out for its whole life, on every replica.
+pub fn in_holdout(conversation: &str, basis_points: u32) -> bool {
+    basis_points > 0
+        && xxhash_rust::xxh3::xxh3_64_with_seed(conversation.as_bytes(), HOLDOUT_SEED) % 10_000
+            < u64::from(basis_points)
+}
+
+/// Seed of the holdout hash (fixed: changing it reshuffles every conversation).
+const HOLDOUT_SEED: u64 = 0x686f_6c64_6f75_7401;
 
 /// The request's own limit from [`TOKEN_LIMIT_HEADER`], if it sent one.
 fn token_limit_header(h: &HeaderMap) -> Result<Option<u64>, Error> {
@@ -315,7 +340,7 @@ impl PruneMetrics {
         let p = PruneMetrics {
             actions: m.counter_vec(
                 "ctxgate_prune_actions_total",
-                "Chat requests by what pruning did: unchanged, pruned, rejected, skipped, shadow.",
+                "Chat requests by what pruning did: unchanged, pruned, rejected, skipped, shadow, holdout.",
                 &["route", "action"],
             ),
             tokens: m.histogram_vec(
@@ -426,7 +451,7 @@ pub struct RoutePruneMetrics {
     duration: Histogram,
     bytes_reused: IntCounter,
     bytes_parsed: IntCounter,
-    actions: [IntCounter; 5],
+    actions: [IntCounter; 6],
 }
 
 impl RoutePruneMetrics {

@@ -581,7 +581,10 @@ async fn holdout_conversations_go_unpruned_and_are_recorded_as_such() {
         .map(|c| ctxgate::proxy::prune::in_holdout(c, 5000))
         .collect();
     let n_held = held.iter().filter(|h| **h).count();
-    assert!((6..=18).contains(&n_held), "{n_held} of 24 in a 50% holdout");
+    assert!(
+        (6..=18).contains(&n_held),
+        "{n_held} of 24 in a 50% holdout"
+    );
     for round in 0..2 {
         for id in &ids {
             let (s, _, _) = send(

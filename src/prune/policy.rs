@@ -543,7 +543,9 @@ impl<'a> Work<'a> {
         }
         kept.extend(start..n);
         if moved && self.want_dropped {
-            self.dropped = Some(self.dropped_span(prev_cut, start, &kept));
+            // A first cut that only elided files drops nothing.
+            self.dropped =
+                Some(self.dropped_span(prev_cut, start, &kept)).filter(|d| !d.messages.is_empty());
         }
         self.finish(base, kept, fixed, moved, limit)
     }

@@ -176,12 +176,9 @@ async fn each_cut_move_is_summarised_and_the_summary_rides_after_the_system_prom
         }
         forwarded.push(msgs);
     }
-    for k in 1..sums.len() {
-        assert!(
-            carried[k] >= 2,
-            "summary {k} was pinned {} times",
-            carried[k]
-        );
+    // Every summary but the newest (made near the end) rode on later requests.
+    for (k, c) in carried.iter().enumerate().take(sums.len()).skip(1) {
+        assert!(*c >= 2, "summary {k} was pinned {c} times");
     }
     let pinned: usize = carried.iter().sum();
     assert_eq!(

@@ -21,7 +21,7 @@
 //! unpruned conversation would often have read that old part from the provider's cache, so
 //! the saving is an upper bound where caching is good (the cache-read share says how good).
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use prometheus::{Counter, CounterVec, Histogram, HistogramVec, IntCounter, IntCounterVec};
@@ -48,12 +48,15 @@ enum Group {
     Holdout = 1,
 }
 
-/// The group of a chat call: holdout when its conversation is in the holdout; pruned when
-/// pruning decided it (unchanged, pruned, or rejected — a refusal is pruning's doing too);
-/// none for calls pruning did not decide (skipped, shadow, not pruned at all).
+/// The group of a chat call whose pruning ran: holdout when its conversation is in the
+/// holdout (`holdout`: pruning would have changed it; `unchanged`: it would not have); pruned
+/// when pruning decided it (unchanged, pruned, or rejected — a refusal is pruning's doing
+/// too); none for calls pruning did not decide (skipped, shadow, not pruned at all), on
+/// either side.
 fn group(holdout: bool, action: PruneAction) -> Option<Group> {
     match action {
-        _ if holdout => Some(Group::Holdout),
+        PruneAction::Holdout => Some(Group::Holdout),
+        PruneAction::Unchanged if holdout => Some(Group::Holdout),
         PruneAction::Unchanged | PruneAction::Pruned | PruneAction::Rejected => Some(Group::Pruned),
         PruneAction::None | PruneAction::Skipped | PruneAction::Shadow => None,
     }
@@ -274,7 +277,7 @@ struct RouteEffect {
 
 /// The price table and every route's effectiveness series: the recorder's.
 pub struct Effects {
-    prices: Prices,
+    prices: Arc<Prices>,
     metrics: EffectMetrics,
     /// By `RouteState::index`.
     routes: Vec<RouteEffect>,
@@ -283,7 +286,7 @@ pub struct Effects {
 impl Effects {
     /// The effects of calls on `routes` (in `RouteState::index` order) priced by `prices`;
     /// creates each route's series of `other` and of the config's `[[prices]]` globs at 0.
-    pub fn new(prices: Prices, metrics: EffectMetrics, routes: &[&str]) -> Effects {
+    pub fn new(prices: Arc<Prices>, metrics: EffectMetrics, routes: &[&str]) -> Effects {
         let routes = routes
             .iter()
             .map(|r| RouteEffect {
@@ -460,7 +463,12 @@ mod tests {
     #[test]
     fn groups_and_outcomes() {
         assert_eq!(group(true, PruneAction::Unchanged), Some(Group::Holdout));
-        assert_eq!(group(true, PruneAction::Pruned), Some(Group::Holdout));
+        assert_eq!(group(true, PruneAction::Holdout), Some(Group::Holdout));
+        assert_eq!(
+            group(true, PruneAction::Skipped),
+            None,
+            "as on the pruned side"
+        );
         for a in [
             PruneAction::Unchanged,
             PruneAction::Pruned,
@@ -497,7 +505,11 @@ mod tests {
                 },
             }],
         };
-        let e = Effects::new(prices, EffectMetrics::register(&m, &["a"]), &["a"]);
+        let e = Effects::new(
+            Arc::new(prices),
+            EffectMetrics::register(&m, &["a"]),
+            &["a"],
+        );
         let page = String::from_utf8(m.render()).unwrap();
         for model in ["mock-*", "other"] {
             let line = format!(

@@ -285,3 +285,136 @@ async fn compressed_answers_pass_untouched_and_their_usage_is_read() {
         8.0
     );
 }
+
+/// The holdout comparison through the proxy: with `holdout_percent = 50`, a conversation in
+/// the holdout goes unpruned (its cost as if unpruned is its cost) and is counted in group
+/// `holdout`, one outside it is pruned and counted in group `pruned`; errors, output tokens,
+/// finish reasons (the dialect's word mapped to the bounded set) and latency per group.
+#[tokio::test]
+async fn holdout_and_pruned_calls_are_compared_apart() {
+    let up = mock(|r| {
+        let body = String::from_utf8_lossy(&r.body);
+        if body.contains("\"fail\"") {
+            Reply::Full {
+                status: 500,
+                headers: vec![("content-type".into(), "application/json".into())],
+                body: bytes::Bytes::from_static(
+                    br#"{"error":{"message":"boom","type":"server_error"}}"#,
+                ),
+            }
+        } else if body.contains("\"long\"") {
+            Reply::json(
+                &OPENAI_JSON.replace("\"finish_reason\":\"stop\"", "\"finish_reason\":\"length\""),
+            )
+        } else {
+            llm_reply(r)
+        }
+    })
+    .await;
+    let dir = TempDir::new("effect-holdout");
+    let gate = TestConfig::openai(&up)
+        .set("prune", "hard_token_limit", 4000)
+        .set("prune", "holdout_percent", 50.0)
+        .set(
+            "",
+            "prices",
+            serde_json::json!([{"match": "gpt-4o*", "input": 1.0, "cached_input": 0.5, "output": 4.0}]),
+        )
+        .set("transcripts", "sink", "jsonl")
+        .set("transcripts", "dir", dir.path().display().to_string())
+        .start()
+        .await;
+    let ids: Vec<String> = (0..40).map(|i| format!("effect-{i}")).collect();
+    let pick = |held: bool| {
+        ids.iter()
+            .filter(|c| ctxgate::proxy::prune::in_holdout(c, 5000) == held)
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    let (held, kept) = (pick(true), pick(false));
+    let chat = |content: &str| {
+        serde_json::json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": content}]}).to_string()
+    };
+    let post = |conv: &str, body: String| {
+        let url = gate.url("/v1/chat/completions");
+        let conv = conv.to_string();
+        async move {
+            send("POST", &url, &[("x-conversation-id", &conv)], &body)
+                .await
+                .0
+                .as_u16()
+        }
+    };
+    // Each side: the long seed conversation (pruned, or forwarded whole), then one call of
+    // its own — the holdout's fails upstream, the pruned side's is cut for length.
+    assert_eq!(post(&held[0], SEED.to_string()).await, 200);
+    assert_eq!(post(&kept[0], SEED.to_string()).await, 200);
+    assert_eq!(post(&held[1], chat("fail")).await, 500);
+    assert_eq!(post(&kept[1], chat("long")).await, 200);
+    let series = |name: &str, group: &str, tail: &str| {
+        format!("ctxgate_effect_{name}{{group=\"{group}\",model=\"gpt-4o*\",route=\"test\"{tail}}}")
+    };
+    until_sample(&gate, &series("calls_total", "holdout", ""), 2.0).await;
+    until_sample(&gate, &series("calls_total", "pruned", ""), 2.0).await;
+    let page = metrics(&gate).await;
+    let v = |s: &str| sample(&page, s);
+    assert_eq!(v(&series("errors_total", "holdout", "")), 1.0);
+    assert_eq!(v(&series("errors_total", "pruned", "")), 0.0);
+    // The seed streams 3 output tokens; the JSON answer has 5; the failed call none.
+    assert_eq!(v(&series("output_tokens_total", "holdout", "")), 3.0);
+    assert_eq!(v(&series("output_tokens_total", "pruned", "")), 8.0);
+    let reason = |group: &str, r: &str| {
+        v(&format!(
+            "ctxgate_effect_finish_reasons_total{{group=\"{group}\",model=\"gpt-4o*\",reason=\"{r}\",route=\"test\"}}"
+        ))
+    };
+    assert_eq!(
+        (reason("holdout", "stop"), reason("holdout", "length")),
+        (1.0, 0.0)
+    );
+    assert_eq!(
+        (reason("pruned", "stop"), reason("pruned", "length")),
+        (1.0, 1.0)
+    );
+    // Latency of the answered calls only.
+    let count = |group: &str| {
+        v(&format!(
+            "ctxgate_effect_call_duration_seconds_count{{group=\"{group}\",route=\"test\"}}"
+        ))
+    };
+    assert_eq!((count("holdout"), count("pruned")), (1.0, 2.0));
+    stop(gate).await;
+
+    let records = jsonl_records(dir.path());
+    let by = |c: &str| records.iter().find(|r| r["conversation_id"] == c).unwrap();
+    let (h, p) = (by(&held[0]), by(&kept[0]));
+    assert_eq!(
+        (h["holdout"].as_bool(), h["prune_action"].as_str()),
+        (Some(true), Some("holdout"))
+    );
+    assert_eq!(
+        (p["holdout"].as_bool(), p["prune_action"].as_str()),
+        (Some(false), Some("pruned"))
+    );
+    // Both got the mock's streamed answer: the same cost as sent; only the pruned one would
+    // have cost more unpruned — the holdout was sent unpruned.
+    let sent = (13.0 * 1.0 + 8.0 * 0.5 + 3.0 * 4.0) / 1e6;
+    assert_eq!(h["cost_usd"].as_f64(), Some(sent));
+    assert_eq!(h["cost_unpruned_usd"].as_f64(), Some(sent));
+    assert_eq!(p["cost_usd"].as_f64(), Some(sent));
+    assert!(p["cost_unpruned_usd"].as_f64().unwrap() > 10.0 * sent);
+    assert_eq!(by(&held[1])["finish_reason"], serde_json::Value::Null);
+    assert_eq!(by(&kept[1])["finish_reason"], "length");
+    // ctxgate's own counts: the holdout sent all it received, the pruned side less.
+    let tokens = |stage: &str| {
+        sample(
+            &page,
+            &format!("ctxgate_effect_prompt_tokens_total{{model=\"gpt-4o*\",route=\"test\",stage=\"{stage}\"}}"),
+        )
+    };
+    let before = |r: &serde_json::Value| r["tokens_before"].as_f64().unwrap();
+    let after = |r: &serde_json::Value| r["tokens_after"].as_f64().unwrap();
+    let small = before(by(&held[1])) + before(by(&kept[1]));
+    assert_eq!(tokens("received"), before(h) + before(p) + small);
+    assert_eq!(tokens("sent"), before(h) + after(p) + small);
+}

@@ -9,8 +9,9 @@
 //!   share of what the upstream billed;
 //! - the holdout comparison: conversations forwarded unpruned (`prune.holdout_percent`, group
 //!   `holdout`) against those pruning was on for (group `pruned`: unchanged, pruned or
-//!   rejected) on calls, errors, output tokens, finish reasons and latency. The groups are
-//!   drawn by conversation id, so within a route they see the same mix of work.
+//!   rejected on a route that enforces its budget, not `mode = "shadow"`) on calls, errors,
+//!   output tokens, finish reasons and latency. The groups are drawn by conversation id, so
+//!   within a route they see the same mix of work.
 //!
 //! Series are by route and model, the model label being the glob of the call's price entry
 //! (`[[prices]]`, then the shipped table) or `other`: a bounded set, never the client's model
@@ -29,7 +30,7 @@ use prometheus::{Counter, CounterVec, Histogram, HistogramVec, IntCounter, IntCo
 use crate::dialect::{finish_class, Tapped, FINISH_CLASSES};
 use crate::metrics::{Metrics, LATENCY_BUCKETS};
 use crate::prices::{self, Price, Prices};
-use crate::prune::Summary;
+use crate::prune::{Mode, Summary};
 
 use super::call::{Call, End, PruneAction};
 
@@ -50,15 +51,22 @@ enum Group {
 
 /// The group of a chat call whose pruning ran: holdout when its conversation is in the
 /// holdout (`holdout`: pruning would have changed it; `unchanged`: it would not have); pruned
-/// when pruning decided it (unchanged, pruned, or rejected — a refusal is pruning's doing
-/// too); none for calls pruning did not decide (skipped, shadow, not pruned at all), on
-/// either side.
-fn group(holdout: bool, action: PruneAction) -> Option<Group> {
+/// when pruning enforced its budget (`enforced`: not `mode = "shadow"`) and decided it
+/// (unchanged, pruned, or rejected — a refusal is pruning's doing too); none for calls
+/// pruning did not decide (skipped, shadow, not pruned at all), on either side.
+fn group(holdout: bool, enforced: bool, action: PruneAction) -> Option<Group> {
     match action {
         PruneAction::Holdout => Some(Group::Holdout),
         PruneAction::Unchanged if holdout => Some(Group::Holdout),
-        PruneAction::Unchanged | PruneAction::Pruned | PruneAction::Rejected => Some(Group::Pruned),
-        PruneAction::None | PruneAction::Skipped | PruneAction::Shadow => None,
+        PruneAction::Unchanged | PruneAction::Pruned | PruneAction::Rejected if enforced => {
+            Some(Group::Pruned)
+        }
+        PruneAction::Unchanged
+        | PruneAction::Pruned
+        | PruneAction::Rejected
+        | PruneAction::None
+        | PruneAction::Skipped
+        | PruneAction::Shadow => None,
     }
 }
 
@@ -340,7 +348,12 @@ impl Effects {
                 };
                 (s.tokens_before, sent)
             }),
-            group: group(call.holdout, call.action),
+            // A rejected call has no budget stored; only an enforced budget rejects.
+            group: group(
+                call.holdout,
+                call.budget.as_ref().is_none_or(|b| b.mode == Mode::Enforce),
+                call.action,
+            ),
         }
     }
 
@@ -462,10 +475,17 @@ mod tests {
 
     #[test]
     fn groups_and_outcomes() {
-        assert_eq!(group(true, PruneAction::Unchanged), Some(Group::Holdout));
-        assert_eq!(group(true, PruneAction::Holdout), Some(Group::Holdout));
+        // A holdout call's budget is turned to shadow mode: `enforced` is false for it.
         assert_eq!(
-            group(true, PruneAction::Skipped),
+            group(true, false, PruneAction::Unchanged),
+            Some(Group::Holdout)
+        );
+        assert_eq!(
+            group(true, false, PruneAction::Holdout),
+            Some(Group::Holdout)
+        );
+        assert_eq!(
+            group(true, false, PruneAction::Skipped),
             None,
             "as on the pruned side"
         );
@@ -474,10 +494,12 @@ mod tests {
             PruneAction::Pruned,
             PruneAction::Rejected,
         ] {
-            assert_eq!(group(false, a), Some(Group::Pruned), "{a:?}");
+            assert_eq!(group(false, true, a), Some(Group::Pruned), "{a:?}");
+            // A route in shadow mode prunes nothing: its calls are in neither group.
+            assert_eq!(group(false, false, a), None, "{a:?}");
         }
         for a in [PruneAction::None, PruneAction::Skipped, PruneAction::Shadow] {
-            assert_eq!(group(false, a), None, "{a:?}");
+            assert_eq!(group(false, true, a), None, "{a:?}");
         }
         assert_eq!(outcome(End::Complete, 200), Outcome::Answered);
         assert_eq!(outcome(End::Complete, 400), Outcome::Failed);

@@ -156,6 +156,9 @@ fn every_dashboard_metric_is_exported() {
         "ctxgate_transcript_queue_depth",
         "ctxgate_token_estimate_ratio",
         "ctxgate_upstream_ready",
+        "ctxgate_effect_cost_usd_total",
+        "ctxgate_effect_calls_total",
+        "ctxgate_effect_call_duration_seconds",
     ] {
         assert!(used.contains(must), "the dashboard has no panel on {must}");
     }

@@ -70,6 +70,10 @@ pub struct Entry {
     pub text: String,
     /// The message pinned, for the client's dialect and encoding.
     pub pin: Pin,
+    /// Messages dropped since the summary was made, too few to summarise yet (the next
+    /// summary folds them in).
+    backlog: Vec<String>,
+    backlog_tokens: u64,
     dialect: Dialect,
     enc: Encoding,
 }
@@ -83,6 +87,8 @@ impl Entry {
             "cut_fp": self.pin.cut_fp,
             "raw": self.pin.raw,
             "tokens": self.pin.tokens,
+            "backlog": self.backlog,
+            "backlog_tokens": self.backlog_tokens,
             "dialect": self.dialect.as_str(),
             "enc": self.enc.as_str(),
         }))
@@ -108,6 +114,12 @@ impl Entry {
                 raw: v["raw"].as_str()?.to_string(),
                 tokens: v["tokens"].as_u64()?,
             },
+            backlog: v["backlog"]
+                .as_array()?
+                .iter()
+                .map(|m| m.as_str().map(str::to_string))
+                .collect::<Option<_>>()?,
+            backlog_tokens: v["backlog_tokens"].as_u64()?,
             dialect,
             enc: v["enc"].as_str()?.parse().ok()?,
         })
@@ -212,20 +224,31 @@ impl Summaries {
 
     /// Summarises what a cut dropped, in the background (`previous`: the summary pinned for
     /// the previous cut, which the dropped span continues). Returns at once.
-    pub fn start(self: &Arc<Self>, job: Job, previous: Option<Arc<Entry>>) {
+    pub fn start(self: &Arc<Self>, mut job: Job, previous: Option<Arc<Entry>>) {
         let route = job.route.config.name.clone();
-        let s = &job.settings;
         let previous = previous.filter(|_| job.dropped.after_pin);
-        if job.dropped.tokens < s.min_dropped_tokens {
+        // Messages dropped by earlier moves too small to summarise come first.
+        if let Some(p) = previous.as_ref().filter(|p| !p.backlog.is_empty()) {
+            let mut messages = p.backlog.clone();
+            messages.append(&mut job.dropped.messages);
+            job.dropped.messages = messages;
+            job.dropped.tokens += p.backlog_tokens;
+        }
+        if job.dropped.tokens < job.settings.min_dropped_tokens {
             // Too little to be worth a call: the previous summary, if any, is carried to the
-            // new cut (it still says what lies before it).
+            // new cut (it still says what lies before it), and what this move dropped waits
+            // in its backlog for the next summary.
             match previous {
                 Some(p) => {
                     let pin = Pin {
                         cut_fp: job.dropped.cut_fp,
                         ..p.pin.clone()
                     };
-                    self.store(&job, p.text.clone(), pin);
+                    let backlog = (
+                        std::mem::take(&mut job.dropped.messages),
+                        job.dropped.tokens,
+                    );
+                    self.store(&job, p.text.clone(), pin, backlog);
                     self.skipped(&route, "carried");
                 }
                 None => self.skipped(&route, "too_small"),
@@ -268,10 +291,12 @@ impl Summaries {
         let _ = rx.wait_for(|n| *n == 0).await;
     }
 
-    fn store(&self, job: &Job, text: String, pin: Pin) {
+    fn store(&self, job: &Job, text: String, pin: Pin, backlog: (Vec<String>, u64)) {
         let e = Entry {
             text,
             pin,
+            backlog: backlog.0,
+            backlog_tokens: backlog.1,
             dialect: job.dialect,
             enc: job.enc,
         };
@@ -358,7 +383,7 @@ impl Summaries {
                 raw,
                 tokens,
             };
-            self.store(&job, text, pin);
+            self.store(&job, text, pin, (Vec::new(), 0));
         } else {
             tracing::warn!(
                 route,
@@ -710,7 +735,7 @@ mod tests {
         }
         assert!(Entry::decode(b"cgv1 not json").is_none());
         assert!(Entry::decode(br#"{"v":2}"#).is_none());
-        assert!(Entry::decode(br#"{"v":1,"text":"t","cut_fp":1,"raw":"{}","tokens":1,"dialect":"gemini","enc":"o200k_base"}"#).is_none());
+        assert!(Entry::decode(br#"{"v":1,"text":"t","cut_fp":1,"raw":"{}","tokens":1,"backlog":[],"backlog_tokens":0,"dialect":"gemini","enc":"o200k_base"}"#).is_none());
     }
 
     #[test]

@@ -718,13 +718,15 @@ mod tests {
                     raw: raw.clone(),
                     tokens: 17,
                 },
+                backlog: vec![r#"{"role":"user","content":"later"}"#.into()],
+                backlog_tokens: 9,
                 dialect,
                 enc: Encoding::Cl100kBase,
             };
             let d = Entry::decode(&e.encode()).unwrap();
             assert_eq!(
-                (d.text, d.pin, d.dialect, d.enc),
-                (e.text, e.pin, dialect, e.enc)
+                (d.text, d.pin, d.backlog, d.backlog_tokens, d.dialect, d.enc),
+                (e.text, e.pin, e.backlog, 9, dialect, e.enc)
             );
             let v: Value = serde_json::from_str(&raw).unwrap();
             let text = match dialect {

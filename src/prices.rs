@@ -150,7 +150,10 @@ mod tests {
                 price: p(1.0, 0.5, 1.0, 2.0),
             }],
         };
-        assert_eq!(prices.find("gpt-4o").map(|(g, p)| (g, p.input)), Some(("gpt-4o", 1.0)));
+        assert_eq!(
+            prices.find("gpt-4o").map(|(g, p)| (g, p.input)),
+            Some(("gpt-4o", 1.0))
+        );
         assert_eq!(
             prices.find("gpt-4o-mini").map(|(g, p)| (g, p.input)),
             Some(("gpt-4o-mini*", 0.15))

@@ -474,7 +474,10 @@ fn refine_summary(
     }
     if let Some(v) = raw.max_tokens {
         if v == 0 {
-            return Err(ConfigError::new(format!("{key}.max_tokens"), "must be > 0, got 0"));
+            return Err(ConfigError::new(
+                format!("{key}.max_tokens"),
+                "must be > 0, got 0",
+            ));
         }
         s.max_tokens = v;
     }
@@ -483,7 +486,10 @@ fn refine_summary(
     }
     if let Some(v) = &raw.prompt {
         if v.trim().is_empty() {
-            return Err(ConfigError::new(format!("{key}.prompt"), "must not be empty"));
+            return Err(ConfigError::new(
+                format!("{key}.prompt"),
+                "must not be empty",
+            ));
         }
         s.prompt = v.clone();
     }
@@ -508,9 +514,13 @@ fn refine_summary(
 fn check_summary_routes(routes: &[Route]) -> Result<(), ConfigError> {
     for (i, r) in routes.iter().enumerate() {
         let levels = std::iter::once((format!("routes[{i}].prune.summary"), &r.prune.budget))
-            .chain(r.prune.models.iter().enumerate().map(|(j, m)| {
-                (format!("routes[{i}].prune.models[{j}].summary"), &m.budget)
-            }));
+            .chain(
+                r.prune
+                    .models
+                    .iter()
+                    .enumerate()
+                    .map(|(j, m)| (format!("routes[{i}].prune.models[{j}].summary"), &m.budget)),
+            );
         for (key, b) in levels {
             let s = &b.summary;
             if !s.enabled {

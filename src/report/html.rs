@@ -51,7 +51,7 @@ figure .legend { color: var(--muted); font-size: 12px; margin-bottom: 4px; }
 .swatch { display: inline-block; width: 10px; height: 10px; border-radius: 2px; margin: 0 4px 0 10px; vertical-align: -1px; }
 .swatch:first-child { margin-left: 0; }
 svg { display: block; width: 100%; height: auto; }
-svg text { font: 11px system-ui, -apple-system, "Segoe UI", Roboto, Arial, sans-serif; fill: var(--muted); }
+svg text { font: 12px system-ui, -apple-system, "Segoe UI", Roboto, Arial, sans-serif; fill: var(--muted); }
 svg .grid { stroke: var(--line); stroke-width: 1; }
 svg .axis { stroke: #cbd5e1; stroke-width: 1; }
 svg .val { fill: var(--ink); }
@@ -130,7 +130,7 @@ fn bars(
     label: &str,
     categories: &[String],
     series: &[Series<'_>],
-    axis: fn(f64) -> String,
+    axis: fn(f64, usize) -> String,
     value: fn(f64) -> String,
 ) -> String {
     let mut s = String::new();
@@ -166,6 +166,8 @@ fn bars(
     } else {
         1.0
     };
+    // Enough decimals that neighbouring grid labels differ.
+    let decimals = (-step.log10().floor()).max(0.0) as usize;
     let plot_h = H - TOP - BOTTOM;
     let y = |v: f64| TOP + (top - v) / span * plot_h;
     // Grid lines and their labels.
@@ -177,14 +179,15 @@ fn bars(
             W - RIGHT,
             LEFT - 6.0,
             y(t) + 4.0,
-            esc(&axis(t)),
+            esc(&axis(t, decimals)),
             y = y(t)
         );
         t += step;
     }
     let band = (W - LEFT - RIGHT) / categories.len() as f64;
-    let gap = band * 0.2;
-    let bar_w = (band - gap) / series.len().max(1) as f64;
+    // Bars no wider than 56 units each, centred in their band, however few the days.
+    let bar_w = ((band * 0.8) / series.len().max(1) as f64).min(56.0);
+    let gap = band - bar_w * series.len().max(1) as f64;
     // Label every category when they fit, else every nth.
     let every = (categories.len() as f64 / ((W - LEFT - RIGHT) / 70.0))
         .ceil()
@@ -460,7 +463,7 @@ pub fn render(report: &Report) -> String {
                     values: per_day(|f| f.tokens_after as f64),
                 },
             ],
-            short,
+            |v, _| short(v),
             |v| int(v.max(0.0) as u64),
         ),
     ));
@@ -475,7 +478,10 @@ pub fn render(report: &Report) -> String {
                 class: "saved",
                 values: per_day(|f| f.cost_saved_usd),
             }],
-            |v| format!("${v:.2}").replace("$-", "-$"),
+            |v, d| {
+                let sign = if v < 0.0 { "-" } else { "" };
+                format!("{sign}${:.*}", d.max(2), v.abs())
+            },
             money,
         ),
     ));
@@ -490,7 +496,7 @@ pub fn render(report: &Report) -> String {
                 class: "cache",
                 values: per_day(|f| f.cache_read_share.unwrap_or(0.0)),
             }],
-            |v| format!("{:.0}%", v * 100.0),
+            |v, _| format!("{:.0}%", v * 100.0),
             |v| pct(Some(v)),
         ),
     ));

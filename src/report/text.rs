@@ -173,7 +173,13 @@ pub fn comparison_lines(report: &Report) -> Vec<(&'static str, String, String)> 
         ("finish: none recorded", both(&finish(|s| s.none))),
         ("latency p50", both(&|g| ms(g.latency_p50_ms))),
         ("latency p95", both(&|g| ms(g.latency_p95_ms))),
-        ("mean tokens sent", both(&|g| num(g.mean_tokens_sent, 0))),
+        (
+            "mean tokens sent",
+            both(&|g| {
+                g.mean_tokens_sent
+                    .map_or_else(|| "-".into(), |v| int(v.round() as u64))
+            }),
+        ),
         ("cache-read share", both(&|g| pct(g.cache_read_share))),
         (
             "mean cost per call",

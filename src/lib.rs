@@ -122,7 +122,9 @@ pub async fn serve_on(
     .await;
     tracing::info!(clean, "proxy stopped");
 
-    // In-flight calls are done (or the grace period is over): drain and flush the records.
+    // In-flight calls are done (or the grace period is over). Summary calls still running get
+    // the grace period to finish, so that each leaves its record; then drain and flush.
+    let _ = tokio::time::timeout(config.shutdown_grace, proxy.summaries_done()).await;
     drop(proxy);
     let report = writer.shutdown().await;
     tracing::info!(

@@ -121,8 +121,9 @@ fn prune_cmd(config: &std::path::Path, route: &str) -> Result<ExitCode, ExitCode
     })?;
     let view = View::new(cfg.prune.view_max_bytes, cfg.prune.view_idle_ttl);
     let conversation = req.fingerprint(&route.name);
-    let Some(outcome) =
-        ctxgate::proxy::prune_guarded(&req, &budget, &view, &conversation, &counter, None)
+    let with = ctxgate::prune::With::default();
+    let Some((outcome, _)) =
+        ctxgate::proxy::prune_guarded(&req, &budget, &view, &conversation, &counter, with)
     else {
         eprintln!("ctxgate: pruning failed (a bug: please report it with the request)");
         return Err(ExitCode::FAILURE);

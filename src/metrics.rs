@@ -157,7 +157,7 @@ impl Default for Metrics {
     }
 }
 
-fn invalid_metric<T>(name: &str, e: prometheus::Error) -> T {
+pub fn invalid_metric<T>(name: &str, e: prometheus::Error) -> T {
     // Metric definitions are constants: a failure here is a bug caught by the first test run.
     panic!("invalid metric definition {name}: {e}")
 }

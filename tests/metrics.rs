@@ -167,7 +167,14 @@ async fn a_fresh_page_shows_every_known_series_at_zero() {
             "no `{line}` on a fresh page:\n{page}"
         )
     };
-    for action in ["unchanged", "pruned", "rejected", "skipped", "shadow"] {
+    for action in [
+        "unchanged",
+        "pruned",
+        "rejected",
+        "skipped",
+        "shadow",
+        "holdout",
+    ] {
         has(&format!(
             "ctxgate_prune_actions_total{{action=\"{action}\",route=\"test\"}} 0"
         ));

@@ -559,3 +559,77 @@ async fn a_body_in_small_frames_is_checked_as_it_arrives() {
     assert_eq!(reused + parsed, total as f64);
     assert!(reused > parsed, "{reused} reused, {parsed} parsed");
 }
+
+/// The holdout: with `holdout_percent = 50`, each conversation is in or out by its id; a
+/// holdout conversation's request goes upstream byte for byte (action `holdout`, the record
+/// saying `holdout` with what pruning would have sent), the others are pruned; about half
+/// fall each way, and a conversation stays where it fell.
+#[tokio::test]
+async fn holdout_conversations_go_unpruned_and_are_recorded_as_such() {
+    let up = mock(llm_reply).await;
+    let dir = TempDir::new("holdout");
+    let gate = TestConfig::both(&up)
+        .set("prune", "hard_token_limit", 4000)
+        .set("prune", "holdout_percent", 50.0)
+        .set("transcripts", "sink", "jsonl")
+        .set("transcripts", "dir", dir.0.display().to_string())
+        .start()
+        .await;
+    let ids: Vec<String> = (0..24).map(|i| format!("holdout-{i}")).collect();
+    let held: Vec<bool> = ids
+        .iter()
+        .map(|c| ctxgate::proxy::prune::in_holdout(c, 5000))
+        .collect();
+    let n_held = held.iter().filter(|h| **h).count();
+    assert!(
+        (6..=18).contains(&n_held),
+        "{n_held} of 24 in a 50% holdout"
+    );
+    for round in 0..2 {
+        for id in &ids {
+            let (s, _, _) = send(
+                "POST",
+                &gate.url("/v1/chat/completions"),
+                &[("x-conversation-id", id)],
+                SEED,
+            )
+            .await;
+            assert_eq!(s, 200, "{id} round {round}");
+        }
+    }
+    let reqs = up.requests();
+    assert_eq!(reqs.len(), 48);
+    for (k, r) in reqs.iter().enumerate() {
+        let h = held[k % 24];
+        assert_eq!(
+            r.body == Bytes::from_static(SEED.as_bytes()),
+            h,
+            "request {k}: holdout {h}"
+        );
+    }
+    let page = metrics(&gate).await;
+    let action = |a: &str| {
+        sample(
+            &page,
+            &format!("ctxgate_prune_actions_total{{action=\"{a}\",route=\"openai\"}}"),
+        )
+    };
+    assert_eq!(action("holdout"), 2.0 * n_held as f64);
+    assert_eq!(action("pruned"), 2.0 * (24 - n_held) as f64);
+    stop(gate).await;
+    let records = jsonl_records(&dir.0);
+    assert_eq!(records.len(), 48);
+    for r in &records {
+        let id = r["conversation_id"].as_str().unwrap();
+        let k = ids.iter().position(|i| i == id).unwrap();
+        assert_eq!(r["holdout"], held[k], "{id}");
+        assert_eq!(
+            r["prune_action"],
+            if held[k] { "holdout" } else { "pruned" },
+            "{id}"
+        );
+        // A holdout record carries what pruning would have sent.
+        assert!(r["tokens_after"].as_u64().unwrap() <= 4000, "{id}");
+        assert!(r["tokens_before"].as_u64().unwrap() > 4000, "{id}");
+    }
+}

@@ -329,3 +329,102 @@ fn state_defaults_validate_and_the_password_never_prints() {
     let e = load(&format!("[state]\nbackend = \"etcd\"\n{MIN}")).unwrap_err();
     assert!(e.to_string().contains("etcd"), "{e}");
 }
+
+#[test]
+fn holdout_summary_and_prices() {
+    let c = load(MIN).unwrap();
+    assert_eq!(c.prune.budget.holdout_basis_points, 0);
+    assert!(!c.prune.budget.summary.enabled);
+    assert!(c.prices.entries.is_empty());
+
+    let text = format!(
+        r#"
+[prune]
+holdout_percent = 12.5
+[prune.summary]
+enabled = true
+model = "gpt-4.1-mini"
+timeout = "5s"
+[[prices]]
+match = "gpt-4.1-mini*"
+input = 0.4
+output = 1.6
+{MIN}
+[routes.prune.summary]
+max_tokens = 300
+[[routes.prune.models]]
+match = "o3*"
+holdout_percent = 0
+summary.enabled = false
+"#
+    );
+    let c = load(&text).unwrap();
+    assert_eq!(c.prune.budget.holdout_basis_points, 1250);
+    let s = &c.routes[0].prune.budget.summary;
+    assert_eq!(
+        (s.enabled, s.model.as_str(), s.max_tokens, s.timeout),
+        (true, "gpt-4.1-mini", 300, Duration::from_secs(5))
+    );
+    let m = &c.routes[0].prune.models[0].budget;
+    assert_eq!((m.holdout_basis_points, m.summary.enabled), (0, false));
+    assert_eq!(m.summary.max_tokens, 300, "inherited from the route");
+    let p = c.prices.entries[0].price;
+    assert_eq!(
+        (p.input, p.cached_input, p.cache_write, p.output),
+        (0.4, 0.4, 0.4, 1.6)
+    );
+
+    let bad = |extra: &str, key: &str, says: &str| {
+        let e = load(&format!("{extra}\n{MIN}")).unwrap_err();
+        assert_eq!(e.key, key, "{e}");
+        assert!(e.problem.contains(says), "{e}");
+    };
+    bad(
+        "[prune]\nholdout_percent = 101",
+        "prune.holdout_percent",
+        "between 0 and 100",
+    );
+    bad(
+        "[prune.summary]\nenabled = true",
+        "prune.summary.model",
+        "must name the model",
+    );
+    bad(
+        "[prune.summary]\npath = \"/v1/x\"",
+        "prune.summary.path",
+        "relative path",
+    );
+    bad(
+        "[prune.summary]\nmax_tokens = 0",
+        "prune.summary.max_tokens",
+        "> 0",
+    );
+    bad(
+        "[[prices]]\nmatch = \"x\"\ninput = -1\noutput = 1",
+        "prices[0].input",
+        ">= 0",
+    );
+
+    // A summary route elsewhere needs its own key: the client's never leaves its upstream.
+    let other = r#"
+[[routes]]
+name = "cheap"
+prefix = "/cheap/"
+upstream = "https://api.deepseek.com/"
+dialect = "openai"
+"#;
+    let e = load(&format!(
+        "[prune.summary]\nenabled = true\nmodel = \"deepseek-chat\"\nroute = \"cheap\"\n{MIN}{other}"
+    ))
+    .unwrap_err();
+    assert_eq!(e.key, "routes[0].prune.summary.api_key_env", "{e}");
+    let ok = format!(
+        "[prune.summary]\nenabled = true\nmodel = \"deepseek-chat\"\nroute = \"cheap\"\napi_key_env = \"DEEPSEEK_KEY\"\n{MIN}{other}"
+    );
+    assert!(load(&ok).is_ok());
+    let e = load(&format!(
+        "[prune.summary]\nenabled = true\nmodel = \"m\"\nroute = \"nope\"\n{MIN}"
+    ))
+    .unwrap_err();
+    assert_eq!(e.key, "routes[0].prune.summary.route", "{e}");
+}

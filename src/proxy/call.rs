@@ -59,16 +59,20 @@ pub enum PruneAction {
     Skipped,
     /// `mode = "shadow"`: pruning computed and reported, the original forwarded.
     Shadow,
+    /// The conversation is in the holdout (`prune.holdout_percent`) and pruning would have
+    /// changed the request: computed and reported, the original forwarded.
+    Holdout,
 }
 
 impl PruneAction {
     /// Every action that is counted, in the order the metric's series are created.
-    pub const COUNTED: [PruneAction; 5] = [
+    pub const COUNTED: [PruneAction; 6] = [
         PruneAction::Unchanged,
         PruneAction::Pruned,
         PruneAction::Rejected,
         PruneAction::Skipped,
         PruneAction::Shadow,
+        PruneAction::Holdout,
     ];
 
     /// The label value.
@@ -80,6 +84,7 @@ impl PruneAction {
             PruneAction::Rejected => "rejected",
             PruneAction::Skipped => "skipped",
             PruneAction::Shadow => "shadow",
+            PruneAction::Holdout => "holdout",
         }
     }
 }

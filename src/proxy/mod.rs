@@ -24,6 +24,7 @@ pub mod prune;
 pub mod record;
 pub mod route;
 pub mod stream;
+pub mod summary;
 pub mod upstream;
 
 use std::convert::Infallible;
@@ -59,6 +60,10 @@ pub struct Proxy {
     view_idle_ttl: std::time::Duration,
     gate_fingerprinted: bool,
     pruning: prune::Pruning,
+    /// Conversations' summaries and the calls making them (`[prune.summary]`).
+    summaries: Arc<summary::Summaries>,
+    /// Model prices, for the summaries' cost.
+    prices: Arc<crate::config::Prices>,
     heavy: heavy::Heavy,
     transcripts: Transcripts,
     recorder: Arc<Recorder>,
@@ -107,6 +112,12 @@ impl Proxy {
             ));
         }
         let gates = admit::gates(config, state.clone());
+        let names: Vec<&str> = config.routes.iter().map(|r| r.name.as_str()).collect();
+        let summaries = Arc::new(summary::Summaries::new(
+            metrics,
+            &names,
+            config.prune.view_idle_ttl,
+        ));
         Ok(Proxy {
             routes,
             max_body_bytes: config.max_body_bytes,
@@ -117,6 +128,8 @@ impl Proxy {
             view_idle_ttl: config.prune.view_idle_ttl,
             gate_fingerprinted: config.gates.gate_fingerprinted,
             pruning: prune::Pruning::new(config).map_err(upstream::BuildError::Counter)?,
+            summaries,
+            prices: Arc::new(config.prices.clone()),
             // One thread fewer than the cores, at normal priority, fair per conversation.
             heavy: heavy::Heavy::for_machine(),
             recorder: Arc::new(Recorder::new(
@@ -182,6 +195,12 @@ impl Proxy {
     /// the gate is answered 503. The records reach the transcript queue before the writer drains it.
     pub fn cut_calls(&self) {
         self.cut.send_replace(true);
+    }
+
+    /// Resolves when no summary call is running (their records must reach the transcript
+    /// queue before it is drained).
+    pub async fn summaries_done(&self) {
+        self.summaries.idle().await;
     }
 
     /// Resolves once the calls are cut ([`Proxy::cut_calls`]); never before.

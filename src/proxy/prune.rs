@@ -15,10 +15,13 @@ use prometheus::{Histogram, HistogramVec, IntCounter, IntCounterVec};
 use crate::config::Config;
 use crate::error::Error;
 use crate::metrics::{Metrics, OVERHEAD_BUCKETS};
-use crate::prune::{self, Budget, ChatRequest, Counter, Outcome, Summary, View};
+use crate::prune::{
+    self, Budget, ChatRequest, Counter, Dropped, Encoding, Outcome, Summary, View, With,
+};
 
-use super::call::{Call, Payload, PruneAction};
+use super::call::{Call, Payload, PruneAction, RouteState};
 use super::heavy::{Refused, INLINE_BYTES};
+use super::summary;
 use super::Proxy;
 
 /// The request header with which a request lowers (never raises) its own token limit.
@@ -85,7 +88,17 @@ impl Proxy {
         // `decide` only when it is forwarded as it came, so that a large body that was pruned
         // is freed on the heavy pool, not on an async worker.
         drop(bytes);
-        let budget = Budget::for_request(&cfg.prune, req.model(), limit?);
+        let mut budget = Budget::for_request(&cfg.prune, req.model(), limit?);
+        // The holdout: pruning is computed (what it would have sent is recorded) and the
+        // request goes as it came, whatever its size.
+        call.holdout = call
+            .conversation
+            .as_deref()
+            .is_some_and(|c| in_holdout(c, budget.holdout_basis_points));
+        if call.holdout {
+            budget.mode = prune::Mode::Shadow;
+            budget.on_overflow = prune::OnOverflow::Forward;
+        }
         let started = Instant::now();
         // Shared state: the conversation's entry as the last replica left it, adopted when
         // this replica's own is not it; written back once pruned.
@@ -96,7 +109,32 @@ impl Proxy {
         let entry = shared
             .as_ref()
             .and_then(|(_, _, e)| e.clone().ok().flatten());
-        let (outcome, bytes) = self.decide(*req, &budget, call, entry.clone()).await?;
+        // Summaries: the conversation's current one is offered to pruning (pinned while the
+        // cut stays where it was made for), and a moved cut hands back what it dropped.
+        let summarise = budget.summary.enabled
+            && !call.holdout
+            && budget.mode == prune::Mode::Enforce
+            && call.conversation.is_some();
+        let dialect = req.dialect();
+        let enc = req.encoding(&self.pruning.counter, budget.default_encoding);
+        let previous = match &call.conversation {
+            Some(c) if summarise => self.summaries.get(c, dialect, enc),
+            _ => None,
+        };
+        let (decided, bytes) = self
+            .decide(
+                *req,
+                &budget,
+                call,
+                entry.clone(),
+                previous.clone(),
+                summarise,
+            )
+            .await?;
+        let (outcome, dropped) = match decided {
+            Some((o, d)) => (Some(o), d),
+            None => (None, None),
+        };
         // Published only when pruning ran (a failed run left the view's older entry), and
         // only over the entry read (compare-and-set): a concurrent call of the conversation
         // on another replica (ungated, or max_concurrent_per_conversation > 1) cannot be
@@ -112,7 +150,6 @@ impl Proxy {
             }
         }
         call.prune_took = Some(started.elapsed());
-        call.budget = Some(budget);
         call.summary = outcome.as_ref().and_then(|o| o.summary().cloned());
         let forward = match outcome {
             None => {
@@ -122,11 +159,67 @@ impl Proxy {
             }
             Some(outcome) => self.apply(outcome, bytes, call)?,
         };
+        if let Some(t) = call.summary.as_ref().map(|s| s.summary_tokens) {
+            if t > 0 && call.action == PruneAction::Pruned {
+                call.summary_tokens = Some(t);
+                self.summaries.pinned(&route.config.name);
+            }
+        }
+        if let (Some(d), true) = (dropped, call.action == PruneAction::Pruned) {
+            self.summarise(call, &route, &budget, d, (dialect, enc), previous);
+        }
+        call.budget = Some(budget);
         if self.transcripts.include_bodies() {
             call.request_messages = messages_of(&forward, call.dialect.items_key());
         }
         call.payload = Payload::Ready(forward);
         Ok(())
+    }
+
+    /// Starts the summary of what the call's moved cut dropped (`[prune.summary]`), in the
+    /// background; `previous` is the summary pinned for the cut before.
+    fn summarise(
+        &self,
+        call: &Call,
+        route: &Arc<RouteState>,
+        budget: &Budget,
+        dropped: Dropped,
+        (dialect, enc): (crate::dialect::Dialect, Encoding),
+        previous: Option<Arc<summary::Entry>>,
+    ) {
+        let Some(conversation) = call.conversation.clone() else {
+            return;
+        };
+        let settings = budget.summary.clone();
+        let target = match &settings.route {
+            Some(name) => self.routes.iter().find(|r| &r.config.name == name).cloned(),
+            None => Some(route.clone()),
+        };
+        let Some(target) = target else {
+            self.summaries.skipped(&route.config.name, "no_credentials");
+            return;
+        };
+        let same = target.config.target.authority == route.config.target.authority;
+        let credentials = summary::credentials(
+            &settings,
+            &call.request.headers,
+            same,
+            target.config.dialect,
+        );
+        let job = summary::Job {
+            conversation,
+            route: route.clone(),
+            target,
+            settings,
+            dialect,
+            enc,
+            dropped,
+            credentials,
+            counter: self.pruning.counter.clone(),
+            transcripts: self.transcripts.clone(),
+            prices: self.prices.clone(),
+        };
+        self.summaries.start(job, previous);
     }
 
     /// Turns a pruning outcome into the bytes to forward (and the call's action).
@@ -142,7 +235,11 @@ impl Proxy {
                 bytes
             }
             Outcome::Shadow(_) => {
-                call.action = PruneAction::Shadow;
+                call.action = if call.holdout {
+                    PruneAction::Holdout
+                } else {
+                    PruneAction::Shadow
+                };
                 bytes
             }
             Outcome::Pruned { body, .. } => {
@@ -162,26 +259,27 @@ impl Proxy {
     /// Runs the pure pruning function, inline or on the heavy pool; `None` when it failed,
     /// [`Error::Busy`] when the pool's queue is full. With the outcome comes the body as
     /// received, unless the outcome replaces it (then it is dropped where pruning ran).
+    #[allow(clippy::type_complexity)]
     async fn decide(
         &self,
         req: ChatRequest,
         budget: &Budget,
         call: &Call,
         shared: Option<SharedConv>,
-    ) -> Result<(Option<Outcome>, bytes::Bytes), Error> {
+        summary: Option<Arc<summary::Entry>>,
+        want_dropped: bool,
+    ) -> Result<(Option<(Outcome, Option<Dropped>)>, bytes::Bytes), Error> {
         let conversation = call.conversation.clone().unwrap_or_default();
         // What is new in the body is what pruning works on: a warm request of a conversation
         // in the view is pruned inline whatever its size.
         if req.fresh_bytes() <= INLINE_BYTES {
             let p = &self.pruning;
-            let o = prune_guarded(
-                &req,
-                budget,
-                &p.view,
-                &conversation,
-                &p.counter,
-                shared.as_ref(),
-            );
+            let with = With {
+                shared: shared.as_ref(),
+                pin: summary.as_ref().map(|e| &e.pin),
+                want_dropped,
+            };
+            let o = prune_guarded(&req, budget, &p.view, &conversation, &p.counter, with);
             return Ok(keep_body(o, req));
         }
         let (view, counter, b) = (
@@ -193,7 +291,12 @@ impl Proxy {
         match self
             .heavy
             .run(&lane, move || {
-                let o = prune_guarded(&req, &b, &view, &conversation, &counter, shared.as_ref());
+                let with = With {
+                    shared: shared.as_ref(),
+                    pin: summary.as_ref().map(|e| &e.pin),
+                    want_dropped,
+                };
+                let o = prune_guarded(&req, &b, &view, &conversation, &counter, with);
                 keep_body(o, req)
             })
             .await
@@ -212,8 +315,15 @@ impl Proxy {
 
 /// The outcome, with the body as received when it is forwarded as it came (an empty one when
 /// the outcome replaces it: the request, and with it the body, is dropped here).
-fn keep_body(outcome: Option<Outcome>, req: ChatRequest) -> (Option<Outcome>, bytes::Bytes) {
-    let keep = !matches!(outcome, Some(Outcome::Pruned { .. } | Outcome::Rejected(_)));
+#[allow(clippy::type_complexity)]
+fn keep_body(
+    outcome: Option<(Outcome, Option<Dropped>)>,
+    req: ChatRequest,
+) -> (Option<(Outcome, Option<Dropped>)>, bytes::Bytes) {
+    let keep = !matches!(
+        outcome,
+        Some((Outcome::Pruned { .. } | Outcome::Rejected(_), _))
+    );
     let body = if keep {
         req.body().clone()
     } else {
@@ -221,6 +331,17 @@ fn keep_body(outcome: Option<Outcome>, req: ChatRequest) -> (Option<Outcome>, by
     };
     (outcome, body)
 }
+
+/// Whether `conversation` is in the holdout of `basis_points` (hundredths of a percent): a
+/// stable hash of the id, so a conversation is in or out for its whole life, on every replica.
+pub fn in_holdout(conversation: &str, basis_points: u32) -> bool {
+    basis_points > 0
+        && xxhash_rust::xxh3::xxh3_64_with_seed(conversation.as_bytes(), HOLDOUT_SEED) % 10_000
+            < u64::from(basis_points)
+}
+
+/// Seed of the holdout hash (fixed: changing it reshuffles every conversation).
+const HOLDOUT_SEED: u64 = 0x686f_6c64_6f75_7401;
 
 /// The request's own limit from [`TOKEN_LIMIT_HEADER`], if it sent one.
 fn token_limit_header(h: &HeaderMap) -> Result<Option<u64>, Error> {
@@ -244,10 +365,10 @@ pub fn prune_guarded(
     view: &View,
     conversation: &str,
     counter: &Counter,
-    shared: Option<&SharedConv>,
-) -> Option<Outcome> {
+    with: With<'_>,
+) -> Option<(Outcome, Option<Dropped>)> {
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        prune::prune_shared(req, budget, view, conversation, counter, shared)
+        prune::prune_with(req, budget, view, conversation, counter, with)
     })) {
         Ok(o) => Some(o),
         Err(_) => {
@@ -315,7 +436,7 @@ impl PruneMetrics {
         let p = PruneMetrics {
             actions: m.counter_vec(
                 "ctxgate_prune_actions_total",
-                "Chat requests by what pruning did: unchanged, pruned, rejected, skipped, shadow.",
+                "Chat requests by what pruning did: unchanged, pruned, rejected, skipped, shadow, holdout.",
                 &["route", "action"],
             ),
             tokens: m.histogram_vec(
@@ -426,7 +547,7 @@ pub struct RoutePruneMetrics {
     duration: Histogram,
     bytes_reused: IntCounter,
     bytes_parsed: IntCounter,
-    actions: [IntCounter; 5],
+    actions: [IntCounter; 6],
 }
 
 impl RoutePruneMetrics {

@@ -162,7 +162,7 @@ fn check_path(path: &str) -> Result<(), Error> {
 
 /// The upstream URL: the route's scheme and host, its base path, then the request path after
 /// the prefix, then the query. Nothing from the client can change the scheme or host.
-fn upstream_uri(route: &Route, path: &str, query: Option<&str>) -> Result<Uri, Error> {
+pub(super) fn upstream_uri(route: &Route, path: &str, query: Option<&str>) -> Result<Uri, Error> {
     let rest = path.get(route.prefix.len()..).unwrap_or("");
     let t = &route.target;
     let mut s = String::with_capacity(

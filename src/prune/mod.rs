@@ -33,7 +33,7 @@ mod view;
 #[cfg(test)]
 mod tests;
 
-pub use policy::{prune, prune_shared, LAYOUT_MIN_BYTES};
+pub use policy::{prune, prune_shared, prune_with, Dropped, Pin, With, LAYOUT_MIN_BYTES};
 pub use request::{ChatRequest, Layout, ParseError, Verifier};
 pub use tokens::{Counter, Encoding, UnknownEncoding};
 pub use view::View;
@@ -99,6 +99,8 @@ pub struct Summary {
     pub overflow_forwarded: bool,
     /// Pinned text was cut from the middle to fit.
     pub truncated: bool,
+    /// Tokens of ctxgate's summary pinned after the system prefix (part of `tokens_after`).
+    pub summary_tokens: u64,
 }
 
 /// Why a request was rejected.

@@ -44,6 +44,61 @@ pub fn prune_shared(
     counter: &Counter,
     shared: Option<&SharedConv>,
 ) -> Outcome {
+    let with = With {
+        shared,
+        ..With::default()
+    };
+    prune_with(req, budget, view, conversation, counter, with).0
+}
+
+/// What pruning may use besides the request and the view.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct With<'a> {
+    /// The conversation's shared view entry (`[state] backend = "redis"`).
+    pub shared: Option<&'a SharedConv>,
+    /// ctxgate's summary of what an earlier cut dropped: pinned after the system prefix while
+    /// the cut stays where it was made for, and counted against the limit.
+    pub pin: Option<&'a Pin>,
+    /// When the cut moves, hand back what it dropped ([`Dropped`]), for a summary.
+    pub want_dropped: bool,
+}
+
+/// ctxgate's summary of what a cut dropped, as a message ready to pin.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pin {
+    /// Fingerprint of the first kept history message of the cut the summary was made for: it
+    /// is pinned only while the cut stays there.
+    pub cut_fp: u64,
+    /// The message, JSON in the request's dialect.
+    pub raw: String,
+    /// Its tokens, counted as the request's messages are.
+    pub tokens: u64,
+}
+
+/// What a moved cut dropped, oldest first: the span a summary is asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Dropped {
+    /// The span begins at the previous cut, where the pinned summary ([`With::pin`]) ends:
+    /// that summary and this span together cover everything dropped.
+    pub after_pin: bool,
+    /// The dropped messages' JSON as received, oldest first.
+    pub messages: Vec<String>,
+    /// Their tokens (exact where counted, else estimated).
+    pub tokens: u64,
+    /// Fingerprint of the first kept history message of the new cut.
+    pub cut_fp: u64,
+}
+
+/// [`prune_shared`] with a pinned summary and, when asked, what a moved cut dropped.
+pub fn prune_with(
+    req: &ChatRequest,
+    budget: &Budget,
+    view: &View,
+    conversation: &str,
+    counter: &Counter,
+    with: With<'_>,
+) -> (Outcome, Option<Dropped>) {
+    let shared = with.shared;
     let enc = req.encoding(counter, budget.default_encoding);
     let key = StateKey {
         enc,
@@ -61,10 +116,13 @@ pub fn prune_shared(
         _ => prev,
     };
     let mut w = Work::new(req, budget, counter, enc, prev.as_deref());
+    w.pin = with.pin;
+    w.want_dropped = with.want_dropped;
     view.record(w.view_hit);
     let outcome = w.run(prev.as_deref().and_then(|p| p.cut));
+    let dropped = w.dropped.take();
     view.put(conversation, w.into_state(key));
-    outcome
+    (outcome, dropped)
 }
 
 struct Work<'a> {
@@ -93,6 +151,9 @@ struct Work<'a> {
     cut: Option<(usize, u64)>,
     /// Whether the pinned figure in a rejection is exact (counting stops past the limit).
     pinned_exact: bool,
+    pin: Option<&'a Pin>,
+    want_dropped: bool,
+    dropped: Option<Dropped>,
 }
 
 impl<'a> Work<'a> {
@@ -181,6 +242,9 @@ impl<'a> Work<'a> {
             task_unit: None,
             pinned: Vec::new(),
             cut: prev.and_then(|p| p.cut),
+            pin: None,
+            want_dropped: false,
+            dropped: None,
         };
         w.structure();
         w
@@ -435,6 +499,7 @@ impl<'a> Work<'a> {
             view_hit: self.view_hit,
             overflow_forwarded: false,
             truncated: false,
+            summary_tokens: 0,
         };
 
         // 2. Within budget and cap: forward the original bytes.
@@ -453,8 +518,15 @@ impl<'a> Work<'a> {
             self.pinned_exact = pinned_exact;
             return self.overflow(base, pinned, limit);
         }
+        // The summary pinned for the view's cut counts against the limit: a cut that fits only
+        // without it moves.
+        let extra = match (self.pin, prev_cut) {
+            (Some(p), Some((_, fp))) if p.cut_fp == fp => p.tokens,
+            _ => 0,
+        };
         let pinned = (pinned, pinned_msgs);
-        let (cut_unit, moved) = match self.kept_cut(prev_cut, pinned, limit, cap_msgs) {
+        let kept = self.kept_cut(prev_cut, (pinned.0 + extra, pinned.1), limit, cap_msgs);
+        let (cut_unit, moved) = match kept {
             Some(cu) => (cu, false),
             None => {
                 let cu = self.new_cut(pinned, limit, cap_msgs);
@@ -470,7 +542,50 @@ impl<'a> Work<'a> {
             kept.extend(self.units[u].0..self.units[u].1);
         }
         kept.extend(start..n);
-        self.finish(base, kept, fixed, moved)
+        if moved && self.want_dropped {
+            // A first cut that only elided files drops nothing.
+            self.dropped =
+                Some(self.dropped_span(prev_cut, start, &kept)).filter(|d| !d.messages.is_empty());
+        }
+        self.finish(base, kept, fixed, moved, limit)
+    }
+
+    /// What the cut at `start` drops that no pinned summary covers: from the previous cut when
+    /// the pin was made for it, else from the first history message; pinned units stay.
+    fn dropped_span(
+        &mut self,
+        prev_cut: Option<(usize, u64)>,
+        start: usize,
+        kept: &[usize],
+    ) -> Dropped {
+        let after_pin = match (self.pin, prev_cut) {
+            (Some(p), Some((idx, fp))) => {
+                p.cut_fp == fp && idx < start && self.entries.get(idx).is_some_and(|e| e.fp == fp)
+            }
+            _ => false,
+        };
+        let from = match prev_cut {
+            Some((idx, _)) if after_pin => idx,
+            _ => self.sys_end,
+        };
+        let mut messages = Vec::new();
+        let mut tokens = 0;
+        for i in from..start {
+            if kept.binary_search(&i).is_ok() {
+                continue;
+            }
+            tokens += match self.entries[i].tokens {
+                Some(t) => t,
+                None => estimate_bytes(self.req.raw(i).len()),
+            };
+            messages.push(String::from_utf8_lossy(self.req.raw(i)).into_owned());
+        }
+        Dropped {
+            after_pin,
+            messages,
+            tokens,
+            cut_fp: self.entries[start].fp,
+        }
     }
 
     /// The system part's tokens, then the whole prompt's, counted newest first and exactly
@@ -607,7 +722,14 @@ impl<'a> Work<'a> {
     }
 
     /// Serialises the kept messages and fills in the summary.
-    fn finish(&mut self, base: Summary, kept: Vec<usize>, fixed: u64, moved: bool) -> Outcome {
+    fn finish(
+        &mut self,
+        base: Summary,
+        kept: Vec<usize>,
+        fixed: u64,
+        moved: bool,
+        limit: u64,
+    ) -> Outcome {
         let mut after = fixed - self.sys_tokens();
         let mut files = 0;
         let mut chars_after = 0;
@@ -632,26 +754,40 @@ impl<'a> Work<'a> {
         if dropped == 0 && files == 0 {
             return Outcome::Unchanged(base);
         }
+        // The summary made for this cut, after the system prefix, when it fits.
+        let cut_fp = self.cut.map(|(_, fp)| fp);
+        let pin = self
+            .pin
+            .filter(|p| dropped > 0 && Some(p.cut_fp) == cut_fp && after + p.tokens <= limit);
         let summary = Summary {
-            tokens_after: after,
-            messages_after: kept.len(),
+            tokens_after: after + pin.map_or(0, |p| p.tokens),
+            messages_after: kept.len() + usize::from(pin.is_some()),
             messages_dropped: dropped,
             files_elided: files,
-            chars_after,
+            chars_after: chars_after + pin.map_or(0, |p| count_chars(&p.raw)),
             cut_moved: moved,
+            summary_tokens: pin.map_or(0, |p| p.tokens),
             ..base
         };
         if self.budget.mode == Mode::Shadow {
             return Outcome::Shadow(summary);
         }
         let req = self.req;
-        let texts =
-            kept.iter()
-                .zip(&raws)
-                .map(|(&i, e)| match e.as_ref().and_then(|e| e.raw.as_ref()) {
-                    Some(r) => r.get().as_bytes(),
-                    None => req.raw(i),
-                });
+        let sys_end = self.sys_end;
+        let texts: Vec<&[u8]> = kept
+            .iter()
+            .zip(&raws)
+            .map(|(&i, e)| match e.as_ref().and_then(|e| e.raw.as_ref()) {
+                Some(r) => r.get().as_bytes(),
+                None => req.raw(i),
+            })
+            .collect();
+        let pinned = pin.map(|p| p.raw.as_bytes());
+        let texts = texts[..sys_end]
+            .iter()
+            .copied()
+            .chain(pinned)
+            .chain(texts[sys_end..].iter().copied());
         let body = req.serialise(texts, None);
         Outcome::Pruned { body, summary }
     }

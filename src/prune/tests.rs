@@ -1560,3 +1560,185 @@ fn views_taking_turns_through_the_shared_entry_prune_as_one_view() {
     }
     assert!(adopted > 50, "{adopted}");
 }
+
+// ---------------------------------------------------------------- summaries (pin, dropped span)
+
+/// The growing conversation with summaries: each cut move hands back exactly the messages it
+/// dropped (from the previous cut when a summary was pinned for it, else from the start of the
+/// history); a pin made for the current cut rides right after the system prompt, counted in
+/// `tokens_after`, and the forwarded prefix is byte-identical from one request to the next
+/// until the cut moves again; nothing forwarded is over the limit.
+#[test]
+fn a_pinned_summary_rides_after_the_system_prompt_until_the_cut_moves() {
+    let c = counter();
+    let budget = Budget {
+        hard_token_limit: 4000,
+        target_tokens: 2400,
+        keep_file_content_turns: 1,
+        min_file_lines: 10,
+        ..Budget::default()
+    };
+    let v = view();
+    let mut pin: Option<Pin> = None;
+    let (mut moves, mut pinned_requests, mut stable, mut carried) = (0, 0, 0, 0);
+    let mut last: Option<Vec<String>> = None;
+    for (i, msgs) in grow_conversation(40).into_iter().enumerate() {
+        let body = json!({"model":"gpt-4o","messages": msgs})
+            .to_string()
+            .into_bytes();
+        let req = ChatRequest::parse(Dialect::OpenAi, &body).unwrap();
+        let with = With {
+            pin: pin.as_ref(),
+            want_dropped: true,
+            ..With::default()
+        };
+        let (outcome, dropped) = prune_with(&req, &budget, &v, "sum", &c, with);
+        let (out, s) = match &outcome {
+            Outcome::Unchanged(s) => (body.clone(), s.clone()),
+            Outcome::Pruned { body, summary } => (body.clone(), summary.clone()),
+            other => panic!("request {i}: {other:?}"),
+        };
+        assert!(s.tokens_after <= 4000, "request {i}: {}", s.tokens_after);
+        assert_eq!(
+            count_body(Dialect::OpenAi, &out),
+            s.tokens_after,
+            "request {i}"
+        );
+        let fwd = raw_messages(&out);
+        match dropped {
+            Some(d) => {
+                moves += 1;
+                assert!(s.cut_moved);
+                assert_eq!(
+                    s.summary_tokens, 0,
+                    "request {i}: the move goes with the plain cut"
+                );
+                // Exactly the messages neither forwarded nor covered by the pinned summary.
+                let all = raw_messages(&body);
+                let start = if d.after_pin {
+                    all.iter()
+                        .position(|m| Some(m) == last.as_ref().and_then(|l| l.get(2)))
+                        .unwrap()
+                } else {
+                    1
+                };
+                let end = all.iter().position(|m| m == &fwd[1]).unwrap();
+                let want: Vec<&String> = all[start..end]
+                    .iter()
+                    .filter(|m| !fwd.contains(m))
+                    .collect();
+                assert_eq!(d.messages.iter().collect::<Vec<_>>(), want, "request {i}");
+                assert_eq!(d.after_pin, pin.is_some(), "request {i}");
+                let text = format!("summary up to request {i}");
+                let raw = json!({"role":"system","content": text}).to_string();
+                let tokens = c
+                    .count_message(
+                        Encoding::O200kBase,
+                        Dialect::OpenAi,
+                        &serde_json::from_str(&raw).unwrap(),
+                        u64::MAX,
+                    )
+                    .0;
+                pin = Some(Pin {
+                    cut_fp: d.cut_fp,
+                    raw,
+                    tokens,
+                });
+            }
+            None if s.summary_tokens > 0 => {
+                pinned_requests += 1;
+                let p = pin.as_ref().unwrap();
+                assert_eq!(s.summary_tokens, p.tokens);
+                assert_eq!(fwd[0], raw_messages(&body)[0], "the system prompt first");
+                assert_eq!(fwd[1], p.raw, "request {i}: the summary right after it");
+                if let Some(prev) = &last {
+                    if prev.get(1) == Some(&p.raw) {
+                        // Byte-stable but for a file elided as its turn ages.
+                        stable +=
+                            usize::from(fwd.len() >= prev.len() && fwd[..prev.len()] == prev[..]);
+                        carried += 1;
+                    }
+                }
+            }
+            None => assert!(!s.cut_moved),
+        }
+        last = Some(fwd);
+    }
+    assert!(moves >= 3, "{moves} cut moves");
+    assert!(
+        pinned_requests >= 20,
+        "{pinned_requests} requests carried the summary"
+    );
+    assert!(
+        stable * 10 >= carried * 6,
+        "{stable} of {carried} byte-stable"
+    );
+}
+
+/// A summary too big for the room the kept cut leaves moves the cut rather than break the
+/// limit; one made for another cut is never pinned.
+#[test]
+fn a_summary_that_does_not_fit_or_belongs_to_another_cut_is_left_out() {
+    let c = counter();
+    let budget = Budget {
+        hard_token_limit: 4000,
+        target_tokens: 2400,
+        min_file_lines: 10,
+        ..Budget::default()
+    };
+    let reqs: Vec<Vec<u8>> = grow_conversation(30)
+        .into_iter()
+        .map(|m| {
+            json!({"model":"gpt-4o","messages": m})
+                .to_string()
+                .into_bytes()
+        })
+        .collect();
+    // Find the first cut move and the cut it made.
+    let v = view();
+    let mut at = None;
+    for (i, body) in reqs.iter().enumerate() {
+        let req = ChatRequest::parse(Dialect::OpenAi, body).unwrap();
+        let with = With {
+            want_dropped: true,
+            ..With::default()
+        };
+        if let (_, Some(d)) = prune_with(&req, &budget, &v, "fit", &c, with) {
+            at = Some((i, d.cut_fp));
+            break;
+        }
+    }
+    let (i, cut_fp) = at.unwrap();
+    let next = ChatRequest::parse(Dialect::OpenAi, &reqs[i + 1]).unwrap();
+    let huge = Pin {
+        cut_fp,
+        raw: json!({"role":"system","content":"x"}).to_string(),
+        tokens: 3000,
+    };
+    let other = Pin {
+        cut_fp: cut_fp ^ 1,
+        raw: huge.raw.clone(),
+        tokens: 10,
+    };
+    for (pin, name) in [(&huge, "huge"), (&other, "other cut")] {
+        let v2 = view();
+        for body in &reqs[..=i] {
+            let req = ChatRequest::parse(Dialect::OpenAi, body).unwrap();
+            prune(&req, &budget, &v2, "fit", &c);
+        }
+        let with = With {
+            pin: Some(pin),
+            want_dropped: true,
+            ..With::default()
+        };
+        let (o, d) = prune_with(&next, &budget, &v2, "fit", &c, with);
+        let s = o.summary().unwrap();
+        assert_eq!(s.summary_tokens, 0, "{name}");
+        assert!(s.tokens_after <= 4000, "{name}");
+        assert_eq!(
+            d.is_some(),
+            name == "huge",
+            "{name}: the cut moves only to make room"
+        );
+    }
+}

@@ -39,7 +39,7 @@ pub struct Record {
     pub messages_after: Option<u64>,
     /// File contents elided by pruning.
     pub files_elided: Option<u64>,
-    /// What pruning did: `unchanged`, `pruned`, `rejected`, `skipped`, `shadow` or `none`.
+    /// What pruning did: `unchanged`, `pruned`, `rejected`, `skipped`, `shadow`, `holdout` or `none`.
     pub prune_action: String,
     /// Why a chat request was forwarded unpruned (`skipped`): `compressed_body`,
     /// `unparseable`, `string_input`, `previous_response_id` or `prune_failed`.

@@ -1,0 +1,607 @@
+//! Summaries instead of hard cuts (`[prune.summary]`). When a request moves its conversation's
+//! cut, the prune phase hands what the cut dropped ([`Dropped`]) to [`Summaries::start`], which
+//! asks the configured model for a summary in the background: the request that moved the cut
+//! goes out with the plain cut, never waiting. Once the summary is ready it is kept per
+//! conversation, rendered as a message in the client's dialect ([`Pin`]), and pruning pins it
+//! right after the system prefix for as long as the cut stays where it was made for — so its
+//! bytes, like the rest of the prefix, change only when the cut moves again.
+//!
+//! The summary call goes to the configured route (default: the request's own) with the
+//! client's own credentials from the request that moved the cut — held only by the task making
+//! the call, never stored — or, when `api_key_env` names a variable, with that key. Config
+//! refuses a summary route on another upstream without a key of its own. Every call leaves a
+//! transcript record (`kind = "summary"`) and metrics; a failed, slow or over-budget summary
+//! leaves the plain cut, counted, and no client request ever fails for it.
+//!
+//! Summaries live in this process (like the view without `[state]`): a replica that did not
+//! make a conversation's summary forwards the plain cut.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderValue, Method, Request};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use prometheus::{CounterVec, HistogramVec, IntCounterVec, Opts};
+use serde_json::{json, Value};
+
+use crate::config::{Prices, SummarySettings};
+use crate::dialect::{Dialect, UsageTap};
+use crate::metrics::{Metrics, LATENCY_BUCKETS};
+use crate::prune::{Budget, Counter, Dropped, Encoding, Pin};
+use crate::transcript::{now_ts, Record, Transcripts, Usage, KIND_SUMMARY};
+
+use super::call::RouteState;
+use super::upstream::RequestBody;
+
+/// The first line of every summary ctxgate pins: whoever reads a transcript sees whose it is.
+pub const SUMMARY_MARK: &str = "[ctxgate summary of earlier conversation]";
+
+/// Summary calls running at once, across conversations; past it a cut move is not summarised
+/// (counted as `busy`).
+const MAX_RUNNING: usize = 16;
+/// Largest summary answer read.
+const MAX_ANSWER_BYTES: usize = 4 * 1024 * 1024;
+/// Characters of one dropped message shown to the summariser: its head and tail.
+const MESSAGE_HEAD: usize = 3000;
+const MESSAGE_TAIL: usize = 1000;
+/// Conversations whose summary is kept, at most (each a few KB).
+const MAX_CONVERSATIONS: u64 = 100_000;
+
+/// Client headers that carry credentials or the API version, copied to a summary call sent to
+/// the request's own upstream.
+const CREDENTIAL_HEADERS: [&str; 6] = [
+    "authorization",
+    "x-api-key",
+    "api-key",
+    "anthropic-version",
+    "openai-organization",
+    "openai-project",
+];
+
+/// A conversation's current summary.
+#[derive(Debug)]
+pub struct Entry {
+    /// The summary text (without the mark).
+    pub text: String,
+    /// The message pinned, for the client's dialect and encoding.
+    pub pin: Pin,
+    dialect: Dialect,
+    enc: Encoding,
+}
+
+/// The summaries of every conversation, and the calls making them.
+pub struct Summaries {
+    entries: moka::sync::Cache<String, Arc<Entry>>,
+    pending: Mutex<HashSet<String>>,
+    running: Arc<tokio::sync::Semaphore>,
+    /// Summary calls in flight, watched by shutdown (their records must reach the queue).
+    in_flight: tokio::sync::watch::Sender<usize>,
+    metrics: SummaryMetrics,
+}
+
+/// What a summary task needs from the request that moved the cut.
+pub struct Job {
+    /// The conversation.
+    pub conversation: String,
+    /// The request's route (the metrics' label; the default summary route).
+    pub route: Arc<RouteState>,
+    /// The route the summary call goes to.
+    pub target: Arc<RouteState>,
+    /// `[prune.summary]` for the request's route and model.
+    pub settings: Arc<SummarySettings>,
+    /// The client's dialect and encoding: the pin is rendered and counted in them.
+    pub dialect: Dialect,
+    /// See `dialect`.
+    pub enc: Encoding,
+    /// What the cut dropped.
+    pub dropped: Dropped,
+    /// The credentials to send (the client's, or the configured key's).
+    pub credentials: HeaderMap,
+    /// The token counter.
+    pub counter: Arc<Counter>,
+    /// Where the record goes.
+    pub transcripts: Transcripts,
+    /// For the summary's cost.
+    pub prices: Arc<Prices>,
+}
+
+impl Summaries {
+    /// An empty store; registers the summary metric families (every route's series at 0).
+    pub fn new(m: &Metrics, routes: &[&str], idle_ttl: Duration) -> Summaries {
+        Summaries {
+            entries: moka::sync::Cache::builder()
+                .max_capacity(MAX_CONVERSATIONS)
+                .time_to_idle(idle_ttl)
+                .build(),
+            pending: Mutex::new(HashSet::new()),
+            running: Arc::new(tokio::sync::Semaphore::new(MAX_RUNNING)),
+            in_flight: tokio::sync::watch::Sender::new(0),
+            metrics: SummaryMetrics::register(m, routes),
+        }
+    }
+
+    /// The conversation's summary, when one is ready for this dialect and encoding.
+    pub fn get(&self, conversation: &str, dialect: Dialect, enc: Encoding) -> Option<Arc<Entry>> {
+        self.entries
+            .get(conversation)
+            .filter(|e| e.dialect == dialect && e.enc == enc)
+    }
+
+    /// Counts a request forwarded with the conversation's summary pinned.
+    pub fn pinned(&self, route: &str) {
+        self.metrics.pinned.with_label_values(&[route]).inc();
+    }
+
+    /// Counts a cut move that is not summarised, and why.
+    pub fn skipped(&self, route: &str, reason: &str) {
+        self.metrics
+            .skipped
+            .with_label_values(&[route, reason])
+            .inc();
+    }
+
+    /// Summarises what a cut dropped, in the background (`previous`: the summary pinned for
+    /// the previous cut, which the dropped span continues). Returns at once.
+    pub fn start(self: &Arc<Self>, job: Job, previous: Option<Arc<Entry>>) {
+        let route = job.route.config.name.clone();
+        let s = &job.settings;
+        let previous = previous.filter(|_| job.dropped.after_pin);
+        if job.dropped.tokens < s.min_dropped_tokens {
+            // Too little to be worth a call: the previous summary, if any, is carried to the
+            // new cut (it still says what lies before it).
+            match previous {
+                Some(p) => {
+                    let pin = Pin {
+                        cut_fp: job.dropped.cut_fp,
+                        ..p.pin.clone()
+                    };
+                    self.store(&job, p.text.clone(), pin);
+                    self.skipped(&route, "carried");
+                }
+                None => self.skipped(&route, "too_small"),
+            }
+            return;
+        }
+        if job.credentials.is_empty() {
+            self.skipped(&route, "no_credentials");
+            return;
+        }
+        let Ok(permit) = self.running.clone().try_acquire_owned() else {
+            self.skipped(&route, "busy");
+            return;
+        };
+        {
+            let Ok(mut pending) = self.pending.lock() else {
+                return;
+            };
+            if !pending.insert(job.conversation.clone()) {
+                self.skipped(&route, "busy");
+                return;
+            }
+        }
+        self.in_flight.send_modify(|n| *n += 1);
+        let this = self.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let conversation = job.conversation.clone();
+            this.run(job, previous).await;
+            if let Ok(mut pending) = this.pending.lock() {
+                pending.remove(&conversation);
+            }
+            this.in_flight.send_modify(|n| *n = n.saturating_sub(1));
+        });
+    }
+
+    /// Resolves when no summary call is in flight (shutdown waits for their records).
+    pub async fn idle(&self) {
+        let mut rx = self.in_flight.subscribe();
+        let _ = rx.wait_for(|n| *n == 0).await;
+    }
+
+    fn store(&self, job: &Job, text: String, pin: Pin) {
+        self.entries.insert(
+            job.conversation.clone(),
+            Arc::new(Entry {
+                text,
+                pin,
+                dialect: job.dialect,
+                enc: job.enc,
+            }),
+        );
+    }
+
+    /// Makes the summary call, stores the summary, records the call.
+    async fn run(&self, job: Job, previous: Option<Arc<Entry>>) {
+        let route = job.route.config.name.as_str();
+        let s = &job.settings;
+        let target = &job.target.config;
+        let input = summariser_input(previous.as_deref().map(|p| p.text.as_str()), &job.dropped);
+        // The summary request is itself a chat request of its route: over that route's limit
+        // for the model, it is not sent.
+        let enc = job.counter.encoding_for_model(&s.model);
+        let prompt_tokens =
+            job.counter.count_text(enc, &s.prompt) + job.counter.count_text(enc, &input) + 16;
+        let limit = Budget::for_request(&target.prune, Some(&s.model), None).hard_token_limit;
+        if prompt_tokens + s.max_tokens > limit {
+            self.skipped(route, "over_budget");
+            return;
+        }
+        let started = Instant::now();
+        let body = request_body(target.dialect, s, &input);
+        let answer = tokio::time::timeout(s.timeout, self.call(&job, body)).await;
+        let elapsed = started.elapsed();
+        let m = &self.metrics;
+        m.duration
+            .with_label_values(&[route])
+            .observe(elapsed.as_secs_f64());
+        let (status, tapped, error) = match answer {
+            Err(_) => (504, Default::default(), Some("summary_timeout")),
+            Ok(Err(())) => (502, Default::default(), Some("summary_upstream")),
+            Ok(Ok((status, t))) if status != 200 => (status, t, Some("summary_status")),
+            Ok(Ok((status, t))) if t.text.as_deref().is_none_or(|x| x.trim().is_empty()) => {
+                (status, t, Some("summary_empty"))
+            }
+            Ok(Ok((status, t))) => (status, t, None),
+        };
+        let outcome = match error {
+            None => "ok",
+            Some("summary_timeout") => "timeout",
+            Some(_) => "failed",
+        };
+        m.calls.with_label_values(&[route, outcome]).inc();
+        let price = job.prices.find(&s.model).map(|(_, p)| p);
+        let cost = match (price, tapped.input_tokens, tapped.output_tokens) {
+            (Some(p), Some(i), Some(o)) => Some(crate::prices::cost(
+                &p,
+                i,
+                tapped.cache_read_tokens.unwrap_or(0),
+                tapped.cache_write_tokens.unwrap_or(0),
+                o,
+            )),
+            _ => None,
+        };
+        if let Some(c) = cost {
+            m.cost.with_label_values(&[route]).inc_by(c);
+        }
+        for (kind, v) in [
+            ("input", tapped.input_tokens),
+            ("output", tapped.output_tokens),
+        ] {
+            if let Some(n) = v {
+                m.tokens.with_label_values(&[route, kind]).inc_by(n);
+            }
+        }
+        if error.is_none() {
+            let text = tapped.text.clone().unwrap_or_default().trim().to_string();
+            let raw = pin_message(job.dialect, &text);
+            let value: Value = serde_json::from_str(&raw).unwrap_or(Value::Null);
+            let tokens = job
+                .counter
+                .count_message(job.enc, job.dialect, &value, u64::MAX)
+                .0;
+            let pin = Pin {
+                cut_fp: job.dropped.cut_fp,
+                raw,
+                tokens,
+            };
+            self.store(&job, text, pin);
+        } else {
+            tracing::warn!(
+                route,
+                summary_route = target.name.as_str(),
+                status,
+                kind = error,
+                "summary failed; the conversation keeps the plain cut"
+            );
+        }
+        job.transcripts.submit(Record {
+            ts: now_ts(),
+            conversation_id: job.conversation.clone(),
+            route: target.name.clone(),
+            upstream: target.target.authority.clone(),
+            model: Some(s.model.clone()),
+            status,
+            latency_ms: elapsed.as_secs_f64() * 1e3,
+            ttfb_ms: None,
+            stream: false,
+            tokens_before: Some(prompt_tokens),
+            tokens_before_exact: true,
+            tokens_after: Some(prompt_tokens),
+            messages_before: Some(job.dropped.messages.len() as u64),
+            messages_after: Some(2),
+            files_elided: None,
+            prune_action: "none".to_string(),
+            prune_reason: None,
+            usage_ratio: tapped
+                .input_tokens
+                .map(|i| i as f64 / prompt_tokens.max(1) as f64),
+            usage: Usage {
+                input_tokens: tapped.input_tokens,
+                output_tokens: tapped.output_tokens,
+                cache_read_tokens: tapped.cache_read_tokens,
+                cache_write_tokens: tapped.cache_write_tokens,
+            },
+            error_kind: error.map(str::to_string),
+            request_messages: None,
+            response_text: None,
+            kind: KIND_SUMMARY.to_string(),
+            holdout: false,
+            finish_reason: None,
+            summary_tokens: None,
+            cost_usd: cost,
+            cost_unpruned_usd: cost,
+        });
+    }
+
+    /// Sends the summary request; the status and what the usage tap read (text included).
+    async fn call(&self, job: &Job, body: Vec<u8>) -> Result<(u16, crate::dialect::Tapped), ()> {
+        let target = &job.target;
+        let cfg = &target.config;
+        let path = job.settings.path.clone().unwrap_or_else(|| {
+            match cfg.dialect {
+                Dialect::Anthropic => "v1/messages",
+                _ => "chat/completions",
+            }
+            .to_string()
+        });
+        let uri = super::route::upstream_uri(cfg, &format!("{}{path}", cfg.prefix), None)
+            .map_err(|_| ())?;
+        let mut req = Request::builder()
+            .method(Method::POST)
+            .uri(uri)
+            .body(RequestBody::Right(Full::new(Bytes::from(body))))
+            .map_err(|_| ())?;
+        let h = req.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        for (k, v) in &job.credentials {
+            h.insert(k.clone(), v.clone());
+        }
+        if cfg.dialect == Dialect::Anthropic && !h.contains_key("anthropic-version") {
+            h.insert("anthropic-version", HeaderValue::from_static("2023-06-01"));
+        }
+        let resp = target.client().request(req).await.map_err(|_| ())?;
+        let status = resp.status().as_u16();
+        let body: Incoming = resp.into_body();
+        let bytes = Limited::new(body, MAX_ANSWER_BYTES)
+            .collect()
+            .await
+            .map_err(|_| ())?
+            .to_bytes();
+        let mut tap = UsageTap::new(cfg.dialect.wire(), false, true);
+        tap.feed(&bytes);
+        Ok((status, tap.finish()))
+    }
+}
+
+/// The credentials a summary call of `settings` sends: the key in `api_key_env` (as the
+/// target dialect expects it), else the client's own headers when the summary goes to the
+/// request's own upstream; empty when there are none.
+pub fn credentials(
+    settings: &SummarySettings,
+    client: &HeaderMap,
+    same_upstream: bool,
+    target: Dialect,
+) -> HeaderMap {
+    let mut out = HeaderMap::new();
+    if let Some(var) = &settings.api_key_env {
+        let Ok(key) = std::env::var(var) else {
+            return out;
+        };
+        let value = match target {
+            Dialect::Anthropic => HeaderValue::from_str(&key).map(|v| ("x-api-key", v)),
+            _ => HeaderValue::from_str(&format!("Bearer {key}")).map(|v| ("authorization", v)),
+        };
+        if let Ok((name, mut v)) = value {
+            v.set_sensitive(true);
+            out.insert(name, v);
+        }
+        return out;
+    }
+    if same_upstream {
+        for name in CREDENTIAL_HEADERS {
+            if let Some(v) = client.get(name) {
+                out.insert(name, v.clone());
+            }
+        }
+        // The API version alone is not a credential.
+        if !out.keys().any(|k| k != "anthropic-version") {
+            out.clear();
+        }
+    }
+    out
+}
+
+/// The summary request's body in the summary route's dialect.
+fn request_body(dialect: Dialect, s: &SummarySettings, input: &str) -> Vec<u8> {
+    let v = match dialect {
+        Dialect::Anthropic => json!({
+            "model": s.model,
+            "max_tokens": s.max_tokens,
+            "system": s.prompt,
+            "messages": [{"role": "user", "content": input}],
+        }),
+        _ => {
+            // OpenAI's reasoning models take max_completion_tokens and refuse max_tokens; the
+            // OpenAI-compatible providers know only max_tokens.
+            let reasoning = s.model.starts_with("gpt-5")
+                || (s.model.starts_with('o')
+                    && s.model.chars().nth(1).is_some_and(|c| c.is_ascii_digit()));
+            let key = if reasoning {
+                "max_completion_tokens"
+            } else {
+                "max_tokens"
+            };
+            json!({
+                "model": s.model,
+                key: s.max_tokens,
+                "messages": [
+                    {"role": "system", "content": s.prompt},
+                    {"role": "user", "content": input},
+                ],
+            })
+        }
+    };
+    serde_json::to_vec(&v).unwrap_or_default()
+}
+
+/// What the summariser reads: the previous summary, then the dropped messages, one per
+/// paragraph as `[role] text`, each cut to its head and tail when long.
+pub fn summariser_input(previous: Option<&str>, dropped: &Dropped) -> String {
+    let mut out = String::new();
+    if let Some(p) = previous {
+        out.push_str("Previous summary:\n");
+        out.push_str(p);
+        out.push_str("\n\n");
+    }
+    out.push_str(&format!(
+        "Messages to fold in ({}, oldest first):\n",
+        dropped.messages.len()
+    ));
+    for m in &dropped.messages {
+        let v: Value = serde_json::from_str(m).unwrap_or(Value::Null);
+        let role = v
+            .get("role")
+            .or_else(|| v.get("type"))
+            .and_then(Value::as_str)
+            .unwrap_or("message");
+        let mut text = String::new();
+        collect_text(&v, &mut text);
+        out.push_str(&format!("\n[{role}] {}\n", clip(text.trim())));
+    }
+    out
+}
+
+/// The readable text of a message: strings under the keys that hold what was said, tool
+/// names and arguments, results; never signatures, encrypted reasoning or media data.
+fn collect_text(v: &Value, out: &mut String) {
+    match v {
+        Value::String(s) => {
+            if !out.is_empty() {
+                out.push(' ');
+            }
+            out.push_str(s);
+        }
+        Value::Array(items) => items.iter().for_each(|i| collect_text(i, out)),
+        Value::Object(map) => {
+            for (k, x) in map {
+                match k.as_str() {
+                    "content" | "text" | "output" | "arguments" | "name" | "thinking"
+                    | "summary" | "function" | "tool_calls" => collect_text(x, out),
+                    "input" if x.is_object() => {
+                        out.push(' ');
+                        out.push_str(&x.to_string());
+                    }
+                    _ => {}
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+/// `s` cut to its head and tail, with the number of characters left out between them.
+fn clip(s: &str) -> String {
+    let n = s.chars().count();
+    if n <= MESSAGE_HEAD + MESSAGE_TAIL {
+        return s.to_string();
+    }
+    let head: String = s.chars().take(MESSAGE_HEAD).collect();
+    let tail: String = s.chars().skip(n - MESSAGE_TAIL).collect();
+    format!(
+        "{head} […{} characters left out…] {tail}",
+        n - MESSAGE_HEAD - MESSAGE_TAIL
+    )
+}
+
+/// The summary as a message of the client's dialect: a system message (OpenAI chat), a
+/// developer message (Responses), a user message (Anthropic, whose system prompt is a field).
+pub fn pin_message(dialect: Dialect, text: &str) -> String {
+    let body = format!("{SUMMARY_MARK}\n{text}");
+    let v = match dialect {
+        Dialect::OpenAi => json!({"role": "system", "content": body}),
+        Dialect::Responses => json!({"type": "message", "role": "developer", "content": body}),
+        Dialect::Anthropic => json!({"role": "user", "content": [{"type": "text", "text": body}]}),
+    };
+    v.to_string()
+}
+
+/// The summary metric families.
+#[derive(Clone)]
+struct SummaryMetrics {
+    calls: IntCounterVec,
+    skipped: IntCounterVec,
+    tokens: IntCounterVec,
+    cost: CounterVec,
+    duration: HistogramVec,
+    pinned: IntCounterVec,
+}
+
+impl SummaryMetrics {
+    fn register(m: &Metrics, routes: &[&str]) -> SummaryMetrics {
+        let cost = CounterVec::new(
+            Opts::new(
+                "ctxgate_summary_cost_usd_total",
+                "Estimated cost of summary calls in US dollars ([[prices]]), by the conversation's route.",
+            ),
+            &["route"],
+        )
+        .unwrap_or_else(|e| crate::metrics::invalid_metric("ctxgate_summary_cost_usd_total", e));
+        m.register(Box::new(cost.clone()));
+        let s = SummaryMetrics {
+            calls: m.counter_vec(
+                "ctxgate_summary_calls_total",
+                "Summary calls by outcome (ok, failed, timeout), by the conversation's route.",
+                &["route", "outcome"],
+            ),
+            skipped: m.counter_vec(
+                "ctxgate_summary_skipped_total",
+                "Cut moves not summarised, by reason: too_small, carried (the previous summary kept), busy, no_credentials, over_budget.",
+                &["route", "reason"],
+            ),
+            tokens: m.counter_vec(
+                "ctxgate_summary_tokens_total",
+                "Tokens of summary calls as the upstream reported them (kind: input, output).",
+                &["route", "kind"],
+            ),
+            cost,
+            duration: m.histogram_vec(
+                "ctxgate_summary_duration_seconds",
+                "Time a summary call took.",
+                &["route"],
+                LATENCY_BUCKETS,
+            ),
+            pinned: m.counter_vec(
+                "ctxgate_summary_pinned_total",
+                "Requests forwarded with the conversation's summary pinned after the system prefix.",
+                &["route"],
+            ),
+        };
+        for r in routes {
+            for o in ["ok", "failed", "timeout"] {
+                s.calls.with_label_values(&[r, o]);
+            }
+            for why in [
+                "too_small",
+                "carried",
+                "busy",
+                "no_credentials",
+                "over_budget",
+            ] {
+                s.skipped.with_label_values(&[r, why]);
+            }
+            for k in ["input", "output"] {
+                s.tokens.with_label_values(&[r, k]);
+            }
+            s.cost.with_label_values(&[r]);
+            s.duration.with_label_values(&[r]);
+            s.pinned.with_label_values(&[r]);
+        }
+        s
+    }
+}

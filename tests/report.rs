@@ -3,7 +3,8 @@
 //! line, a record from before the newer fields) whose totals are computed by hand below; the
 //! same set written into a real PostgreSQL by ctxgate's own sink gives the same report; a
 //! table made by an older ctxgate still reads; the HTML page rendered by a real headless
-//! Chromium; and a set written by the real proxy in front of the mock upstream.
+//! Chromium; and a set written by the real proxy in front of the mock upstream, with half
+//! the conversations in the holdout and summaries on.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -825,4 +826,250 @@ async fn html_page_renders_its_charts_in_chromium() {
     }
     assert_eq!(dom.matches(r#"<tr class="total">"#).count(), 2);
     assert!(dom.contains("Holdout vs pruned"));
+}
+
+/// The summariser's model: its calls are ctxgate's own (`kind = "summary"`).
+const SUMMARISER: &str = "summariser-1";
+
+/// The mock: summary requests get a summary with a fixed usage (counted in `n`); every other
+/// request the usual answer (`llm_reply`: OpenAI usage 21 in, 8 cached, 5 out; Anthropic 39
+/// in, 13 cached, 5 out, or 3 when streamed).
+fn summariser(
+    n: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) -> impl Fn(&Recorded) -> Reply + Send + Sync + 'static {
+    move |r: &Recorded| {
+        let v: Value = serde_json::from_slice(&r.body).unwrap_or_default();
+        if v["model"] != SUMMARISER {
+            return llm_reply(r);
+        }
+        let k = n.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+        Reply::json(
+            &serde_json::json!({
+                "id": format!("chatcmpl-s{k}"), "object": "chat.completion", "model": SUMMARISER,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": format!("SUMMARY #{k}")}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 1000, "completion_tokens": 50, "total_tokens": 1050},
+            })
+            .to_string(),
+        )
+    }
+}
+
+/// Sends `turns` turns of the agent conversation (two calls each) to the OpenAI route.
+async fn converse(gate: &Gate, conv: &str, turns: usize) -> usize {
+    let mut history =
+        vec![serde_json::json!({"role": "system", "content": "You are a careful coding agent."})];
+    let mut sent = 0;
+    for i in 0..turns {
+        let [task, call, result, answer] = agent_turn(i);
+        for step in [vec![task], vec![call, result]] {
+            history.extend(step);
+            let body = serde_json::json!({"model": "gpt-4o", "messages": history}).to_string();
+            let (s, _, _) = send(
+                "POST",
+                &gate.url("/v1/chat/completions"),
+                // The summary call goes with the client's own credentials: it needs some.
+                &[
+                    ("x-conversation-id", conv),
+                    ("authorization", "Bearer sk-client-key"),
+                ],
+                &body,
+            )
+            .await;
+            assert_eq!(s, 200);
+            sent += 1;
+        }
+        history.push(answer);
+    }
+    sent
+}
+
+/// Picodollars, as the report sums them.
+fn pico(usd: f64) -> i128 {
+    (usd * 1e12).round() as i128
+}
+
+/// The real proxy writes the records: the report's call counts, token sums and holdout
+/// sample sizes must be what the clients sent, what the records hold and what the mock's
+/// usage says. Costs are checked against whatever the records carry: summary calls are
+/// priced today; client calls are priced once the cost filling lands, and this test holds
+/// either way.
+#[tokio::test]
+async fn report_of_a_proxy_run_matches_its_records() {
+    let n = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let up = mock(summariser(n.clone())).await;
+    let dir = TempDir::new("report-proxy");
+    let gate = TestConfig::new()
+        .route("anthropic", "/anthropic/", &up.url(), "anthropic")
+        .route("openai", "/v1/", &format!("{}v1/", up.url()), "openai")
+        .set_route(
+            "prune",
+            "models",
+            serde_json::json!([{"match": "summariser-*", "hard_token_limit": 100000}]),
+        )
+        .set("prune", "hard_token_limit", 4000)
+        // Files are never elided, so each cut move drops whole turns: something to summarise.
+        .set("prune", "keep_file_content_turns", 100)
+        .set("prune", "holdout_percent", 50.0)
+        .set("prune.summary", "enabled", true)
+        .set("prune.summary", "model", SUMMARISER)
+        .set("prune.summary", "min_dropped_tokens", 1)
+        .set(
+            "",
+            "prices",
+            serde_json::json!([{"match": "summariser-*", "input": 1.0, "output": 2.0}]),
+        )
+        .set("transcripts", "sink", "jsonl")
+        .set("transcripts", "dir", dir.0.display().to_string())
+        .start()
+        .await;
+
+    // Four agent conversations on the OpenAI route, two small ones on the Anthropic route,
+    // named so that the holdout hash puts half of each in (the hash is fixed: this holds on
+    // every run).
+    let held = |c: &str| ctxgate::proxy::prune::in_holdout(c, 5000);
+    let agents = ["agent-a", "agent-b", "agent-e", "agent-h"];
+    let chats = ["chat-1", "chat-3"];
+    let held_agents = agents.iter().filter(|c| held(c)).count();
+    assert_eq!(held_agents, 2, "agent-e and agent-h are held");
+    assert_eq!(
+        chats.iter().filter(|c| held(c)).count(),
+        1,
+        "chat-3 is held"
+    );
+    let mut sent = std::collections::HashMap::new();
+    for c in agents {
+        sent.insert(c, converse(&gate, c, 10).await);
+    }
+    for c in chats {
+        for stream in [false, true] {
+            let body = serde_json::json!({"model": "claude-sonnet-4-5", "max_tokens": 64, "stream": stream, "messages": [{"role": "user", "content": "hi"}]}).to_string();
+            let (s, _, _) = send(
+                "POST",
+                &gate.url("/anthropic/v1/messages"),
+                &[("x-conversation-id", c)],
+                &body,
+            )
+            .await;
+            assert_eq!(s, 200);
+        }
+        sent.insert(c, 2);
+    }
+    // Summary calls run in the background; shutdown waits for those in flight and their
+    // records.
+    stop(gate).await;
+    let summaries = n.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(summaries > 0, "the pruned agents' cuts were summarised");
+
+    let r = report_json(&[dir.path().to_str().unwrap()]);
+    let records = jsonl_records(dir.path());
+    assert_eq!(u(&r["source"]["records"]), records.len() as u64);
+    assert_eq!(u(&r["source"]["malformed_lines"]), 0);
+    let calls: Vec<&Value> = records.iter().filter(|x| x["kind"] == "call").collect();
+    let pruned: Vec<&Value> = calls
+        .iter()
+        .copied()
+        .filter(|x| x["holdout"] == false)
+        .collect();
+    let held_calls: usize = sent.iter().filter(|(c, _)| held(c)).map(|(_, k)| k).sum();
+    let all_calls: usize = sent.values().sum();
+
+    // Calls: every call the clients made, and the holdout's by the hash of their conversation.
+    let t = &r["totals"];
+    assert_eq!(u(&t["calls"]), all_calls as u64);
+    assert_eq!(calls.len(), all_calls);
+    assert_eq!(u(&t["holdout_calls"]), held_calls as u64);
+    assert_eq!(calls.len() - pruned.len(), held_calls);
+
+    // Tokens: the sums over the records of the calls pruning applied to, and the mock's
+    // usage for those calls (OpenAI 21 in / 8 cached; Anthropic 39 in / 13 cached).
+    let sum = |rs: &[&Value], f: &dyn Fn(&Value) -> &Value| -> u64 {
+        rs.iter().filter_map(|x| f(x).as_u64()).sum()
+    };
+    assert_eq!(
+        u(&t["tokens_before"]),
+        sum(&pruned, &|x| &x["tokens_before"])
+    );
+    assert_eq!(u(&t["tokens_after"]), sum(&pruned, &|x| &x["tokens_after"]));
+    assert!(
+        u(&t["tokens_after"]) < u(&t["tokens_before"]),
+        "something was pruned"
+    );
+    let pruned_oa = pruned.iter().filter(|x| x["route"] == "openai").count() as u64;
+    let pruned_an = pruned.len() as u64 - pruned_oa;
+    assert_eq!(u(&t["input_tokens"]), 21 * pruned_oa + 39 * pruned_an);
+    assert_eq!(
+        u(&t["input_tokens"]),
+        sum(&pruned, &|x| &x["usage"]["input_tokens"])
+    );
+    assert_eq!(u(&t["cache_read_tokens"]), 8 * pruned_oa + 13 * pruned_an);
+
+    // Costs: whatever the records carry (summaries: 1000 in at $1/M + 50 out at $2/M each).
+    let priced: Vec<f64> = pruned
+        .iter()
+        .filter_map(|x| x["cost_usd"].as_f64())
+        .collect();
+    assert_eq!(u(&t["priced_calls"]), priced.len() as u64);
+    assert_eq!(
+        pico(f(&t["cost_usd"])),
+        priced.iter().map(|c| pico(*c)).sum::<i128>()
+    );
+    assert_eq!(u(&t["summary_calls"]), summaries as u64);
+    assert_eq!(
+        records.iter().filter(|x| x["kind"] == "summary").count(),
+        summaries
+    );
+    assert_eq!(
+        pico(f(&t["summary_cost_usd"])),
+        summaries as i128 * 1_100_000_000
+    );
+
+    // Rows: one per route and model today; the summaries under their own model.
+    let rows = r["rows"].as_array().unwrap();
+    let keys: Vec<(&str, &str)> = rows
+        .iter()
+        .map(|x| (x["route"].as_str().unwrap(), x["model"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            ("anthropic", "claude-sonnet-4-5"),
+            ("openai", "gpt-4o"),
+            ("openai", SUMMARISER)
+        ]
+    );
+    assert_eq!(u(&rows[2]["summary_calls"]), summaries as u64);
+    assert_eq!(u(&rows[2]["calls"]), 0);
+
+    // Holdout against pruned: sample sizes by the hash.
+    let group = |h: bool| {
+        (
+            sent.iter()
+                .filter(|(c, _)| held(c) == h)
+                .map(|(_, k)| *k as u64)
+                .sum::<u64>(),
+            sent.keys().filter(|c| held(c) == h).count() as u64,
+        )
+    };
+    let (p, h) = (&r["holdout"]["pruned"], &r["holdout"]["holdout"]);
+    assert_eq!((u(&p["calls"]), u(&p["conversations"])), group(false));
+    assert_eq!((u(&h["calls"]), u(&h["conversations"])), group(true));
+    assert_eq!(f(&p["error_rate"]), 0.0);
+    // Output tokens from the mock: 5 a call, 3 for a streamed Anthropic answer.
+    let out = |h: bool| {
+        let streamed = chats.iter().filter(|c| held(c) == h).count() as f64;
+        let (calls, _) = group(h);
+        (5.0 * calls as f64 - 2.0 * streamed) / calls as f64
+    };
+    assert_eq!(f(&p["mean_output_tokens"]), out(false));
+    assert_eq!(f(&h["mean_output_tokens"]), out(true));
+    // A holdout call went as it came: what it sent is its tokens_before.
+    let held_records: Vec<&Value> = calls
+        .iter()
+        .copied()
+        .filter(|x| x["holdout"] == true)
+        .collect();
+    assert_eq!(
+        f(&h["mean_tokens_sent"]),
+        sum(&held_records, &|x| &x["tokens_before"]) as f64 / held_records.len() as f64
+    );
 }

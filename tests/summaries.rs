@@ -75,27 +75,12 @@ fn config(up: &Mock, dir: &TempDir) -> TestConfig {
 
 /// Sends `turns` turns of the agent conversation (two calls each) with the client's key.
 async fn converse(gate: &Gate, conv: &str, turns: usize) {
-    let tools = json!([{"type": "function", "function": {"name": "read_file", "description": "Read a file.", "parameters": {"type": "object", "properties": {"path": {"type": "string"}}, "required": ["path"]}}}]);
-    let mut history = vec![json!({"role": "system", "content": "You are a careful coding agent."})];
-    for i in 0..turns {
-        let [task, call, result, answer] = agent_turn(i);
-        for step in [vec![task], vec![call, result]] {
-            history.extend(step);
-            let body = json!({"model": "gpt-4o", "messages": history, "tools": tools}).to_string();
-            let (s, _, _) = send(
-                "POST",
-                &gate.url("/v1/chat/completions"),
-                &[
-                    ("x-conversation-id", conv),
-                    ("authorization", "Bearer sk-client-key"),
-                ],
-                &body,
-            )
-            .await;
-            assert_eq!(s, 200);
-        }
-        history.push(answer);
-    }
+    let url = gate.url("/v1/chat/completions");
+    let headers = [
+        ("x-conversation-id", conv),
+        ("authorization", "Bearer sk-client-key"),
+    ];
+    send_agent_turns(&url, &headers, turns).await;
 }
 
 #[tokio::test]

@@ -117,6 +117,7 @@ impl Proxy {
             metrics,
             &names,
             config.prune.view_idle_ttl,
+            state.clone(),
         ));
         Ok(Proxy {
             routes,

@@ -13,8 +13,9 @@
 //! transcript record (`kind = "summary"`) and metrics; a failed, slow or over-budget summary
 //! leaves the plain cut, counted, and no client request ever fails for it.
 //!
-//! Summaries live in this process (like the view without `[state]`): a replica that did not
-//! make a conversation's summary forwards the plain cut.
+//! With `[state] backend = "redis"` a summary is also written to Redis and read from there
+//! before pruning, so every replica pins the same bytes (one more round trip per request of a
+//! route with summaries on); without Redis, summaries live in this process.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -31,6 +32,7 @@ use crate::config::{Prices, SummarySettings};
 use crate::dialect::{Dialect, UsageTap};
 use crate::metrics::{Metrics, LATENCY_BUCKETS};
 use crate::prune::{Budget, Counter, Dropped, Encoding, Pin};
+use crate::state::State;
 use crate::transcript::{now_ts, Record, Transcripts, Usage, KIND_SUMMARY};
 
 use super::call::RouteState;
@@ -72,9 +74,52 @@ pub struct Entry {
     enc: Encoding,
 }
 
+impl Entry {
+    /// The shared form: JSON of the summary, its pin and the dialect and encoding it is for.
+    fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(&json!({
+            "v": 1,
+            "text": self.text,
+            "cut_fp": self.pin.cut_fp,
+            "raw": self.pin.raw,
+            "tokens": self.pin.tokens,
+            "dialect": self.dialect.as_str(),
+            "enc": self.enc.as_str(),
+        }))
+        .unwrap_or_default()
+    }
+
+    /// The entry another replica shared; `None` for anything else.
+    fn decode(b: &[u8]) -> Option<Entry> {
+        let v: Value = serde_json::from_slice(b).ok()?;
+        if v["v"] != 1 {
+            return None;
+        }
+        let dialect = match v["dialect"].as_str()? {
+            "openai" => Dialect::OpenAi,
+            "anthropic" => Dialect::Anthropic,
+            "openai-responses" => Dialect::Responses,
+            _ => return None,
+        };
+        Some(Entry {
+            text: v["text"].as_str()?.to_string(),
+            pin: Pin {
+                cut_fp: v["cut_fp"].as_u64()?,
+                raw: v["raw"].as_str()?.to_string(),
+                tokens: v["tokens"].as_u64()?,
+            },
+            dialect,
+            enc: v["enc"].as_str()?.parse().ok()?,
+        })
+    }
+}
+
 /// The summaries of every conversation, and the calls making them.
 pub struct Summaries {
     entries: moka::sync::Cache<String, Arc<Entry>>,
+    /// Where replicas share summaries (`[state] backend = "redis"`).
+    state: Option<Arc<State>>,
+    ttl: Duration,
     pending: Mutex<HashSet<String>>,
     running: Arc<tokio::sync::Semaphore>,
     /// Summary calls in flight, watched by shutdown (their records must reach the queue).
@@ -110,12 +155,19 @@ pub struct Job {
 
 impl Summaries {
     /// An empty store; registers the summary metric families (every route's series at 0).
-    pub fn new(m: &Metrics, routes: &[&str], idle_ttl: Duration) -> Summaries {
+    pub fn new(
+        m: &Metrics,
+        routes: &[&str],
+        idle_ttl: Duration,
+        state: Option<Arc<State>>,
+    ) -> Summaries {
         Summaries {
             entries: moka::sync::Cache::builder()
                 .max_capacity(MAX_CONVERSATIONS)
                 .time_to_idle(idle_ttl)
                 .build(),
+            state,
+            ttl: idle_ttl,
             pending: Mutex::new(HashSet::new()),
             running: Arc::new(tokio::sync::Semaphore::new(MAX_RUNNING)),
             in_flight: tokio::sync::watch::Sender::new(0),
@@ -123,8 +175,23 @@ impl Summaries {
         }
     }
 
-    /// The conversation's summary, when one is ready for this dialect and encoding.
-    pub fn get(&self, conversation: &str, dialect: Dialect, enc: Encoding) -> Option<Arc<Entry>> {
+    /// The conversation's summary, when one is ready for this dialect and encoding: the shared
+    /// one when replicas share state (and Redis answers), else this process's.
+    pub async fn get(
+        &self,
+        conversation: &str,
+        dialect: Dialect,
+        enc: Encoding,
+    ) -> Option<Arc<Entry>> {
+        let shared = match &self.state {
+            Some(s) if s.up() => s.summary_get(conversation).await.ok().flatten(),
+            _ => None,
+        };
+        if let Some(e) = shared.as_deref().and_then(Entry::decode) {
+            let e = Arc::new(e);
+            self.entries.insert(conversation.to_string(), e.clone());
+            return Some(e).filter(|e| e.dialect == dialect && e.enc == enc);
+        }
         self.entries
             .get(conversation)
             .filter(|e| e.dialect == dialect && e.enc == enc)
@@ -202,15 +269,19 @@ impl Summaries {
     }
 
     fn store(&self, job: &Job, text: String, pin: Pin) {
-        self.entries.insert(
-            job.conversation.clone(),
-            Arc::new(Entry {
-                text,
-                pin,
-                dialect: job.dialect,
-                enc: job.enc,
-            }),
-        );
+        let e = Entry {
+            text,
+            pin,
+            dialect: job.dialect,
+            enc: job.enc,
+        };
+        if let Some(s) = self.state.clone().filter(|s| s.up()) {
+            let (conversation, value, ttl) = (job.conversation.clone(), e.encode(), self.ttl);
+            tokio::spawn(async move {
+                let _ = s.summary_put(&conversation, value, ttl).await;
+            });
+        }
+        self.entries.insert(job.conversation.clone(), Arc::new(e));
     }
 
     /// Makes the summary call, stores the summary, records the call.
@@ -603,5 +674,101 @@ impl SummaryMetrics {
             s.pinned.with_label_values(&[r]);
         }
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn the_shared_entry_round_trips_and_refuses_anything_else() {
+        for dialect in [Dialect::OpenAi, Dialect::Responses, Dialect::Anthropic] {
+            let raw = pin_message(dialect, "the user fixed the parser");
+            let e = Entry {
+                text: "the user fixed the parser".into(),
+                pin: Pin {
+                    cut_fp: 0xfeed,
+                    raw: raw.clone(),
+                    tokens: 17,
+                },
+                dialect,
+                enc: Encoding::Cl100kBase,
+            };
+            let d = Entry::decode(&e.encode()).unwrap();
+            assert_eq!(
+                (d.text, d.pin, d.dialect, d.enc),
+                (e.text, e.pin, dialect, e.enc)
+            );
+            let v: Value = serde_json::from_str(&raw).unwrap();
+            let text = match dialect {
+                Dialect::Anthropic => v["content"][0]["text"].as_str().unwrap(),
+                _ => v["content"].as_str().unwrap(),
+            };
+            assert!(text.starts_with(SUMMARY_MARK));
+        }
+        assert!(Entry::decode(b"cgv1 not json").is_none());
+        assert!(Entry::decode(br#"{"v":2}"#).is_none());
+        assert!(Entry::decode(br#"{"v":1,"text":"t","cut_fp":1,"raw":"{}","tokens":1,"dialect":"gemini","enc":"o200k_base"}"#).is_none());
+    }
+
+    #[test]
+    fn credentials_go_only_where_they_were_meant_for() {
+        let mut client = HeaderMap::new();
+        client.insert(
+            "authorization",
+            HeaderValue::from_static("Bearer sk-client"),
+        );
+        client.insert("anthropic-version", HeaderValue::from_static("2023-06-01"));
+        client.insert("cookie", HeaderValue::from_static("session=1"));
+        let s = SummarySettings::default();
+        let same = credentials(&s, &client, true, Dialect::OpenAi);
+        assert_eq!(same.len(), 2);
+        assert_eq!(same["authorization"], "Bearer sk-client");
+        assert!(!same.contains_key("cookie"));
+        assert!(credentials(&s, &client, false, Dialect::OpenAi).is_empty());
+        let mut only_version = HeaderMap::new();
+        only_version.insert("anthropic-version", HeaderValue::from_static("2023-06-01"));
+        assert!(credentials(&s, &only_version, true, Dialect::Anthropic).is_empty());
+        std::env::set_var("CTXGATE_UNIT_SUMMARY_KEY", "sk-env");
+        let keyed = SummarySettings {
+            api_key_env: Some("CTXGATE_UNIT_SUMMARY_KEY".into()),
+            ..SummarySettings::default()
+        };
+        let h = credentials(&keyed, &client, true, Dialect::Anthropic);
+        assert_eq!(h.len(), 1);
+        assert_eq!(h["x-api-key"], "sk-env");
+        assert_eq!(
+            credentials(&keyed, &client, false, Dialect::OpenAi)["authorization"],
+            "Bearer sk-env"
+        );
+        let missing = SummarySettings {
+            api_key_env: Some("CTXGATE_UNIT_SUMMARY_KEY_UNSET".into()),
+            ..SummarySettings::default()
+        };
+        assert!(credentials(&missing, &client, true, Dialect::OpenAi).is_empty());
+    }
+
+    #[test]
+    fn the_summariser_reads_text_never_signatures_or_media() {
+        let dropped = Dropped {
+            after_pin: true,
+            messages: vec![
+                json!({"role": "user", "content": [{"type": "text", "text": "fix parse.rs"}, {"type": "image", "source": {"type": "base64", "data": "AAAA"}}]}).to_string(),
+                json!({"role": "assistant", "content": [{"type": "thinking", "thinking": "look at it", "signature": "SIG"}, {"type": "tool_use", "id": "t", "name": "read", "input": {"path": "parse.rs"}}]}).to_string(),
+                json!({"role": "tool", "content": "x".repeat(10_000)}).to_string(),
+            ],
+            tokens: 3000,
+            cut_fp: 1,
+        };
+        let input = summariser_input(Some("before"), &dropped);
+        assert!(input
+            .starts_with("Previous summary:\nbefore\n\nMessages to fold in (3, oldest first):"));
+        assert!(input.contains("[user] fix parse.rs"));
+        assert!(input.contains("look at it"));
+        assert!(input.contains(r#"{"path":"parse.rs"}"#));
+        assert!(!input.contains("SIG") && !input.contains("AAAA"));
+        assert!(input.contains("[…6000 characters left out…]"));
     }
 }

@@ -16,6 +16,7 @@ pub mod pace;
 pub mod prices;
 pub mod proxy;
 pub mod prune;
+pub mod report;
 pub mod secret;
 pub mod server;
 pub mod state;

@@ -1,4 +1,5 @@
-//! The `ctxgate` binary: CLI, logging, config loading (exit 64 on a bad config), signals.
+//! The `ctxgate` binary: CLI, logging, config loading (exit 64 on a bad config or bad
+//! arguments), signals.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -50,6 +51,30 @@ enum Command {
         #[arg(long, short, requires = "config")]
         route: Option<String>,
     },
+    /// Report what pruning saved, from transcript records: per route, model and UTC day, and
+    /// the holdout against pruned conversations.
+    Report(ReportArgs),
+}
+
+#[derive(clap::Args)]
+struct ReportArgs {
+    /// A JSONL transcript directory (or one .jsonl file), or a postgres:// URL.
+    source: String,
+    /// Print the report as JSON (its shape is in the README) instead of tables.
+    #[arg(long)]
+    json: bool,
+    /// Also write the report as a self-contained HTML page to FILE.
+    #[arg(long, value_name = "FILE")]
+    html: Option<PathBuf>,
+    /// First UTC day covered.
+    #[arg(long, value_name = "YYYY-MM-DD")]
+    since: Option<ctxgate::report::Day>,
+    /// Last UTC day covered.
+    #[arg(long, value_name = "YYYY-MM-DD")]
+    until: Option<ctxgate::report::Day>,
+    /// Only this route.
+    #[arg(long, value_name = "NAME")]
+    route: Option<String>,
 }
 
 fn read_stdin() -> Result<Vec<u8>, ExitCode> {
@@ -71,7 +96,7 @@ fn find_route<'a>(
             "ctxgate: no route named {name:?} (--route); routes: {}",
             names.join(", ")
         );
-        ExitCode::from(EXIT_CONFIG)
+        ExitCode::from(EXIT_USAGE)
     })
 }
 
@@ -175,13 +200,67 @@ fn count_cmd(config: Option<&std::path::Path>, route: Option<&str>) -> Result<Ex
     Ok(ExitCode::SUCCESS)
 }
 
-/// Exit code for a bad config (EX_USAGE from sysexits.h).
-const EXIT_CONFIG: u8 = 64;
+fn report_cmd(args: ReportArgs) -> ExitCode {
+    use ctxgate::report::{html, text, Filter, Report, Source, Tally};
+    use std::io::Write;
+    if let (Some(since), Some(until)) = (&args.since, &args.until) {
+        if since > until {
+            eprintln!("ctxgate: --since {since} is after --until {until}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    }
+    let mut tally = Tally::new(Filter {
+        since: args.since,
+        until: args.until,
+        route: args.route,
+    });
+    let scan = match Source::parse(&args.source).load(&mut tally) {
+        Ok(scan) => scan,
+        Err(e) => {
+            eprintln!("ctxgate: {e}");
+            return ExitCode::from(EXIT_NO_INPUT);
+        }
+    };
+    if scan.malformed_lines > 0 {
+        let at: Vec<String> = scan
+            .malformed_at
+            .iter()
+            .map(|(file, line)| format!("{}:{line}", file.display()))
+            .collect();
+        eprintln!(
+            "ctxgate: skipped {} line(s) that are not transcript records (first at {})",
+            scan.malformed_lines,
+            at.join(", ")
+        );
+    }
+    let report = Report::new(tally, &scan);
+    if let Some(path) = &args.html {
+        if let Err(e) = std::fs::write(path, html::render(&report)) {
+            eprintln!("ctxgate: cannot write {} (--html): {e}", path.display());
+            return ExitCode::from(EXIT_CANT_CREATE);
+        }
+    }
+    let out = if args.json {
+        report.to_json() + "\n"
+    } else {
+        text::render(&report)
+    };
+    // A closed pipe (`| head`) is not an error worth a panic.
+    let _ = std::io::stdout().lock().write_all(out.as_bytes());
+    ExitCode::SUCCESS
+}
+
+/// Exit code for a bad config or bad arguments (EX_USAGE from sysexits.h).
+const EXIT_USAGE: u8 = 64;
+/// Exit code for a report source that cannot be read (EX_NOINPUT).
+const EXIT_NO_INPUT: u8 = 66;
+/// Exit code for a report page that cannot be written (EX_CANTCREAT).
+const EXIT_CANT_CREATE: u8 = 73;
 
 fn load(path: &std::path::Path) -> Result<ctxgate::Config, ExitCode> {
     ctxgate::Config::load(path, std::env::vars()).map_err(|e| {
         eprintln!("ctxgate: invalid config {}: {e}", path.display());
-        ExitCode::from(EXIT_CONFIG)
+        ExitCode::from(EXIT_USAGE)
     })
 }
 
@@ -227,7 +306,19 @@ async fn shutdown_signal() {
 
 #[allow(clippy::print_stdout)]
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // Bad arguments exit 64 like a bad config (clap's own code would be 2); help and
+    // version print to stdout and exit 0.
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(EXIT_USAGE)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
     match cli.command {
         Command::Check { config } => match load(&config) {
             Ok(c) => {
@@ -246,6 +337,7 @@ fn main() -> ExitCode {
         Command::Count { config, route } => {
             count_cmd(config.as_deref(), route.as_deref()).unwrap_or_else(|c| c)
         }
+        Command::Report(args) => report_cmd(args),
         Command::Serve { config } => {
             init_tracing();
             let cfg = match load(&config) {
@@ -291,7 +383,7 @@ fn main() -> ExitCode {
                     Ok(()) => ExitCode::SUCCESS,
                     Err(e) => {
                         eprintln!("ctxgate: {e}");
-                        ExitCode::from(EXIT_CONFIG)
+                        ExitCode::from(EXIT_USAGE)
                     }
                 }
             });

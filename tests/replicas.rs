@@ -345,6 +345,64 @@ async fn eighty_turns_spread_over_replicas_keep_a_byte_stable_prefix() {
     }
 }
 
+/// Summaries shared through Redis: the 70-turn conversation spread over three replicas with
+/// summaries on; a summary made by one replica is pinned by all, so the prefix holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn summaries_are_shared_by_the_replicas() {
+    let redis = Redis::start().await;
+    let up = mock(|r: &Recorded| {
+        let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap_or_default();
+        if v["model"] != "summariser-1" {
+            return llm_reply(r);
+        }
+        Reply::json(r#"{"id":"s","object":"chat.completion","model":"summariser-1","choices":[{"index":0,"message":{"role":"assistant","content":"SUMMARY: steps through src/mod_*.rs."},"finish_reason":"stop"}],"usage":{"prompt_tokens":900,"completion_tokens":12,"total_tokens":912}}"#)
+    })
+    .await;
+    let cfg = shared_patient(&up, &redis)
+        .set("prune", "hard_token_limit", 4000)
+        .set("prune.summary", "enabled", true)
+        .set("prune.summary", "model", "summariser-1")
+        .set("prune.summary", "min_dropped_tokens", 1)
+        .set_route(
+            "prune",
+            "models",
+            serde_json::json!([{"match": "summariser-*", "hard_token_limit": 100000}]),
+        );
+    let replicas = vec![cfg.start().await, cfg.start().await, cfg.start().await];
+    let lb = round_robin(replicas.iter().map(|g| g.addr).collect()).await;
+    let headers = [
+        ("x-conversation-id", "agent-shared-summary"),
+        ("authorization", "Bearer sk-client-key"),
+    ];
+    send_agent_turns(&format!("http://{lb}/v1/chat/completions"), &headers, 70).await;
+    let reqs = up.requests();
+    let forwarded: Vec<Vec<String>> = reqs
+        .iter()
+        .filter(|r| !String::from_utf8_lossy(&r.body).contains("summariser-1"))
+        .map(|r| raw_messages(&r.body))
+        .collect();
+    assert_eq!(forwarded.len(), 140);
+    let summaries = reqs.len() - 140;
+    assert!(summaries >= 2, "{summaries} summary calls");
+    let mut pinning = 0;
+    for g in &replicas {
+        let page = metrics(g).await;
+        if sample(&page, "ctxgate_summary_pinned_total{route=\"test\"}") > 0.0 {
+            pinning += 1;
+        }
+        assert_eq!(sample(&page, "ctxgate_state_fallbacks_total"), 0.0);
+    }
+    assert_eq!(pinning, 3, "every replica pinned the shared summary");
+    let (stable, turns) = stable_turns(&forwarded);
+    assert!(
+        stable * 10 >= turns * 9,
+        "{stable}/{turns} turns kept the prefix across replicas, with summaries"
+    );
+    for g in replicas {
+        stop(g).await;
+    }
+}
+
 /// A replica process killed (SIGKILL) while its call holds the conversation's permit: the
 /// next call of that conversation, on another replica, goes upstream within `lease_ttl`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

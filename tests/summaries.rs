@@ -75,27 +75,12 @@ fn config(up: &Mock, dir: &TempDir) -> TestConfig {
 
 /// Sends `turns` turns of the agent conversation (two calls each) with the client's key.
 async fn converse(gate: &Gate, conv: &str, turns: usize) {
-    let tools = json!([{"type": "function", "function": {"name": "read_file", "description": "Read a file.", "parameters": {"type": "object", "properties": {"path": {"type": "string"}}, "required": ["path"]}}}]);
-    let mut history = vec![json!({"role": "system", "content": "You are a careful coding agent."})];
-    for i in 0..turns {
-        let [task, call, result, answer] = agent_turn(i);
-        for step in [vec![task], vec![call, result]] {
-            history.extend(step);
-            let body = json!({"model": "gpt-4o", "messages": history, "tools": tools}).to_string();
-            let (s, _, _) = send(
-                "POST",
-                &gate.url("/v1/chat/completions"),
-                &[
-                    ("x-conversation-id", conv),
-                    ("authorization", "Bearer sk-client-key"),
-                ],
-                &body,
-            )
-            .await;
-            assert_eq!(s, 200);
-        }
-        history.push(answer);
-    }
+    let url = gate.url("/v1/chat/completions");
+    let headers = [
+        ("x-conversation-id", conv),
+        ("authorization", "Bearer sk-client-key"),
+    ];
+    send_agent_turns(&url, &headers, turns).await;
 }
 
 #[tokio::test]
@@ -363,4 +348,73 @@ async fn an_anthropic_conversation_summarised_on_another_route_with_its_own_key(
         }
     }
     assert!(pinned >= 3, "{pinned} requests carried the summary");
+}
+
+/// A message cap moves the cut every turn, each move dropping less than `min_dropped_tokens`:
+/// the first summary waits until enough was dropped, later moves carry the summary to the new
+/// cut and keep what they dropped in a backlog, which the next summary folds in — every
+/// dropped message is summarised exactly once, none lost between carries; the pin counts
+/// against the cap.
+#[tokio::test]
+async fn small_moves_are_carried_and_their_messages_folded_into_the_next_summary() {
+    let n = Arc::new(AtomicUsize::new(0));
+    let up = mock(summariser(n.clone())).await;
+    let dir = TempDir::new("carry");
+    let gate = config(&up, &dir)
+        .set("prune", "max_messages", 7)
+        .set("prune.summary", "min_dropped_tokens", 150)
+        .start()
+        .await;
+    let mut history = vec![json!({"role": "system", "content": "You answer briefly."})];
+    for i in 0..24 {
+        history.push(json!({"role": "user", "content": format!("Q{i}: what about item {i}? {}", "Some detail. ".repeat(5))}));
+        let body = json!({"model": "gpt-4o", "messages": history}).to_string();
+        let (s, _, _) = send(
+            "POST",
+            &gate.url("/v1/chat/completions"),
+            &[
+                ("x-conversation-id", "carry"),
+                ("authorization", "Bearer sk-client-key"),
+            ],
+            &body,
+        )
+        .await;
+        assert_eq!(s, 200);
+        let ok = "ctxgate_summary_calls_total{outcome=\"ok\",route=\"test\"}";
+        until_sample(&gate, ok, n.load(Ordering::SeqCst) as f64).await;
+        history.push(json!({"role": "assistant", "content": format!("A{i}: item {i} is fine.")}));
+    }
+    let page = metrics(&gate).await;
+    let carried = sample(
+        &page,
+        "ctxgate_summary_skipped_total{reason=\"carried\",route=\"test\"}",
+    );
+    assert!(carried >= 3.0, "{carried} carries");
+    let reqs = up.requests();
+    let inputs: Vec<String> = reqs
+        .iter()
+        .filter(|r| is_summary_request(r))
+        .map(|r| {
+            let v: Value = serde_json::from_slice(&r.body).unwrap();
+            v["messages"][1]["content"].as_str().unwrap().to_string()
+        })
+        .collect();
+    assert!(inputs.len() >= 3, "{} summaries", inputs.len());
+    // Every question up to the newest one summarised appears in exactly one summary's input.
+    let seen = |i: usize| {
+        inputs
+            .iter()
+            .filter(|t| t.contains(&format!("[user] Q{i}:")))
+            .count()
+    };
+    let last = (0..24).rev().find(|&i| seen(i) > 0).unwrap();
+    assert!(last >= 8, "summarised up to Q{last}");
+    for i in 0..=last {
+        assert_eq!(seen(i), 1, "Q{i}");
+    }
+    // The cap holds with the summary counted.
+    for r in reqs.iter().filter(|r| !is_summary_request(r)) {
+        assert!(raw_messages(&r.body).len() <= 7);
+    }
+    assert!(sample(&page, "ctxgate_summary_pinned_total{route=\"test\"}") >= 5.0);
 }

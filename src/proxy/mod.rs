@@ -123,6 +123,7 @@ impl Proxy {
             metrics,
             &names,
             config.prune.view_idle_ttl,
+            state.clone(),
         ));
         Ok(Proxy {
             routes,

@@ -118,7 +118,7 @@ impl Proxy {
         let dialect = req.dialect();
         let enc = req.encoding(&self.pruning.counter, budget.default_encoding);
         let previous = match &call.conversation {
-            Some(c) if summarise => self.summaries.get(c, dialect, enc),
+            Some(c) if summarise => self.summaries.get(c, dialect, enc).await,
             _ => None,
         };
         let (decided, bytes) = self

@@ -13,8 +13,9 @@
 //! transcript record (`kind = "summary"`) and metrics; a failed, slow or over-budget summary
 //! leaves the plain cut, counted, and no client request ever fails for it.
 //!
-//! Summaries live in this process (like the view without `[state]`): a replica that did not
-//! make a conversation's summary forwards the plain cut.
+//! With `[state] backend = "redis"` a summary is also written to Redis and read from there
+//! before pruning, so every replica pins the same bytes (one more round trip per request of a
+//! route with summaries on); without Redis, summaries live in this process.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -31,6 +32,7 @@ use crate::config::{Prices, SummarySettings};
 use crate::dialect::{Dialect, UsageTap};
 use crate::metrics::{Metrics, LATENCY_BUCKETS};
 use crate::prune::{Budget, Counter, Dropped, Encoding, Pin};
+use crate::state::State;
 use crate::transcript::{now_ts, Record, Transcripts, Usage, KIND_SUMMARY};
 
 use super::call::RouteState;
@@ -68,13 +70,68 @@ pub struct Entry {
     pub text: String,
     /// The message pinned, for the client's dialect and encoding.
     pub pin: Pin,
+    /// Messages dropped since the summary was made, too few to summarise yet (the next
+    /// summary folds them in).
+    backlog: Vec<String>,
+    backlog_tokens: u64,
     dialect: Dialect,
     enc: Encoding,
+}
+
+impl Entry {
+    /// The shared form: JSON of the summary, its pin and the dialect and encoding it is for.
+    fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(&json!({
+            "v": 1,
+            "text": self.text,
+            "cut_fp": self.pin.cut_fp,
+            "raw": self.pin.raw,
+            "tokens": self.pin.tokens,
+            "backlog": self.backlog,
+            "backlog_tokens": self.backlog_tokens,
+            "dialect": self.dialect.as_str(),
+            "enc": self.enc.as_str(),
+        }))
+        .unwrap_or_default()
+    }
+
+    /// The entry another replica shared; `None` for anything else.
+    fn decode(b: &[u8]) -> Option<Entry> {
+        let v: Value = serde_json::from_slice(b).ok()?;
+        if v["v"] != 1 {
+            return None;
+        }
+        let dialect = match v["dialect"].as_str()? {
+            "openai" => Dialect::OpenAi,
+            "anthropic" => Dialect::Anthropic,
+            "openai-responses" => Dialect::Responses,
+            _ => return None,
+        };
+        Some(Entry {
+            text: v["text"].as_str()?.to_string(),
+            pin: Pin {
+                cut_fp: v["cut_fp"].as_u64()?,
+                raw: v["raw"].as_str()?.to_string(),
+                tokens: v["tokens"].as_u64()?,
+            },
+            backlog: v["backlog"]
+                .as_array()?
+                .iter()
+                .map(|m| m.as_str().map(str::to_string))
+                .collect::<Option<_>>()?,
+            backlog_tokens: v["backlog_tokens"].as_u64()?,
+            dialect,
+            enc: v["enc"].as_str()?.parse().ok()?,
+        })
+    }
 }
 
 /// The summaries of every conversation, and the calls making them.
 pub struct Summaries {
     entries: moka::sync::Cache<String, Arc<Entry>>,
+    /// Where replicas share summaries (`[state] backend = "redis"`).
+    state: Option<Arc<State>>,
+    ttl: Duration,
     pending: Mutex<HashSet<String>>,
     running: Arc<tokio::sync::Semaphore>,
     /// Summary calls in flight, watched by shutdown (their records must reach the queue).
@@ -110,12 +167,19 @@ pub struct Job {
 
 impl Summaries {
     /// An empty store; registers the summary metric families (every route's series at 0).
-    pub fn new(m: &Metrics, routes: &[&str], idle_ttl: Duration) -> Summaries {
+    pub fn new(
+        m: &Metrics,
+        routes: &[&str],
+        idle_ttl: Duration,
+        state: Option<Arc<State>>,
+    ) -> Summaries {
         Summaries {
             entries: moka::sync::Cache::builder()
                 .max_capacity(MAX_CONVERSATIONS)
                 .time_to_idle(idle_ttl)
                 .build(),
+            state,
+            ttl: idle_ttl,
             pending: Mutex::new(HashSet::new()),
             running: Arc::new(tokio::sync::Semaphore::new(MAX_RUNNING)),
             in_flight: tokio::sync::watch::Sender::new(0),
@@ -123,8 +187,23 @@ impl Summaries {
         }
     }
 
-    /// The conversation's summary, when one is ready for this dialect and encoding.
-    pub fn get(&self, conversation: &str, dialect: Dialect, enc: Encoding) -> Option<Arc<Entry>> {
+    /// The conversation's summary, when one is ready for this dialect and encoding: the shared
+    /// one when replicas share state (and Redis answers), else this process's.
+    pub async fn get(
+        &self,
+        conversation: &str,
+        dialect: Dialect,
+        enc: Encoding,
+    ) -> Option<Arc<Entry>> {
+        let shared = match &self.state {
+            Some(s) if s.up() => s.summary_get(conversation).await.ok().flatten(),
+            _ => None,
+        };
+        if let Some(e) = shared.as_deref().and_then(Entry::decode) {
+            let e = Arc::new(e);
+            self.entries.insert(conversation.to_string(), e.clone());
+            return Some(e).filter(|e| e.dialect == dialect && e.enc == enc);
+        }
         self.entries
             .get(conversation)
             .filter(|e| e.dialect == dialect && e.enc == enc)
@@ -145,20 +224,31 @@ impl Summaries {
 
     /// Summarises what a cut dropped, in the background (`previous`: the summary pinned for
     /// the previous cut, which the dropped span continues). Returns at once.
-    pub fn start(self: &Arc<Self>, job: Job, previous: Option<Arc<Entry>>) {
+    pub fn start(self: &Arc<Self>, mut job: Job, previous: Option<Arc<Entry>>) {
         let route = job.route.config.name.clone();
-        let s = &job.settings;
         let previous = previous.filter(|_| job.dropped.after_pin);
-        if job.dropped.tokens < s.min_dropped_tokens {
+        // Messages dropped by earlier moves too small to summarise come first.
+        if let Some(p) = previous.as_ref().filter(|p| !p.backlog.is_empty()) {
+            let mut messages = p.backlog.clone();
+            messages.append(&mut job.dropped.messages);
+            job.dropped.messages = messages;
+            job.dropped.tokens += p.backlog_tokens;
+        }
+        if job.dropped.tokens < job.settings.min_dropped_tokens {
             // Too little to be worth a call: the previous summary, if any, is carried to the
-            // new cut (it still says what lies before it).
+            // new cut (it still says what lies before it), and what this move dropped waits
+            // in its backlog for the next summary.
             match previous {
                 Some(p) => {
                     let pin = Pin {
                         cut_fp: job.dropped.cut_fp,
                         ..p.pin.clone()
                     };
-                    self.store(&job, p.text.clone(), pin);
+                    let backlog = (
+                        std::mem::take(&mut job.dropped.messages),
+                        job.dropped.tokens,
+                    );
+                    self.store(&job, p.text.clone(), pin, backlog);
                     self.skipped(&route, "carried");
                 }
                 None => self.skipped(&route, "too_small"),
@@ -201,16 +291,22 @@ impl Summaries {
         let _ = rx.wait_for(|n| *n == 0).await;
     }
 
-    fn store(&self, job: &Job, text: String, pin: Pin) {
-        self.entries.insert(
-            job.conversation.clone(),
-            Arc::new(Entry {
-                text,
-                pin,
-                dialect: job.dialect,
-                enc: job.enc,
-            }),
-        );
+    fn store(&self, job: &Job, text: String, pin: Pin, backlog: (Vec<String>, u64)) {
+        let e = Entry {
+            text,
+            pin,
+            backlog: backlog.0,
+            backlog_tokens: backlog.1,
+            dialect: job.dialect,
+            enc: job.enc,
+        };
+        if let Some(s) = self.state.clone().filter(|s| s.up()) {
+            let (conversation, value, ttl) = (job.conversation.clone(), e.encode(), self.ttl);
+            tokio::spawn(async move {
+                let _ = s.summary_put(&conversation, value, ttl).await;
+            });
+        }
+        self.entries.insert(job.conversation.clone(), Arc::new(e));
     }
 
     /// Makes the summary call, stores the summary, records the call.
@@ -287,7 +383,7 @@ impl Summaries {
                 raw,
                 tokens,
             };
-            self.store(&job, text, pin);
+            self.store(&job, text, pin, (Vec::new(), 0));
         } else {
             tracing::warn!(
                 route,
@@ -603,5 +699,103 @@ impl SummaryMetrics {
             s.pinned.with_label_values(&[r]);
         }
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn the_shared_entry_round_trips_and_refuses_anything_else() {
+        for dialect in [Dialect::OpenAi, Dialect::Responses, Dialect::Anthropic] {
+            let raw = pin_message(dialect, "the user fixed the parser");
+            let e = Entry {
+                text: "the user fixed the parser".into(),
+                pin: Pin {
+                    cut_fp: 0xfeed,
+                    raw: raw.clone(),
+                    tokens: 17,
+                },
+                backlog: vec![r#"{"role":"user","content":"later"}"#.into()],
+                backlog_tokens: 9,
+                dialect,
+                enc: Encoding::Cl100kBase,
+            };
+            let d = Entry::decode(&e.encode()).unwrap();
+            assert_eq!(
+                (d.text, d.pin, d.backlog, d.backlog_tokens, d.dialect, d.enc),
+                (e.text, e.pin, e.backlog, 9, dialect, e.enc)
+            );
+            let v: Value = serde_json::from_str(&raw).unwrap();
+            let text = match dialect {
+                Dialect::Anthropic => v["content"][0]["text"].as_str().unwrap(),
+                _ => v["content"].as_str().unwrap(),
+            };
+            assert!(text.starts_with(SUMMARY_MARK));
+        }
+        assert!(Entry::decode(b"cgv1 not json").is_none());
+        assert!(Entry::decode(br#"{"v":2}"#).is_none());
+        assert!(Entry::decode(br#"{"v":1,"text":"t","cut_fp":1,"raw":"{}","tokens":1,"backlog":[],"backlog_tokens":0,"dialect":"gemini","enc":"o200k_base"}"#).is_none());
+    }
+
+    #[test]
+    fn credentials_go_only_where_they_were_meant_for() {
+        let mut client = HeaderMap::new();
+        client.insert(
+            "authorization",
+            HeaderValue::from_static("Bearer sk-client"),
+        );
+        client.insert("anthropic-version", HeaderValue::from_static("2023-06-01"));
+        client.insert("cookie", HeaderValue::from_static("session=1"));
+        let s = SummarySettings::default();
+        let same = credentials(&s, &client, true, Dialect::OpenAi);
+        assert_eq!(same.len(), 2);
+        assert_eq!(same["authorization"], "Bearer sk-client");
+        assert!(!same.contains_key("cookie"));
+        assert!(credentials(&s, &client, false, Dialect::OpenAi).is_empty());
+        let mut only_version = HeaderMap::new();
+        only_version.insert("anthropic-version", HeaderValue::from_static("2023-06-01"));
+        assert!(credentials(&s, &only_version, true, Dialect::Anthropic).is_empty());
+        std::env::set_var("CTXGATE_UNIT_SUMMARY_KEY", "sk-env");
+        let keyed = SummarySettings {
+            api_key_env: Some("CTXGATE_UNIT_SUMMARY_KEY".into()),
+            ..SummarySettings::default()
+        };
+        let h = credentials(&keyed, &client, true, Dialect::Anthropic);
+        assert_eq!(h.len(), 1);
+        assert_eq!(h["x-api-key"], "sk-env");
+        assert_eq!(
+            credentials(&keyed, &client, false, Dialect::OpenAi)["authorization"],
+            "Bearer sk-env"
+        );
+        let missing = SummarySettings {
+            api_key_env: Some("CTXGATE_UNIT_SUMMARY_KEY_UNSET".into()),
+            ..SummarySettings::default()
+        };
+        assert!(credentials(&missing, &client, true, Dialect::OpenAi).is_empty());
+    }
+
+    #[test]
+    fn the_summariser_reads_text_never_signatures_or_media() {
+        let dropped = Dropped {
+            after_pin: true,
+            messages: vec![
+                json!({"role": "user", "content": [{"type": "text", "text": "fix parse.rs"}, {"type": "image", "source": {"type": "base64", "data": "AAAA"}}]}).to_string(),
+                json!({"role": "assistant", "content": [{"type": "thinking", "thinking": "look at it", "signature": "SIG"}, {"type": "tool_use", "id": "t", "name": "read", "input": {"path": "parse.rs"}}]}).to_string(),
+                json!({"role": "tool", "content": "x".repeat(10_000)}).to_string(),
+            ],
+            tokens: 3000,
+            cut_fp: 1,
+        };
+        let input = summariser_input(Some("before"), &dropped);
+        assert!(input
+            .starts_with("Previous summary:\nbefore\n\nMessages to fold in (3, oldest first):"));
+        assert!(input.contains("[user] fix parse.rs"));
+        assert!(input.contains("look at it"));
+        assert!(input.contains(r#"{"path":"parse.rs"}"#));
+        assert!(!input.contains("SIG") && !input.contains("AAAA"));
+        assert!(input.contains("[…6000 characters left out…]"));
     }
 }

@@ -152,6 +152,8 @@ struct Work<'a> {
     /// Whether the pinned figure in a rejection is exact (counting stops past the limit).
     pinned_exact: bool,
     pin: Option<&'a Pin>,
+    /// The pin was made for the previous cut and rides this move (message cap only).
+    stale_pin: bool,
     want_dropped: bool,
     dropped: Option<Dropped>,
 }
@@ -243,6 +245,7 @@ impl<'a> Work<'a> {
             pinned: Vec::new(),
             cut: prev.and_then(|p| p.cut),
             pin: None,
+            stale_pin: false,
             want_dropped: false,
             dropped: None,
         };
@@ -525,11 +528,17 @@ impl<'a> Work<'a> {
             _ => 0,
         };
         let pinned = (pinned, pinned_msgs);
-        let kept = self.kept_cut(prev_cut, (pinned.0 + extra, pinned.1), limit, cap_msgs);
+        let with_pin = (pinned.0 + extra, pinned.1 + usize::from(extra > 0));
+        let kept = self.kept_cut(prev_cut, with_pin, limit, cap_msgs);
         let (cut_unit, moved) = match kept {
             Some(cu) => (cu, false),
             None => {
-                let cu = self.new_cut(pinned, limit, cap_msgs);
+                // Under a message cap the cut moves every turn, so a summary would never ride
+                // if it waited for its own cut to stay: the summary of the previous cut (all
+                // but the span this move drops) rides the move, with room kept for it.
+                self.stale_pin = cap_msgs != usize::MAX && extra > 0;
+                let room = (pinned.0, pinned.1 + usize::from(self.stale_pin));
+                let cu = self.new_cut(room, limit, cap_msgs);
                 (cu, prev_cut.map(|c| c.0) != Some(self.units[cu].0))
             }
         };
@@ -547,7 +556,7 @@ impl<'a> Work<'a> {
             self.dropped =
                 Some(self.dropped_span(prev_cut, start, &kept)).filter(|d| !d.messages.is_empty());
         }
-        self.finish(base, kept, fixed, moved, limit)
+        self.finish(base, kept, fixed, moved, (limit, cap_msgs))
     }
 
     /// What the cut at `start` drops that no pinned summary covers: from the previous cut when
@@ -728,7 +737,7 @@ impl<'a> Work<'a> {
         kept: Vec<usize>,
         fixed: u64,
         moved: bool,
-        limit: u64,
+        (limit, cap_msgs): (u64, usize),
     ) -> Outcome {
         let mut after = fixed - self.sys_tokens();
         let mut files = 0;
@@ -756,9 +765,13 @@ impl<'a> Work<'a> {
         }
         // The summary made for this cut, after the system prefix, when it fits.
         let cut_fp = self.cut.map(|(_, fp)| fp);
-        let pin = self
-            .pin
-            .filter(|p| dropped > 0 && Some(p.cut_fp) == cut_fp && after + p.tokens <= limit);
+        let stale = self.stale_pin;
+        let pin = self.pin.filter(|p| {
+            dropped > 0
+                && (Some(p.cut_fp) == cut_fp || stale)
+                && after + p.tokens <= limit
+                && kept.len() < cap_msgs
+        });
         let summary = Summary {
             tokens_after: after + pin.map_or(0, |p| p.tokens),
             messages_after: kept.len() + usize::from(pin.is_some()),

@@ -154,8 +154,15 @@ const POLL_FIRST: Duration = Duration::from_millis(1);
 const POLL_MAX: Duration = Duration::from_millis(25);
 
 /// The operations, as the `op` label.
-pub const OPS: [&str; 6] = [
-    "acquire", "release", "renew", "view_get", "view_put", "ping",
+pub const OPS: [&str; 8] = [
+    "acquire",
+    "release",
+    "renew",
+    "view_get",
+    "view_put",
+    "summary_get",
+    "summary_put",
+    "ping",
 ];
 
 /// The backend's metric families.
@@ -181,7 +188,7 @@ impl StateMetrics {
         let s = StateMetrics {
             seconds: m.histogram_vec(
                 "ctxgate_state_redis_seconds",
-                "Round trips to the shared-state Redis, by op (acquire, release, renew, view_get, view_put, ping).",
+                "Round trips to the shared-state Redis, by op (acquire, release, renew, view_get, view_put, summary_get, summary_put, ping).",
                 &["op"],
                 &[
                     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,

@@ -172,6 +172,52 @@ impl State {
         }
         r
     }
+
+    /// Reads the conversation's shared summary (`[prune.summary]`; its encoding is the
+    /// summaries' own business).
+    pub async fn summary_get(self: &Arc<Self>, conversation: &str) -> Result<Option<Vec<u8>>, ()> {
+        let key = self.key(conversation, "summary");
+        let mut c = self.conn.clone();
+        let r = self
+            .trip("summary_get", async move {
+                redis::cmd("GET")
+                    .arg(&key)
+                    .query_async::<Option<Vec<u8>>>(&mut c)
+                    .await
+            })
+            .await;
+        if r.is_err() {
+            self.probe();
+        }
+        r
+    }
+
+    /// Writes the conversation's shared summary, to expire after `ttl`.
+    pub async fn summary_put(
+        self: &Arc<Self>,
+        conversation: &str,
+        value: Vec<u8>,
+        ttl: std::time::Duration,
+    ) -> Result<(), ()> {
+        let key = self.key(conversation, "summary");
+        let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+        let mut c = self.conn.clone();
+        let r = self
+            .trip("summary_put", async move {
+                redis::cmd("SET")
+                    .arg(&key)
+                    .arg(value)
+                    .arg("PX")
+                    .arg(ms)
+                    .query_async::<()>(&mut c)
+                    .await
+            })
+            .await;
+        if r.is_err() {
+            self.probe();
+        }
+        r
+    }
 }
 
 #[cfg(test)]

@@ -609,16 +609,21 @@ pub fn agent_turn(i: usize) -> [serde_json::Value; 4] {
 /// Sends the 40-turn agent conversation to `url` as conversation `conv`: each turn the task,
 /// then the tool result (80 calls, each answered 200); the answer joins the history after.
 pub async fn send_agent_conversation(url: &str, conv: &str) {
+    send_agent_turns(url, &[("x-conversation-id", conv)], 40).await;
+}
+
+/// The agent conversation's first `turns` turns (two calls each), every call with `headers`.
+pub async fn send_agent_turns(url: &str, headers: &[(&str, &str)], turns: usize) {
     let tools = serde_json::json!([{"type": "function", "function": {"name": "read_file", "description": "Read a file.", "parameters": {"type": "object", "properties": {"path": {"type": "string", "description": "The path."}}, "required": ["path"]}}}]);
     let mut history =
         vec![serde_json::json!({"role": "system", "content": "You are a careful coding agent."})];
-    for i in 0..40 {
+    for i in 0..turns {
         let [task, call, result, answer] = agent_turn(i);
         for step in [vec![task], vec![call, result]] {
             history.extend(step);
             let body = serde_json::json!({"model": "gpt-4o", "messages": history, "tools": tools})
                 .to_string();
-            let (s, _, _) = send("POST", url, &[("x-conversation-id", conv)], &body).await;
+            let (s, _, _) = send("POST", url, headers, &body).await;
             assert_eq!(s, 200);
         }
         history.push(answer);

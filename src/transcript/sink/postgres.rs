@@ -196,8 +196,9 @@ pub struct PostgresSink {
     tls: MakeRustlsConnect,
 }
 
-/// The rustls client configuration for PostgreSQL: the system's native roots.
-fn tls_connector() -> MakeRustlsConnect {
+/// The rustls client configuration for PostgreSQL: the system's native roots (also used by
+/// `ctxgate report` to read the table back).
+pub(crate) fn tls_connector() -> MakeRustlsConnect {
     let mut roots = rustls::RootCertStore::empty();
     let loaded = rustls_native_certs::load_native_certs();
     roots.add_parsable_certificates(loaded.certs);

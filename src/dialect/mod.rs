@@ -106,7 +106,13 @@ pub fn finish_class(reason: &str) -> &'static str {
     match reason {
         // OpenAI; Anthropic; Responses.
         "stop" | "end_turn" | "stop_sequence" | "completed" => "stop",
-        "length" | "max_tokens" | "model_context_window_exceeded" | "max_output_tokens" => "length",
+        // A Responses answer `incomplete` without a reason is most often one out of tokens
+        // (`ctxgate report` counts it so too).
+        "length"
+        | "max_tokens"
+        | "model_context_window_exceeded"
+        | "max_output_tokens"
+        | "incomplete" => "length",
         "tool_calls" | "function_call" | "tool_use" => "tool_calls",
         "content_filter" | "refusal" => "content_filter",
         // Anthropic `pause_turn`, Responses `failed`, anything new.
@@ -187,6 +193,7 @@ mod tests {
             ("length", "length"),
             ("max_tokens", "length"),
             ("max_output_tokens", "length"),
+            ("incomplete", "length"),
             ("model_context_window_exceeded", "length"),
             ("tool_calls", "tool_calls"),
             ("function_call", "tool_calls"),

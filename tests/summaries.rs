@@ -418,3 +418,47 @@ async fn small_moves_are_carried_and_their_messages_folded_into_the_next_summary
     }
     assert!(sample(&page, "ctxgate_summary_pinned_total{route=\"test\"}") >= 5.0);
 }
+
+/// A summary call still running at shutdown finishes within the grace period and leaves its
+/// record: the transcript is drained only after it.
+#[tokio::test]
+async fn a_summary_running_at_shutdown_still_leaves_its_record() {
+    let n = Arc::new(AtomicUsize::new(0));
+    let answer = summariser(n.clone());
+    let up = mock(move |r: &Recorded| {
+        let reply = answer(r);
+        if is_summary_request(r) {
+            Reply::Delayed(Duration::from_millis(800), Box::new(reply))
+        } else {
+            reply
+        }
+    })
+    .await;
+    let dir = TempDir::new("shutdown");
+    let gate = config(&up, &dir).start().await;
+    let url = gate.url("/v1/chat/completions");
+    let headers = [
+        ("x-conversation-id", "closing"),
+        ("authorization", "Bearer sk-client-key"),
+    ];
+    // Turn by turn until a cut move starts a summary call, then stop at once.
+    let tools = json!([]);
+    let mut history = vec![json!({"role": "system", "content": "You are a careful coding agent."})];
+    for i in 0..40 {
+        let [task, call, result, answer] = agent_turn(i);
+        history.extend([task, call, result]);
+        let body = json!({"model": "gpt-4o", "messages": history, "tools": tools}).to_string();
+        assert_eq!(send("POST", &url, &headers, &body).await.0, 200);
+        history.push(answer);
+        if up.requests().iter().any(is_summary_request) {
+            break;
+        }
+    }
+    assert_eq!(n.load(Ordering::SeqCst), 1, "a summary call is running");
+    stop(gate).await;
+    let records = jsonl_records(&dir.0);
+    let sums: Vec<&Value> = records.iter().filter(|r| r["kind"] == "summary").collect();
+    assert_eq!(sums.len(), 1);
+    assert_eq!(sums[0]["status"], 200);
+    assert!(sums[0]["latency_ms"].as_f64().unwrap() >= 800.0);
+}

@@ -462,3 +462,56 @@ async fn a_summary_running_at_shutdown_still_leaves_its_record() {
     assert_eq!(sums[0]["status"], 200);
     assert!(sums[0]["latency_ms"].as_f64().unwrap() >= 800.0);
 }
+
+/// A Responses-API conversation: the summary rides as a developer message item right after
+/// the leading developer message, in `input`.
+#[tokio::test]
+async fn a_responses_conversation_carries_the_summary_as_a_developer_item() {
+    let n = Arc::new(AtomicUsize::new(0));
+    let up = mock(summariser(n.clone())).await;
+    let dir = TempDir::new("responses");
+    let gate = config(&up, &dir).start().await;
+    let mut input = vec![json!({"role": "developer", "content": "You are a careful assistant."})];
+    for i in 0..30 {
+        input.push(json!({"role": "user", "content": format!("Step {i}: explain part {i}. {}", "Context words. ".repeat(30))}));
+        let body = json!({"model": "gpt-4.1", "input": input}).to_string();
+        let (s, _, _) = send(
+            "POST",
+            &gate.url("/v1/responses"),
+            &[
+                ("x-conversation-id", "responses-sum"),
+                ("authorization", "Bearer sk-client-key"),
+            ],
+            &body,
+        )
+        .await;
+        assert_eq!(s, 200);
+        let ok = "ctxgate_summary_calls_total{outcome=\"ok\",route=\"test\"}";
+        until_sample(&gate, ok, n.load(Ordering::SeqCst) as f64).await;
+        input.push(json!({"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": format!("Part {i} does its job. {}", "Answer words. ".repeat(30))}]}));
+    }
+    let mut pinned = 0;
+    for r in up.requests().iter().filter(|r| !is_summary_request(r)) {
+        assert!(r.uri.ends_with("/v1/responses"));
+        let req = ChatRequest::parse(Dialect::Responses, &r.body).unwrap();
+        assert!(
+            Counter::new(Encoding::O200kBase)
+                .unwrap()
+                .count_request(&req)
+                <= 4000
+        );
+        let v: Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(v["input"][0]["role"], "developer");
+        let second = &v["input"][1];
+        if second["content"]
+            .as_str()
+            .is_some_and(|t| t.starts_with(MARK))
+        {
+            pinned += 1;
+            assert_eq!(second["type"], "message");
+            assert_eq!(second["role"], "developer");
+        }
+    }
+    assert!(n.load(Ordering::SeqCst) >= 1);
+    assert!(pinned >= 3, "{pinned} requests carried the summary");
+}

@@ -418,3 +418,100 @@ async fn small_moves_are_carried_and_their_messages_folded_into_the_next_summary
     }
     assert!(sample(&page, "ctxgate_summary_pinned_total{route=\"test\"}") >= 5.0);
 }
+
+/// A summary call still running at shutdown finishes within the grace period and leaves its
+/// record: the transcript is drained only after it.
+#[tokio::test]
+async fn a_summary_running_at_shutdown_still_leaves_its_record() {
+    let n = Arc::new(AtomicUsize::new(0));
+    let answer = summariser(n.clone());
+    let up = mock(move |r: &Recorded| {
+        let reply = answer(r);
+        if is_summary_request(r) {
+            Reply::Delayed(Duration::from_millis(800), Box::new(reply))
+        } else {
+            reply
+        }
+    })
+    .await;
+    let dir = TempDir::new("shutdown");
+    let gate = config(&up, &dir).start().await;
+    let url = gate.url("/v1/chat/completions");
+    let headers = [
+        ("x-conversation-id", "closing"),
+        ("authorization", "Bearer sk-client-key"),
+    ];
+    // Turn by turn until a cut move starts a summary call, then stop at once.
+    let tools = json!([]);
+    let mut history = vec![json!({"role": "system", "content": "You are a careful coding agent."})];
+    for i in 0..40 {
+        let [task, call, result, answer] = agent_turn(i);
+        history.extend([task, call, result]);
+        let body = json!({"model": "gpt-4o", "messages": history, "tools": tools}).to_string();
+        assert_eq!(send("POST", &url, &headers, &body).await.0, 200);
+        history.push(answer);
+        if up.requests().iter().any(is_summary_request) {
+            break;
+        }
+    }
+    assert_eq!(n.load(Ordering::SeqCst), 1, "a summary call is running");
+    stop(gate).await;
+    let records = jsonl_records(&dir.0);
+    let sums: Vec<&Value> = records.iter().filter(|r| r["kind"] == "summary").collect();
+    assert_eq!(sums.len(), 1);
+    assert_eq!(sums[0]["status"], 200);
+    assert!(sums[0]["latency_ms"].as_f64().unwrap() >= 800.0);
+}
+
+/// A Responses-API conversation: the summary rides as a developer message item right after
+/// the leading developer message, in `input`.
+#[tokio::test]
+async fn a_responses_conversation_carries_the_summary_as_a_developer_item() {
+    let n = Arc::new(AtomicUsize::new(0));
+    let up = mock(summariser(n.clone())).await;
+    let dir = TempDir::new("responses");
+    let gate = config(&up, &dir).start().await;
+    let mut input = vec![json!({"role": "developer", "content": "You are a careful assistant."})];
+    for i in 0..30 {
+        input.push(json!({"role": "user", "content": format!("Step {i}: explain part {i}. {}", "Context words. ".repeat(30))}));
+        let body = json!({"model": "gpt-4.1", "input": input}).to_string();
+        let (s, _, _) = send(
+            "POST",
+            &gate.url("/v1/responses"),
+            &[
+                ("x-conversation-id", "responses-sum"),
+                ("authorization", "Bearer sk-client-key"),
+            ],
+            &body,
+        )
+        .await;
+        assert_eq!(s, 200);
+        let ok = "ctxgate_summary_calls_total{outcome=\"ok\",route=\"test\"}";
+        until_sample(&gate, ok, n.load(Ordering::SeqCst) as f64).await;
+        input.push(json!({"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": format!("Part {i} does its job. {}", "Answer words. ".repeat(30))}]}));
+    }
+    let mut pinned = 0;
+    for r in up.requests().iter().filter(|r| !is_summary_request(r)) {
+        assert!(r.uri.ends_with("/v1/responses"));
+        let req = ChatRequest::parse(Dialect::Responses, &r.body).unwrap();
+        assert!(
+            Counter::new(Encoding::O200kBase)
+                .unwrap()
+                .count_request(&req)
+                <= 4000
+        );
+        let v: Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(v["input"][0]["role"], "developer");
+        let second = &v["input"][1];
+        if second["content"]
+            .as_str()
+            .is_some_and(|t| t.starts_with(MARK))
+        {
+            pinned += 1;
+            assert_eq!(second["type"], "message");
+            assert_eq!(second["role"], "developer");
+        }
+    }
+    assert!(n.load(Ordering::SeqCst) >= 1);
+    assert!(pinned >= 3, "{pinned} requests carried the summary");
+}

@@ -165,7 +165,7 @@ impl Default for Metrics {
     }
 }
 
-pub fn invalid_metric<T>(name: &str, e: prometheus::Error) -> T {
+fn invalid_metric<T>(name: &str, e: prometheus::Error) -> T {
     // Metric definitions are constants: a failure here is a bug caught by the first test run.
     panic!("invalid metric definition {name}: {e}")
 }

@@ -196,6 +196,7 @@ async fn each_cut_move_is_summarised_and_the_summary_rides_after_the_system_prom
         assert_eq!(r["usage"]["output_tokens"], 50);
         // 1000 input tokens at $1/M and 50 output at $2/M.
         assert!((r["cost_usd"].as_f64().unwrap() - 0.0011).abs() < 1e-12);
+        assert_eq!(r["finish_reason"], "stop");
         assert!(r["error_kind"].is_null());
     }
     let with_summary = records

@@ -25,7 +25,7 @@ use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Method, Request};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use prometheus::{CounterVec, HistogramVec, IntCounterVec, Opts};
+use prometheus::{CounterVec, HistogramVec, IntCounterVec};
 use serde_json::{json, Value};
 
 use crate::config::{Prices, SummarySettings};
@@ -425,7 +425,7 @@ impl Summaries {
             response_text: None,
             kind: KIND_SUMMARY.to_string(),
             holdout: false,
-            finish_reason: None,
+            finish_reason: tapped.finish_reason.clone(),
             summary_tokens: None,
             cost_usd: cost,
             cost_unpruned_usd: cost,
@@ -640,15 +640,11 @@ struct SummaryMetrics {
 
 impl SummaryMetrics {
     fn register(m: &Metrics, routes: &[&str]) -> SummaryMetrics {
-        let cost = CounterVec::new(
-            Opts::new(
-                "ctxgate_summary_cost_usd_total",
-                "Estimated cost of summary calls in US dollars ([[prices]]), by the conversation's route.",
-            ),
+        let cost = m.float_counter_vec(
+            "ctxgate_summary_cost_usd_total",
+            "Estimated cost of summary calls in US dollars ([[prices]]), by the conversation's route.",
             &["route"],
-        )
-        .unwrap_or_else(|e| crate::metrics::invalid_metric("ctxgate_summary_cost_usd_total", e));
-        m.register(Box::new(cost.clone()));
+        );
         let s = SummaryMetrics {
             calls: m.counter_vec(
                 "ctxgate_summary_calls_total",

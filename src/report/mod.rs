@@ -355,13 +355,14 @@ pub enum Finish {
 }
 
 impl Finish {
-    /// The class of a recorded `finish_reason`.
+    /// The class of a recorded `finish_reason`: the classes of the metrics
+    /// ([`crate::dialect::finish_class`]), `content_filter` counted among the others.
     pub fn of(reason: Option<&str>) -> Finish {
-        match reason {
+        match reason.map(crate::dialect::finish_class) {
             None => Finish::None,
-            Some("stop" | "end_turn" | "stop_sequence" | "completed") => Finish::Stop,
-            Some("length" | "max_tokens" | "incomplete" | "max_output_tokens") => Finish::Length,
-            Some("tool_calls" | "function_call" | "tool_use") => Finish::Tool,
+            Some("stop") => Finish::Stop,
+            Some("length") => Finish::Length,
+            Some("tool_calls") => Finish::Tool,
             Some(_) => Finish::Other,
         }
     }

@@ -118,10 +118,8 @@ impl Proxy {
             ));
         }
         let gates = admit::gates(config, state.clone());
-        let names: Vec<&str> = config.routes.iter().map(|r| r.name.as_str()).collect();
         let summaries = Arc::new(summary::Summaries::new(
-            metrics,
-            &names,
+            m.summary.clone(),
             config.prune.view_idle_ttl,
             state.clone(),
         ));
@@ -284,6 +282,8 @@ pub struct ProxyMetrics {
     pub warmup: upstream::WarmupMetrics,
     /// Costs and the holdout comparison.
     pub effect: effect::EffectMetrics,
+    /// Summaries (`[prune.summary]`).
+    pub summary: summary::SummaryMetrics,
 }
 
 impl ProxyMetrics {
@@ -299,6 +299,7 @@ impl ProxyMetrics {
             gate: admit::GateMetrics::register(m, &names),
             prune: prune::PruneMetrics::register(m, &names),
             warmup: upstream::WarmupMetrics::register(m, &names),
+            summary: summary::SummaryMetrics::register(m, &names),
             effect: effect::EffectMetrics::register(m, &names),
         }
     }

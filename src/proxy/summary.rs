@@ -167,12 +167,7 @@ pub struct Job {
 
 impl Summaries {
     /// An empty store; registers the summary metric families (every route's series at 0).
-    pub fn new(
-        m: &Metrics,
-        routes: &[&str],
-        idle_ttl: Duration,
-        state: Option<Arc<State>>,
-    ) -> Summaries {
+    pub fn new(metrics: SummaryMetrics, idle_ttl: Duration, state: Option<Arc<State>>) -> Summaries {
         Summaries {
             entries: moka::sync::Cache::builder()
                 .max_capacity(MAX_CONVERSATIONS)
@@ -183,7 +178,7 @@ impl Summaries {
             pending: Mutex::new(HashSet::new()),
             running: Arc::new(tokio::sync::Semaphore::new(MAX_RUNNING)),
             in_flight: tokio::sync::watch::Sender::new(0),
-            metrics: SummaryMetrics::register(m, routes),
+            metrics,
         }
     }
 
@@ -629,7 +624,7 @@ pub fn pin_message(dialect: Dialect, text: &str) -> String {
 
 /// The summary metric families.
 #[derive(Clone)]
-struct SummaryMetrics {
+pub struct SummaryMetrics {
     calls: IntCounterVec,
     skipped: IntCounterVec,
     tokens: IntCounterVec,
@@ -639,7 +634,8 @@ struct SummaryMetrics {
 }
 
 impl SummaryMetrics {
-    fn register(m: &Metrics, routes: &[&str]) -> SummaryMetrics {
+    /// Registers the families, with every route's series at 0.
+    pub fn register(m: &Metrics, routes: &[&str]) -> SummaryMetrics {
         let cost = m.float_counter_vec(
             "ctxgate_summary_cost_usd_total",
             "Estimated cost of summary calls in US dollars ([[prices]]), by the conversation's route.",

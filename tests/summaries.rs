@@ -337,14 +337,21 @@ async fn an_anthropic_conversation_summarised_on_another_route_with_its_own_key(
                 <= 3000
         );
         let v: Value = serde_json::from_slice(&r.body).unwrap();
-        let first = &v["messages"][0];
-        assert_eq!(first["role"], "user");
+        let msgs = v["messages"].as_array().unwrap();
+        // Turns alternate, starting with the user: the summary joins the first user turn.
+        for (i, m) in msgs.iter().enumerate() {
+            assert_eq!(m["role"], if i % 2 == 0 { "user" } else { "assistant" });
+        }
+        let first = &msgs[0];
         if let Some(text) = first["content"][0]["text"].as_str() {
             if text.starts_with(MARK) {
                 pinned += 1;
-                assert_eq!(first["content"].as_array().unwrap().len(), 1);
                 assert_eq!(first["content"][0]["type"], "text");
                 assert!(text.strip_prefix(MARK).unwrap().starts_with("\nSUMMARY #"));
+                // The turn's own text follows the summary, untouched.
+                let own = first["content"][1]["text"].as_str().unwrap();
+                assert!(own.starts_with("Step "), "{own}");
+                assert_eq!(first["content"].as_array().unwrap().len(), 2);
             }
         }
     }

@@ -107,6 +107,9 @@ impl RouteState {
     }
 }
 
+/// Status recorded for a call whose client left before any response was sent.
+pub const CLIENT_CLOSED: u16 = 499;
+
 /// What ends a call: implemented by `record::Recorder`, the only one that records.
 pub trait Finish: Send + Sync {
     /// The call has ended: record it. Called once per call, by the call itself.

@@ -391,7 +391,7 @@ impl Effects {
                 gs.finish[i].inc();
             }
         }
-        match outcome(end, call.status.unwrap_or(super::record::CLIENT_CLOSED)) {
+        match outcome(end, call.status.unwrap_or(super::call::CLIENT_CLOSED)) {
             Outcome::Answered => r.duration[g as usize].observe(elapsed.as_secs_f64()),
             Outcome::Failed => gs.errors.inc(),
             Outcome::Cut => {}

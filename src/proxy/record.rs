@@ -28,8 +28,7 @@ use super::call::{Call, End, Finish, PruneAction};
 use super::effect::{Effect, Effects};
 use super::prune::{PruneMetrics, RoutePruneMetrics};
 
-/// Status recorded for a call whose client left before any response was sent.
-pub const CLIENT_CLOSED: u16 = 499;
+pub use super::call::CLIENT_CLOSED;
 
 /// The `kind` label values of `ctxgate_upstream_errors_total`.
 const UPSTREAM_ERROR_KINDS: [&str; 6] = [

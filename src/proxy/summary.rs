@@ -167,7 +167,11 @@ pub struct Job {
 
 impl Summaries {
     /// An empty store; registers the summary metric families (every route's series at 0).
-    pub fn new(metrics: SummaryMetrics, idle_ttl: Duration, state: Option<Arc<State>>) -> Summaries {
+    pub fn new(
+        metrics: SummaryMetrics,
+        idle_ttl: Duration,
+        state: Option<Arc<State>>,
+    ) -> Summaries {
         Summaries {
             entries: moka::sync::Cache::builder()
                 .max_capacity(MAX_CONVERSATIONS)
@@ -369,6 +373,12 @@ impl Summaries {
             let text = tapped.text.clone().unwrap_or_default().trim().to_string();
             let raw = pin_message(job.dialect, &text);
             let value: Value = serde_json::from_str(&raw).unwrap_or(Value::Null);
+            // An Anthropic block is counted as the message it would be (a little more than
+            // what it adds to the message it joins: room to spare).
+            let value = match job.dialect {
+                Dialect::Anthropic => json!({"role": "user", "content": [value]}),
+                _ => value,
+            };
             let tokens = job
                 .counter
                 .count_message(job.enc, job.dialect, &value, u64::MAX)
@@ -610,14 +620,15 @@ fn clip(s: &str) -> String {
     )
 }
 
-/// The summary as a message of the client's dialect: a system message (OpenAI chat), a
-/// developer message (Responses), a user message (Anthropic, whose system prompt is a field).
+/// The summary in the client's dialect: a system message (OpenAI chat), a developer message
+/// (Responses), a text block that pruning puts at the head of the first kept user message
+/// (Anthropic: its system prompt is a field, and its turns must alternate).
 pub fn pin_message(dialect: Dialect, text: &str) -> String {
     let body = format!("{SUMMARY_MARK}\n{text}");
     let v = match dialect {
         Dialect::OpenAi => json!({"role": "system", "content": body}),
         Dialect::Responses => json!({"type": "message", "role": "developer", "content": body}),
-        Dialect::Anthropic => json!({"role": "user", "content": [{"type": "text", "text": body}]}),
+        Dialect::Anthropic => json!({"type": "text", "text": body}),
     };
     v.to_string()
 }
@@ -722,7 +733,7 @@ mod tests {
             );
             let v: Value = serde_json::from_str(&raw).unwrap();
             let text = match dialect {
-                Dialect::Anthropic => v["content"][0]["text"].as_str().unwrap(),
+                Dialect::Anthropic => v["text"].as_str().unwrap(),
                 _ => v["content"].as_str().unwrap(),
             };
             assert!(text.starts_with(SUMMARY_MARK));

@@ -1,5 +1,6 @@
 //! The pruning policy: units, turns, the pinned part, the cache-stable cut, overflow.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -763,44 +764,58 @@ impl<'a> Work<'a> {
         if dropped == 0 && files == 0 {
             return Outcome::Unchanged(base);
         }
-        // The summary made for this cut, after the system prefix, when it fits.
+        // The summary made for this cut, after the system prefix, when it fits: a message of
+        // its own, or (Anthropic, whose turns must alternate and begin with the user) a text
+        // block at the head of the first kept user message.
+        let req = self.req;
+        let sys_end = self.sys_end;
+        let mut texts: Vec<Cow<'_, [u8]>> = kept
+            .iter()
+            .zip(&raws)
+            .map(|(&i, e)| match e.as_ref().and_then(|e| e.raw.as_ref()) {
+                Some(r) => Cow::Borrowed(r.get().as_bytes()),
+                None => Cow::Borrowed(req.raw(i)),
+            })
+            .collect();
         let cut_fp = self.cut.map(|(_, fp)| fp);
         let stale = self.stale_pin;
-        let pin = self.pin.filter(|p| {
-            dropped > 0
-                && (Some(p.cut_fp) == cut_fp || stale)
-                && after + p.tokens <= limit
-                && kept.len() < cap_msgs
-        });
+        let mut inserted: Option<&[u8]> = None;
+        let (mut pin_tokens, mut pin_chars) = (0, 0);
+        if let Some(p) = self
+            .pin
+            .filter(|p| dropped > 0 && (Some(p.cut_fp) == cut_fp || stale))
+        {
+            if req.dialect() == Dialect::Anthropic {
+                let merged = texts
+                    .get(sys_end)
+                    .and_then(|t| merge_block(t, &p.raw, self.counter, self.enc));
+                if let Some((bytes, delta)) = merged.filter(|(_, d)| after + d <= limit) {
+                    texts[sys_end] = Cow::Owned(bytes);
+                    (pin_tokens, pin_chars) = (delta, count_chars(&p.raw));
+                }
+            } else if after + p.tokens <= limit && kept.len() < cap_msgs {
+                inserted = Some(p.raw.as_bytes());
+                (pin_tokens, pin_chars) = (p.tokens, count_chars(&p.raw));
+            }
+        }
         let summary = Summary {
-            tokens_after: after + pin.map_or(0, |p| p.tokens),
-            messages_after: kept.len() + usize::from(pin.is_some()),
+            tokens_after: after + pin_tokens,
+            messages_after: kept.len() + usize::from(inserted.is_some()),
             messages_dropped: dropped,
             files_elided: files,
-            chars_after: chars_after + pin.map_or(0, |p| count_chars(&p.raw)),
+            chars_after: chars_after + pin_chars,
             cut_moved: moved,
-            summary_tokens: pin.map_or(0, |p| p.tokens),
+            summary_tokens: pin_tokens,
             ..base
         };
         if self.budget.mode == Mode::Shadow {
             return Outcome::Shadow(summary);
         }
-        let req = self.req;
-        let sys_end = self.sys_end;
-        let texts: Vec<&[u8]> = kept
-            .iter()
-            .zip(&raws)
-            .map(|(&i, e)| match e.as_ref().and_then(|e| e.raw.as_ref()) {
-                Some(r) => r.get().as_bytes(),
-                None => req.raw(i),
-            })
-            .collect();
-        let pinned = pin.map(|p| p.raw.as_bytes());
         let texts = texts[..sys_end]
             .iter()
-            .copied()
-            .chain(pinned)
-            .chain(texts[sys_end..].iter().copied());
+            .map(|t| t.as_ref())
+            .chain(inserted)
+            .chain(texts[sys_end..].iter().map(|t| t.as_ref()));
         let body = req.serialise(texts, None);
         Outcome::Pruned { body, summary }
     }
@@ -994,6 +1009,46 @@ impl<'a> Work<'a> {
     }
 }
 
+/// An Anthropic user message (`message`) with the text block `block` put at the head of its
+/// content — after any `tool_result` blocks, which the API wants first — and the tokens that
+/// added; `None` for anything but a user message.
+fn merge_block(
+    message: &[u8],
+    block: &str,
+    counter: &Counter,
+    enc: Encoding,
+) -> Option<(Vec<u8>, u64)> {
+    let mut v: Value = serde_json::from_slice(message).ok()?;
+    if v.get("role").and_then(Value::as_str) != Some("user") {
+        return None;
+    }
+    let count = |v: &Value| {
+        counter
+            .count_message(enc, Dialect::Anthropic, v, u64::MAX)
+            .0
+    };
+    let before = count(&v);
+    let block: Value = serde_json::from_str(block).ok()?;
+    let content = v.get_mut("content")?;
+    match content {
+        Value::String(text) if text.is_empty() => *content = Value::Array(vec![block]),
+        Value::String(text) => {
+            let text = std::mem::take(text);
+            *content = serde_json::json!([block, {"type": "text", "text": text}]);
+        }
+        Value::Array(items) => {
+            let at = items
+                .iter()
+                .take_while(|b| b.get("type").and_then(Value::as_str) == Some("tool_result"))
+                .count();
+            items.insert(at, block);
+        }
+        _ => return None,
+    }
+    let delta = count(&v).saturating_sub(before);
+    Some((serde_json::to_vec(&v).ok()?, delta))
+}
+
 /// A step in a JSON path.
 /// A Responses item ctxgate never edits: `reasoning` (its text and signature-like encrypted
 /// content are checked by the API) and `compaction` (opaque).
@@ -1063,4 +1118,41 @@ fn cut_middle(counter: &Counter, enc: Encoding, s: &mut String, excess: u64) {
     let removed = counter.count_text(enc, &s[from..to]);
     let mark = format!("\n[ctxgate: truncated {removed} tokens]\n");
     s.replace_range(from..to, &mark);
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn an_anthropic_summary_block_joins_the_first_user_turn_after_its_tool_results() {
+        let c = Counter::new(Encoding::O200kBase).unwrap();
+        let block = r#"{"type":"text","text":"[ctxgate summary of earlier conversation]\nS"}"#;
+        let merge = |m: Value| {
+            let (b, delta) = merge_block(m.to_string().as_bytes(), block, &c, Encoding::O200kBase)?;
+            assert!(delta > 0);
+            Some(serde_json::from_slice::<Value>(&b).unwrap()["content"].clone())
+        };
+        let b: Value = serde_json::from_str(block).unwrap();
+        assert_eq!(
+            merge(serde_json::json!({"role": "user", "content": "Fix it."})).unwrap(),
+            serde_json::json!([b, {"type": "text", "text": "Fix it."}])
+        );
+        assert_eq!(
+            merge(serde_json::json!({"role": "user", "content": ""})).unwrap(),
+            serde_json::json!([b])
+        );
+        let results = serde_json::json!({"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": "t1", "content": "ok"},
+            {"type": "text", "text": "next"}]});
+        assert_eq!(
+            merge(results).unwrap(),
+            serde_json::json!([
+                {"type": "tool_result", "tool_use_id": "t1", "content": "ok"},
+                b,
+                {"type": "text", "text": "next"}])
+        );
+        assert!(merge(serde_json::json!({"role": "assistant", "content": "x"})).is_none());
+    }
 }

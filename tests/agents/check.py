@@ -103,9 +103,17 @@ def canon(obj):
     return json.dumps(strip_cache_control(obj), sort_keys=True)
 
 
+SUMMARY_MARK = "[ctxgate summary of earlier conversation]"
+
+
 def system_items(kind, body):
     """The system content of a request: top-level system/instructions, and every
-    system/developer message wherever it stands, as canonical JSON strings."""
+    system/developer message wherever it stands, as canonical JSON strings (not ctxgate's own
+    summary, which changes by design when the cut moves)."""
+    return [x for x in _system_items(kind, body) if SUMMARY_MARK not in x]
+
+
+def _system_items(kind, body):
     out = []
     if kind == "anthropic":
         out.append("system:" + canon(body.get("system")))
@@ -160,6 +168,7 @@ def main():
     ap.add_argument("--tool-results", type=int, required=True)
     ap.add_argument("--marker", default="E2E-DONE")
     ap.add_argument("--sessions", required=True)
+    ap.add_argument("--summaries", type=int, default=0, help="1: [prune.summary] was on")
     a = ap.parse_args()
     names = a.sessions.split(",")
 
@@ -301,6 +310,23 @@ def main():
             and len({v[0] for v in ids.values() if v}) == len(cl)
         check("%d parallel Claude Code sessions with the same prompt are %d distinct conversation_ids"
               % (len(cl), len(cl)), distinct, "anthropic conversation_ids: %s" % all_ids)
+
+    # -- 5. summaries ([prune.summary]): made with the agents' own credentials, answered, and
+    #       carried by later requests, in shapes the mock's validation (the APIs') accepts
+    if a.summaries:
+        sums = [r for r in records if r.get("kind") == "summary"]
+        check("ctxgate summarised moved cuts: summary calls recorded, every one answered 200",
+              bool(sums) and all(r["status"] == 200 and not r.get("error_kind") for r in sums),
+              "%d summary records by route %s; errors %s" % (
+                  len(sums), sorted({r["route"] for r in sums}),
+                  [r.get("error_kind") for r in sums if r.get("error_kind")][:3]))
+        carried = {}
+        for e in mock:
+            if e["kind"] == "request" and e.get("body") and SUMMARY_MARK in json.dumps(e["body"]):
+                k = kind_of(e["path"])
+                carried[k] = carried.get(k, 0) + 1
+        check("forwarded agent requests carried ctxgate's summary", sum(carried.values()) > 0,
+              "requests with the summary by kind: %s" % carried)
 
     failed = RESULTS.count(False)
     print("== %d checks, %d passed, %d failed" % (len(RESULTS), len(RESULTS) - failed, failed))

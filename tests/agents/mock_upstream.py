@@ -88,6 +88,19 @@ def new_call_id(prefix, step):
     return "%s_e2e%02dx%s" % (prefix, step, secrets.token_hex(6))
 
 
+SUMMARY_PROMPT_START = "You keep the running summary of a long conversation"
+
+
+def is_summary_request(body):
+    """Whether a request is ctxgate's summary call (its default instructions)."""
+    system = body.get("system")
+    if isinstance(system, str) and system.startswith(SUMMARY_PROMPT_START):
+        return True
+    msgs = body.get("messages") or []
+    first = msgs[0] if msgs and isinstance(msgs[0], dict) else {}
+    return first.get("role") == "system" and str(first.get("content", "")).startswith(SUMMARY_PROMPT_START)
+
+
 class Reject(Exception):
     def __init__(self, message, param=None, code=None):
         super().__init__(message)
@@ -617,6 +630,8 @@ class Handler(BaseHTTPRequestHandler):
                     [body.get("system"), body.get("messages"), body.get("tools")])})
             if path.endswith("/v1/messages"):
                 validate_anthropic(body, self.headers.get("anthropic-beta") or "")
+                if is_summary_request(body):
+                    return self.summary_answer(entry, body, "anthropic")
                 return self.anthropic(entry, body)
             if path.endswith("/responses/input_tokens"):
                 return self.answer(entry, 200, {"object": "response.input_tokens",
@@ -628,12 +643,37 @@ class Handler(BaseHTTPRequestHandler):
                 return self.answer_responses(entry, body)
             if path.endswith("/chat/completions"):
                 validate_chat(body)
+                if is_summary_request(body):
+                    return self.summary_answer(entry, body, "chat")
                 return self.chat(entry, body)
         except Reject as r:
             return self.reject("anthropic" if "/messages" in path else "openai", r, entry)
         self.send_json(404, {"error": {"message": "not found: " + path, "type": "invalid_request_error",
                                        "param": None, "code": "not_found"}})
         log({"kind": "answer", "path": self.path, "status": 404, "unknown": True})
+
+    def summary_answer(self, entry, body, dialect):
+        """ctxgate's own summary call ([prune.summary]): a plain text answer, as a small model
+        would give, with usage."""
+        text = "Summary (mock): the agent read files step by step; %s" % secrets.token_hex(4)
+        in_tok = estimate_tokens([body.get("system"), body.get("messages")])
+        out_tok = estimate_tokens(text)
+        if dialect == "anthropic":
+            obj = {"id": "msg_mock" + secrets.token_hex(8), "type": "message", "role": "assistant",
+                   "model": body.get("model"), "content": [{"type": "text", "text": text}],
+                   "stop_reason": "end_turn", "stop_sequence": None,
+                   "usage": {"input_tokens": in_tok, "output_tokens": out_tok,
+                             "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}}
+        else:
+            obj = {"id": "chatcmpl-mock" + secrets.token_hex(8), "object": "chat.completion",
+                   "created": int(time.time()), "model": body.get("model"),
+                   "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
+                                "finish_reason": "stop", "logprobs": None}],
+                   "usage": {"prompt_tokens": in_tok, "completion_tokens": out_tok,
+                             "total_tokens": in_tok + out_tok}}
+        self.send_json(200, obj)
+        log({"kind": "answer", "path": self.path, "status": 200, "session": entry.get("session"),
+             "model": body.get("model"), "summary_call": True})
 
     def answer(self, entry, status, obj):
         self.send_json(status, obj)

@@ -140,20 +140,25 @@ pub fn removed_cost(price: &Price, removed: u64, input: u64, cache_read: u64) ->
     removed as f64 * (share * price.cached_input + (1.0 - share) * price.input) / 1e6
 }
 
-/// `*`-only glob matching (case-sensitive), enough for model names.
+/// `*`-only glob matching (case-sensitive), enough for model names. Allocates nothing: it
+/// runs on every call, over the price table.
 pub fn glob_match(pattern: &str, text: &str) -> bool {
-    let parts: Vec<&str> = pattern.split('*').collect();
-    if parts.len() == 1 {
-        return pattern == text;
-    }
-    let (first, last) = (parts[0], parts[parts.len() - 1]);
-    if !text.starts_with(first) || text.len() < first.len() + last.len() || !text.ends_with(last) {
+    let mut parts = pattern.split('*');
+    let first = parts.next().unwrap_or("");
+    let Some(mut rest) = text.strip_prefix(first) else {
         return false;
+    };
+    let mut parts = parts.peekable();
+    if parts.peek().is_none() {
+        return rest.is_empty();
     }
-    let mut rest = &text[first.len()..text.len() - last.len()];
-    for mid in &parts[1..parts.len() - 1] {
-        match rest.find(mid) {
-            Some(i) => rest = &rest[i + mid.len()..],
+    while let Some(part) = parts.next() {
+        if parts.peek().is_none() {
+            // The last part ends the text, after whatever the parts before it took.
+            return rest.len() >= part.len() && rest.ends_with(part);
+        }
+        match rest.find(part) {
+            Some(i) => rest = &rest[i + part.len()..],
             None => return false,
         }
     }
@@ -196,6 +201,27 @@ mod tests {
             let name = g.replace('*', "-x");
             let first = SHIPPED.iter().position(|(h, _)| glob_match(h, &name));
             assert_eq!(first, Some(i), "{g} is shadowed");
+        }
+    }
+
+    #[test]
+    fn globs() {
+        for (p, t, want) in [
+            ("gpt-4o*", "gpt-4o-mini", true),
+            ("*", "x", true),
+            ("*", "", true),
+            ("claude-*-4-5", "claude-sonnet-4-5", true),
+            ("claude-*-4-5", "claude-sonnet-4-1", false),
+            ("glm-4", "glm-4", true),
+            ("glm-4", "glm-4.5", false),
+            ("a*a", "a", false),
+            ("a*a", "aa", true),
+            ("a*b*c", "axbyc", true),
+            ("a*b*c", "acb", false),
+            ("*mini", "gpt-4o-mini", true),
+            ("ab*ba", "aba", false),
+        ] {
+            assert_eq!(glob_match(p, t), want, "{p} ~ {t}");
         }
     }
 

@@ -49,8 +49,10 @@ const MAX_ANSWER_BYTES: usize = 4 * 1024 * 1024;
 /// Characters of one dropped message shown to the summariser: its head and tail.
 const MESSAGE_HEAD: usize = 3000;
 const MESSAGE_TAIL: usize = 1000;
-/// Conversations whose summary is kept, at most (each a few KB).
-const MAX_CONVERSATIONS: u64 = 100_000;
+/// Memory the kept summaries may take, in bytes (a summary of 1,024 tokens with its pinned
+/// form is ~8 KB: some 8,000 conversations' summaries at once; Redis keeps them too when
+/// replicas share state).
+const MAX_BYTES: u64 = 64 * 1024 * 1024;
 
 /// Client headers that carry credentials or the API version, copied to a summary call sent to
 /// the request's own upstream.
@@ -79,6 +81,12 @@ pub struct Entry {
 }
 
 impl Entry {
+    /// Approximate bytes held.
+    fn weight(&self) -> usize {
+        let backlog: usize = self.backlog.iter().map(|m| m.len() + 24).sum();
+        128 + self.text.len() + self.pin.raw.len() + backlog
+    }
+
     /// The shared form: JSON of the summary, its pin and the dialect and encoding it is for.
     fn encode(&self) -> Vec<u8> {
         serde_json::to_vec(&json!({
@@ -174,7 +182,10 @@ impl Summaries {
     ) -> Summaries {
         Summaries {
             entries: moka::sync::Cache::builder()
-                .max_capacity(MAX_CONVERSATIONS)
+                .max_capacity(MAX_BYTES)
+                .weigher(|k: &String, e: &Arc<Entry>| {
+                    u32::try_from(k.len() + e.weight()).unwrap_or(u32::MAX)
+                })
                 .time_to_idle(idle_ttl)
                 .build(),
             state,

@@ -124,7 +124,15 @@ pub async fn serve_on(
 
     // In-flight calls are done (or the grace period is over). Summary calls still running get
     // the grace period to finish, so that each leaves its record; then drain and flush.
-    let _ = tokio::time::timeout(config.shutdown_grace, proxy.summaries_done()).await;
+    if tokio::time::timeout(config.shutdown_grace, proxy.summaries_done())
+        .await
+        .is_err()
+    {
+        // Past the grace period: the calls still running end now, each leaving its record.
+        proxy.cancel_summaries();
+        let _ =
+            tokio::time::timeout(std::time::Duration::from_secs(2), proxy.summaries_done()).await;
+    }
     drop(proxy);
     let report = writer.shutdown().await;
     tracing::info!(

@@ -353,7 +353,7 @@ pub struct Route {
 }
 
 /// An upstream base URL split into the parts the forwarder needs.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Upstream {
     /// `http` or `https`.
     pub scheme: String,

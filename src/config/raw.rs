@@ -533,7 +533,9 @@ fn check_summary_routes(routes: &[Route]) -> Result<(), ConfigError> {
                     format!("must name a route, got {name:?}"),
                 ));
             };
-            if target.target.authority != r.target.authority && s.api_key_env.is_none() {
+            // The same upstream means the same scheme, host and base path: one host can front
+            // several providers (a gateway), and http is not https.
+            if target.target != r.target && s.api_key_env.is_none() {
                 return Err(ConfigError::new(
                     format!("{key}.api_key_env"),
                     format!(

@@ -209,6 +209,11 @@ impl Proxy {
         self.summaries.idle().await;
     }
 
+    /// Ends the summary calls still running (the grace period is over); each records itself.
+    pub fn cancel_summaries(&self) {
+        self.summaries.cancel();
+    }
+
     /// Resolves once the calls are cut ([`Proxy::cut_calls`]); never before.
     pub(super) async fn cut_signal(&self) {
         let mut cut = self.cut.subscribe();

@@ -199,7 +199,19 @@ impl Proxy {
             self.summaries.skipped(&route.config.name, "no_credentials");
             return;
         };
-        let same = target.config.target.authority == route.config.target.authority;
+        let same = target.config.target == route.config.target;
+        let path = match &settings.path {
+            Some(p) => p.clone(),
+            None if Arc::ptr_eq(&target, route) => summary::endpoint_like(
+                call.request
+                    .uri
+                    .path()
+                    .get(route.config.prefix.len()..)
+                    .unwrap_or(""),
+                target.config.dialect,
+            ),
+            None => summary::default_endpoint(target.config.dialect).to_string(),
+        };
         let credentials = summary::credentials(
             &settings,
             &call.request.headers,
@@ -214,6 +226,7 @@ impl Proxy {
             dialect,
             enc,
             dropped,
+            path,
             credentials,
             counter: self.pruning.counter.clone(),
             transcripts: self.transcripts.clone(),

@@ -4,7 +4,8 @@
 //! goes out with the plain cut, never waiting. Once the summary is ready it is kept per
 //! conversation, rendered as a message in the client's dialect ([`Pin`]), and pruning pins it
 //! right after the system prefix for as long as the cut stays where it was made for — so its
-//! bytes, like the rest of the prefix, change only when the cut moves again.
+//! bytes, like the rest of the prefix, change only around a cut move (the moving request goes
+//! with the plain cut, the next with the new summary).
 //!
 //! The summary call goes to the configured route (default: the request's own) with the
 //! client's own credentials from the request that moved the cut — held only by the task making
@@ -78,6 +79,14 @@ pub struct Entry {
     backlog_tokens: u64,
     dialect: Dialect,
     enc: Encoding,
+    /// When it was made (Unix milliseconds): of a local and a shared entry, the newer wins.
+    made_ms: u64,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 impl Entry {
@@ -90,15 +99,16 @@ impl Entry {
     /// The shared form: JSON of the summary, its pin and the dialect and encoding it is for.
     fn encode(&self) -> Vec<u8> {
         serde_json::to_vec(&json!({
-            "v": 1,
+            "v": 2,
             "text": self.text,
-            "cut_fp": self.pin.cut_fp,
+            "cut_id": self.pin.cut_id,
             "raw": self.pin.raw,
             "tokens": self.pin.tokens,
             "backlog": self.backlog,
             "backlog_tokens": self.backlog_tokens,
             "dialect": self.dialect.as_str(),
             "enc": self.enc.as_str(),
+            "made_ms": self.made_ms,
         }))
         .unwrap_or_default()
     }
@@ -106,7 +116,7 @@ impl Entry {
     /// The entry another replica shared; `None` for anything else.
     fn decode(b: &[u8]) -> Option<Entry> {
         let v: Value = serde_json::from_slice(b).ok()?;
-        if v["v"] != 1 {
+        if v["v"] != 2 {
             return None;
         }
         let dialect = match v["dialect"].as_str()? {
@@ -115,11 +125,18 @@ impl Entry {
             "openai-responses" => Dialect::Responses,
             _ => return None,
         };
+        let text = v["text"].as_str()?.to_string();
+        // The pinned form must be what this version renders from the text, or it is not used
+        // (an entry of another version, or one edited by hand, never reaches a request).
+        let raw = v["raw"].as_str()?.to_string();
+        if raw != pin_message(dialect, &text) {
+            return None;
+        }
         Some(Entry {
-            text: v["text"].as_str()?.to_string(),
+            text,
             pin: Pin {
-                cut_fp: v["cut_fp"].as_u64()?,
-                raw: v["raw"].as_str()?.to_string(),
+                cut_id: v["cut_id"].as_u64()?,
+                raw,
                 tokens: v["tokens"].as_u64()?,
             },
             backlog: v["backlog"]
@@ -130,6 +147,7 @@ impl Entry {
             backlog_tokens: v["backlog_tokens"].as_u64()?,
             dialect,
             enc: v["enc"].as_str()?.parse().ok()?,
+            made_ms: v["made_ms"].as_u64()?,
         })
     }
 }
@@ -144,7 +162,38 @@ pub struct Summaries {
     running: Arc<tokio::sync::Semaphore>,
     /// Summary calls in flight, watched by shutdown (their records must reach the queue).
     in_flight: tokio::sync::watch::Sender<usize>,
+    /// Turns true when shutdown's grace period is over: running calls end, recorded.
+    cancel: tokio::sync::watch::Sender<bool>,
     metrics: SummaryMetrics,
+}
+
+/// A summary call in flight: counted while it lives, its conversation free again when dropped.
+struct InFlight {
+    summaries: Arc<Summaries>,
+    conversation: String,
+}
+
+impl InFlight {
+    fn new(summaries: Arc<Summaries>, conversation: String) -> InFlight {
+        summaries.in_flight.send_modify(|n| *n += 1);
+        summaries.metrics.running.inc();
+        InFlight {
+            summaries,
+            conversation,
+        }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if let Ok(mut pending) = self.summaries.pending.lock() {
+            pending.remove(&self.conversation);
+        }
+        self.summaries.metrics.running.dec();
+        self.summaries
+            .in_flight
+            .send_modify(|n| *n = n.saturating_sub(1));
+    }
 }
 
 /// What a summary task needs from the request that moved the cut.
@@ -163,6 +212,8 @@ pub struct Job {
     pub enc: Encoding,
     /// What the cut dropped.
     pub dropped: Dropped,
+    /// The path after the target route's upstream URL.
+    pub path: String,
     /// The credentials to send (the client's, or the configured key's).
     pub credentials: HeaderMap,
     /// The token counter.
@@ -193,6 +244,7 @@ impl Summaries {
             pending: Mutex::new(HashSet::new()),
             running: Arc::new(tokio::sync::Semaphore::new(MAX_RUNNING)),
             in_flight: tokio::sync::watch::Sender::new(0),
+            cancel: tokio::sync::watch::Sender::new(false),
             metrics,
         }
     }
@@ -206,17 +258,20 @@ impl Summaries {
         enc: Encoding,
     ) -> Option<Arc<Entry>> {
         let shared = match &self.state {
-            Some(s) if s.up() => s.summary_get(conversation).await.ok().flatten(),
+            Some(s) if s.up() => s.summary_get(conversation, self.ttl).await.ok().flatten(),
             _ => None,
         };
-        if let Some(e) = shared.as_deref().and_then(Entry::decode) {
-            let e = Arc::new(e);
-            self.entries.insert(conversation.to_string(), e.clone());
-            return Some(e).filter(|e| e.dialect == dialect && e.enc == enc);
-        }
-        self.entries
-            .get(conversation)
-            .filter(|e| e.dialect == dialect && e.enc == enc)
+        let local = self.entries.get(conversation);
+        let newest = match shared.as_deref().and_then(Entry::decode) {
+            // Another replica's, newer than this one's (or this one has none): adopted.
+            Some(e) if local.as_ref().is_none_or(|l| e.made_ms > l.made_ms) => {
+                let e = Arc::new(e);
+                self.entries.insert(conversation.to_string(), e.clone());
+                Some(e)
+            }
+            _ => local,
+        };
+        newest.filter(|e| e.dialect == dialect && e.enc == enc)
     }
 
     /// Counts a request forwarded with the conversation's summary pinned.
@@ -232,33 +287,28 @@ impl Summaries {
             .inc();
     }
 
-    /// Summarises what a cut dropped, in the background (`previous`: the summary pinned for
-    /// the previous cut, which the dropped span continues). Returns at once.
-    pub fn start(self: &Arc<Self>, mut job: Job, previous: Option<Arc<Entry>>) {
+    /// Summarises what a cut dropped, in the background (`previous`: the conversation's summary,
+    /// which the dropped span continues when it was made for the cut the span starts at).
+    /// Returns at once.
+    pub fn start(self: &Arc<Self>, job: Job, previous: Option<Arc<Entry>>) {
         let route = job.route.config.name.clone();
         let previous = previous.filter(|_| job.dropped.after_pin);
-        // Messages dropped by earlier moves too small to summarise come first.
-        if let Some(p) = previous.as_ref().filter(|p| !p.backlog.is_empty()) {
-            let mut messages = p.backlog.clone();
-            messages.append(&mut job.dropped.messages);
-            job.dropped.messages = messages;
-            job.dropped.tokens += p.backlog_tokens;
-        }
-        if job.dropped.tokens < job.settings.min_dropped_tokens {
+        // Messages dropped by earlier moves too small to summarise count too.
+        let backlog_tokens = previous.as_ref().map_or(0, |p| p.backlog_tokens);
+        if job.dropped.tokens + backlog_tokens < job.settings.min_dropped_tokens {
             // Too little to be worth a call: the previous summary, if any, is carried to the
             // new cut (it still says what lies before it), and what this move dropped waits
-            // in its backlog for the next summary.
+            // in its backlog, as the summariser will read it, for the next summary.
             match previous {
                 Some(p) => {
                     let pin = Pin {
-                        cut_fp: job.dropped.cut_fp,
+                        cut_id: job.dropped.cut_id,
                         ..p.pin.clone()
                     };
-                    let backlog = (
-                        std::mem::take(&mut job.dropped.messages),
-                        job.dropped.tokens,
-                    );
-                    self.store(&job, p.text.clone(), pin, backlog);
+                    let mut lines = p.backlog.clone();
+                    lines.extend(job.dropped.messages.iter().map(|m| render_message(m)));
+                    let tokens = backlog_tokens + job.dropped.tokens;
+                    self.store(&job, p.text.clone(), pin, (lines, tokens));
                     self.skipped(&route, "carried");
                 }
                 None => self.skipped(&route, "too_small"),
@@ -282,17 +332,19 @@ impl Summaries {
                 return;
             }
         }
-        self.in_flight.send_modify(|n| *n += 1);
-        let this = self.clone();
+        // Given back when the task ends, however it ends (a panic included).
+        let guard = InFlight::new(self.clone(), job.conversation.clone());
         tokio::spawn(async move {
             let _permit = permit;
-            let conversation = job.conversation.clone();
+            let this = guard.summaries.clone();
             this.run(job, previous).await;
-            if let Ok(mut pending) = this.pending.lock() {
-                pending.remove(&conversation);
-            }
-            this.in_flight.send_modify(|n| *n = n.saturating_sub(1));
+            drop(guard);
         });
+    }
+
+    /// Ends the summary calls still running: each records itself as cut by the shutdown.
+    pub fn cancel(&self) {
+        self.cancel.send_replace(true);
     }
 
     /// Resolves when no summary call is in flight (shutdown waits for their records).
@@ -309,6 +361,7 @@ impl Summaries {
             backlog_tokens: backlog.1,
             dialect: job.dialect,
             enc: job.enc,
+            made_ms: now_ms(),
         };
         if let Some(s) = self.state.clone().filter(|s| s.up()) {
             let (conversation, value, ttl) = (job.conversation.clone(), e.encode(), self.ttl);
@@ -324,27 +377,35 @@ impl Summaries {
         let route = job.route.config.name.as_str();
         let s = &job.settings;
         let target = &job.target.config;
-        let input = summariser_input(previous.as_deref().map(|p| p.text.as_str()), &job.dropped);
+        let mut lines = previous
+            .as_ref()
+            .map_or_else(Vec::new, |p| p.backlog.clone());
+        lines.extend(job.dropped.messages.iter().map(|m| render_message(m)));
+        let input = summariser_input(previous.as_deref().map(|p| p.text.as_str()), &lines);
         // The summary request is itself a chat request of its route: over that route's limit
         // for the model, it is not sent.
         let enc = job.counter.encoding_for_model(&s.model);
         let prompt_tokens =
             job.counter.count_text(enc, &s.prompt) + job.counter.count_text(enc, &input) + 16;
         let limit = Budget::for_request(&target.prune, Some(&s.model), None).hard_token_limit;
-        if prompt_tokens + s.max_tokens > limit {
+        if prompt_tokens.saturating_add(s.max_tokens) > limit {
             self.skipped(route, "over_budget");
             return;
         }
         let started = Instant::now();
         let body = request_body(target.dialect, s, &input);
-        let answer = tokio::time::timeout(s.timeout, self.call(&job, body)).await;
+        let mut cancel = self.cancel.subscribe();
+        let answer = tokio::select! {
+            a = tokio::time::timeout(s.timeout, self.call(&job, body)) => a.map_err(|_| "summary_timeout"),
+            _ = cancel.wait_for(|c| *c) => Err("summary_shutdown"),
+        };
         let elapsed = started.elapsed();
         let m = &self.metrics;
         m.duration
             .with_label_values(&[route])
             .observe(elapsed.as_secs_f64());
         let (status, tapped, error) = match answer {
-            Err(_) => (504, Default::default(), Some("summary_timeout")),
+            Err(kind) => (504, Default::default(), Some(kind)),
             Ok(Err(())) => (502, Default::default(), Some("summary_upstream")),
             Ok(Ok((status, t))) if status != 200 => (status, t, Some("summary_status")),
             Ok(Ok((status, t))) if t.text.as_deref().is_none_or(|x| x.trim().is_empty()) => {
@@ -354,7 +415,7 @@ impl Summaries {
         };
         let outcome = match error {
             None => "ok",
-            Some("summary_timeout") => "timeout",
+            Some("summary_timeout" | "summary_shutdown") => "timeout",
             Some(_) => "failed",
         };
         m.calls.with_label_values(&[route, outcome]).inc();
@@ -395,7 +456,7 @@ impl Summaries {
                 .count_message(job.enc, job.dialect, &value, u64::MAX)
                 .0;
             let pin = Pin {
-                cut_fp: job.dropped.cut_fp,
+                cut_id: job.dropped.cut_id,
                 raw,
                 tokens,
             };
@@ -452,14 +513,7 @@ impl Summaries {
     async fn call(&self, job: &Job, body: Vec<u8>) -> Result<(u16, crate::dialect::Tapped), ()> {
         let target = &job.target;
         let cfg = &target.config;
-        let path = job.settings.path.clone().unwrap_or_else(|| {
-            match cfg.dialect {
-                Dialect::Anthropic => "v1/messages",
-                _ => "chat/completions",
-            }
-            .to_string()
-        });
-        let uri = super::route::upstream_uri(cfg, &format!("{}{path}", cfg.prefix), None)
+        let uri = super::route::upstream_uri(cfg, &format!("{}{}", cfg.prefix, job.path), None)
             .map_err(|_| ())?;
         let mut req = Request::builder()
             .method(Method::POST)
@@ -489,6 +543,33 @@ impl Summaries {
         tap.feed(&bytes);
         Ok((status, tap.finish()))
     }
+}
+
+/// The chat endpoint of a dialect, after an upstream base URL that ends in its version
+/// (`…/v1/`) for OpenAI-compatible routes, and at the API root for Anthropic's.
+pub fn default_endpoint(dialect: Dialect) -> &'static str {
+    match dialect {
+        Dialect::Anthropic => "v1/messages",
+        _ => "chat/completions",
+    }
+}
+
+/// The chat endpoint of `dialect` beside the client's own request path (after the route's
+/// prefix): `v1/responses` gives `v1/chat/completions`, so an upstream whose base URL lacks the
+/// version segment is called where its clients call it.
+pub fn endpoint_like(client_rest: &str, dialect: Dialect) -> String {
+    let tail = match dialect {
+        Dialect::Anthropic => "messages",
+        _ => "chat/completions",
+    };
+    for end in ["chat/completions", "responses", "messages"] {
+        if let Some(base) = client_rest.strip_suffix(end) {
+            if base.is_empty() || base.ends_with('/') {
+                return format!("{base}{tail}");
+            }
+        }
+    }
+    default_endpoint(dialect).to_string()
 }
 
 /// The credentials a summary call of `settings` sends: the key in `api_key_env` (as the
@@ -521,8 +602,25 @@ pub fn credentials(
                 out.insert(name, v.clone());
             }
         }
+        // A Claude subscription's OAuth token works only with its beta flag.
+        let oauth: Vec<&str> = client
+            .get_all("anthropic-beta")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .filter(|b| b.starts_with("oauth"))
+            .collect();
+        if let Ok(v) = HeaderValue::from_str(&oauth.join(",")) {
+            if !oauth.is_empty() {
+                out.insert("anthropic-beta", v);
+            }
+        }
         // The API version alone is not a credential.
-        if !out.keys().any(|k| k != "anthropic-version") {
+        if !out
+            .keys()
+            .any(|k| k != "anthropic-version" && k != "anthropic-beta")
+        {
             out.clear();
         }
     }
@@ -549,22 +647,27 @@ fn request_body(dialect: Dialect, s: &SummarySettings, input: &str) -> Vec<u8> {
             } else {
                 "max_tokens"
             };
-            json!({
+            let mut v = json!({
                 "model": s.model,
                 key: s.max_tokens,
                 "messages": [
                     {"role": "system", "content": s.prompt},
                     {"role": "user", "content": input},
                 ],
-            })
+            });
+            // Their max_completion_tokens counts reasoning too: a summary needs little of it.
+            if reasoning {
+                v["reasoning_effort"] = json!("low");
+            }
+            v
         }
     };
     serde_json::to_vec(&v).unwrap_or_default()
 }
 
 /// What the summariser reads: the previous summary, then the dropped messages, one per
-/// paragraph as `[role] text`, each cut to its head and tail when long.
-pub fn summariser_input(previous: Option<&str>, dropped: &Dropped) -> String {
+/// paragraph ([`render_message`]).
+pub fn summariser_input(previous: Option<&str>, lines: &[String]) -> String {
     let mut out = String::new();
     if let Some(p) = previous {
         out.push_str("Previous summary:\n");
@@ -573,20 +676,28 @@ pub fn summariser_input(previous: Option<&str>, dropped: &Dropped) -> String {
     }
     out.push_str(&format!(
         "Messages to fold in ({}, oldest first):\n",
-        dropped.messages.len()
+        lines.len()
     ));
-    for m in &dropped.messages {
-        let v: Value = serde_json::from_str(m).unwrap_or(Value::Null);
-        let role = v
-            .get("role")
-            .or_else(|| v.get("type"))
-            .and_then(Value::as_str)
-            .unwrap_or("message");
-        let mut text = String::new();
-        collect_text(&v, &mut text);
-        out.push_str(&format!("\n[{role}] {}\n", clip(text.trim())));
+    for l in lines {
+        out.push('\n');
+        out.push_str(l);
+        out.push('\n');
     }
     out
+}
+
+/// One dropped message as the summariser reads it: `[role] text`, its text cut to head and
+/// tail when long (this is also what a backlog keeps: never images or signatures).
+pub fn render_message(m: &str) -> String {
+    let v: Value = serde_json::from_str(m).unwrap_or(Value::Null);
+    let role = v
+        .get("role")
+        .or_else(|| v.get("type"))
+        .and_then(Value::as_str)
+        .unwrap_or("message");
+    let mut text = String::new();
+    collect_text(&v, &mut text);
+    format!("[{role}] {}", clip(text.trim()))
 }
 
 /// The readable text of a message: strings under the keys that hold what was said, tool
@@ -647,6 +758,7 @@ pub fn pin_message(dialect: Dialect, text: &str) -> String {
 /// The summary metric families.
 #[derive(Clone)]
 pub struct SummaryMetrics {
+    running: prometheus::IntGauge,
     calls: IntCounterVec,
     skipped: IntCounterVec,
     tokens: IntCounterVec,
@@ -664,6 +776,10 @@ impl SummaryMetrics {
             &["route"],
         );
         let s = SummaryMetrics {
+            running: m.gauge(
+                "ctxgate_summary_running",
+                "Summary calls running now.",
+            ),
             calls: m.counter_vec(
                 "ctxgate_summary_calls_total",
                 "Summary calls by outcome (ok, failed, timeout), by the conversation's route.",
@@ -728,14 +844,15 @@ mod tests {
             let e = Entry {
                 text: "the user fixed the parser".into(),
                 pin: Pin {
-                    cut_fp: 0xfeed,
+                    cut_id: 0xfeed,
                     raw: raw.clone(),
                     tokens: 17,
                 },
-                backlog: vec![r#"{"role":"user","content":"later"}"#.into()],
+                backlog: vec!["[user] later".into()],
                 backlog_tokens: 9,
                 dialect,
                 enc: Encoding::Cl100kBase,
+                made_ms: 1_790_000_000_000,
             };
             let d = Entry::decode(&e.encode()).unwrap();
             assert_eq!(
@@ -751,7 +868,11 @@ mod tests {
         }
         assert!(Entry::decode(b"cgv1 not json").is_none());
         assert!(Entry::decode(br#"{"v":2}"#).is_none());
-        assert!(Entry::decode(br#"{"v":1,"text":"t","cut_fp":1,"raw":"{}","tokens":1,"backlog":[],"backlog_tokens":0,"dialect":"gemini","enc":"o200k_base"}"#).is_none());
+        assert!(Entry::decode(br#"{"v":2,"text":"t","cut_id":1,"raw":"{}","tokens":1,"backlog":[],"backlog_tokens":0,"dialect":"gemini","enc":"o200k_base"}"#).is_none());
+        // Version 1 pinned Anthropic summaries as whole messages: never read back.
+        assert!(Entry::decode(br#"{"v":1,"text":"t","cut_fp":1,"raw":"{}","tokens":1,"backlog":[],"backlog_tokens":0,"dialect":"anthropic","enc":"o200k_base"}"#).is_none());
+        // A pinned form that is not this version's rendering of the text is refused.
+        assert!(Entry::decode(br#"{"v":2,"text":"t","cut_id":1,"raw":"{\"role\":\"user\",\"content\":\"x\"}","tokens":1,"backlog":[],"backlog_tokens":0,"dialect":"anthropic","enc":"o200k_base"}"#).is_none());
     }
 
     #[test]
@@ -792,6 +913,26 @@ mod tests {
     }
 
     #[test]
+    fn the_summary_endpoint_sits_beside_the_clients_own() {
+        for (rest, dialect, want) in [
+            ("chat/completions", Dialect::OpenAi, "chat/completions"),
+            (
+                "v1/chat/completions",
+                Dialect::OpenAi,
+                "v1/chat/completions",
+            ),
+            ("v1/responses", Dialect::OpenAi, "v1/chat/completions"),
+            ("responses", Dialect::OpenAi, "chat/completions"),
+            ("v1/messages", Dialect::Anthropic, "v1/messages"),
+            ("api/v1/messages", Dialect::Anthropic, "api/v1/messages"),
+            ("v1/models", Dialect::OpenAi, "chat/completions"),
+            ("v1/xmessages", Dialect::Anthropic, "v1/messages"),
+        ] {
+            assert_eq!(endpoint_like(rest, dialect), want, "{rest}");
+        }
+    }
+
+    #[test]
     fn the_summariser_reads_text_never_signatures_or_media() {
         let dropped = Dropped {
             after_pin: true,
@@ -801,9 +942,10 @@ mod tests {
                 json!({"role": "tool", "content": "x".repeat(10_000)}).to_string(),
             ],
             tokens: 3000,
-            cut_fp: 1,
+            cut_id: 1,
         };
-        let input = summariser_input(Some("before"), &dropped);
+        let lines: Vec<String> = dropped.messages.iter().map(|m| render_message(m)).collect();
+        let input = summariser_input(Some("before"), &lines);
         assert!(input
             .starts_with("Previous summary:\nbefore\n\nMessages to fold in (3, oldest first):"));
         assert!(input.contains("[user] fix parse.rs"));

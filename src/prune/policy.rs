@@ -67,9 +67,10 @@ pub struct With<'a> {
 /// ctxgate's summary of what a cut dropped, as a message ready to pin.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Pin {
-    /// Fingerprint of the first kept history message of the cut the summary was made for: it
-    /// is pinned only while the cut stays there.
-    pub cut_fp: u64,
+    /// Identity of the cut the summary was made for ([`cut_id`]: the whole history up to and
+    /// including the first kept message, so only this conversation's own history matches):
+    /// it is pinned only while the cut stays there.
+    pub cut_id: u64,
     /// The message, JSON in the request's dialect.
     pub raw: String,
     /// Its tokens, counted as the request's messages are.
@@ -86,8 +87,8 @@ pub struct Dropped {
     pub messages: Vec<String>,
     /// Their tokens (exact where counted, else estimated).
     pub tokens: u64,
-    /// Fingerprint of the first kept history message of the new cut.
-    pub cut_fp: u64,
+    /// Identity of the new cut ([`cut_id`]).
+    pub cut_id: u64,
 }
 
 /// [`prune_shared`] with a pinned summary and, when asked, what a moved cut dropped.
@@ -153,7 +154,10 @@ struct Work<'a> {
     /// Whether the pinned figure in a rejection is exact (counting stops past the limit).
     pinned_exact: bool,
     pin: Option<&'a Pin>,
-    /// The pin was made for the previous cut and rides this move (message cap only).
+    /// Where this request holds the cut the pin was made for.
+    pin_at: Option<usize>,
+    /// The pin was made for an earlier cut of this history and rides this move (message cap
+    /// only).
     stale_pin: bool,
     want_dropped: bool,
     dropped: Option<Dropped>,
@@ -246,6 +250,7 @@ impl<'a> Work<'a> {
             pinned: Vec::new(),
             cut: prev.and_then(|p| p.cut),
             pin: None,
+            pin_at: None,
             stale_pin: false,
             want_dropped: false,
             dropped: None,
@@ -522,23 +527,33 @@ impl<'a> Work<'a> {
             self.pinned_exact = pinned_exact;
             return self.overflow(base, pinned, limit);
         }
-        // The summary pinned for the view's cut counts against the limit: a cut that fits only
-        // without it moves.
-        let extra = match (self.pin, prev_cut) {
-            (Some(p), Some((_, fp))) if p.cut_fp == fp => p.tokens,
-            _ => 0,
+        // Where this request holds the cut the summary was made for (none: it is not this
+        // history's). The summary pinned for the view's cut counts against the limit: a cut
+        // that fits only without it moves.
+        self.pin_at = self.pin.and_then(|p| self.find_cut(p.cut_id));
+        let pin_msg = usize::from(self.req.dialect() != Dialect::Anthropic);
+        let extra = match (self.pin, self.pin_at, prev_cut) {
+            (Some(p), Some(j), Some((idx, fp)))
+                if j == idx && self.entries.get(idx).is_some_and(|e| e.fp == fp) =>
+            {
+                (p.tokens, pin_msg)
+            }
+            _ => (0, 0),
         };
         let pinned = (pinned, pinned_msgs);
-        let with_pin = (pinned.0 + extra, pinned.1 + usize::from(extra > 0));
+        let with_pin = (pinned.0 + extra.0, pinned.1 + extra.1);
         let kept = self.kept_cut(prev_cut, with_pin, limit, cap_msgs);
         let (cut_unit, moved) = match kept {
             Some(cu) => (cu, false),
             None => {
                 // Under a message cap the cut moves every turn, so a summary would never ride
-                // if it waited for its own cut to stay: the summary of the previous cut (all
-                // but the span this move drops) rides the move, with room kept for it.
-                self.stale_pin = cap_msgs != usize::MAX && extra > 0;
-                let room = (pinned.0, pinned.1 + usize::from(self.stale_pin));
+                // if it waited for its own cut to stay: this history's summary of an earlier
+                // cut (all but what was dropped since) rides the move, with room kept for it.
+                self.stale_pin = cap_msgs != usize::MAX && self.pin_at.is_some();
+                let room = match self.pin.filter(|_| self.stale_pin) {
+                    Some(p) => (pinned.0 + p.tokens, pinned.1 + pin_msg),
+                    None => pinned,
+                };
                 let cu = self.new_cut(room, limit, cap_msgs);
                 (cu, prev_cut.map(|c| c.0) != Some(self.units[cu].0))
             }
@@ -554,28 +569,19 @@ impl<'a> Work<'a> {
         kept.extend(start..n);
         if moved && self.want_dropped {
             // A first cut that only elided files drops nothing.
-            self.dropped =
-                Some(self.dropped_span(prev_cut, start, &kept)).filter(|d| !d.messages.is_empty());
+            self.dropped = Some(self.dropped_span(start, &kept)).filter(|d| !d.messages.is_empty());
         }
         self.finish(base, kept, fixed, moved, (limit, cap_msgs))
     }
 
-    /// What the cut at `start` drops that no pinned summary covers: from the previous cut when
-    /// the pin was made for it, else from the first history message; pinned units stay.
-    fn dropped_span(
-        &mut self,
-        prev_cut: Option<(usize, u64)>,
-        start: usize,
-        kept: &[usize],
-    ) -> Dropped {
-        let after_pin = match (self.pin, prev_cut) {
-            (Some(p), Some((idx, fp))) => {
-                p.cut_fp == fp && idx < start && self.entries.get(idx).is_some_and(|e| e.fp == fp)
-            }
-            _ => false,
-        };
-        let from = match prev_cut {
-            Some((idx, _)) if after_pin => idx,
+    /// What the cut at `start` drops that no summary covers: from the cut the summary was made
+    /// for when this request holds it (however many moves ago that was: a summary not ready in
+    /// time, or one that failed, loses nothing), else from the first history message; pinned
+    /// units stay.
+    fn dropped_span(&mut self, start: usize, kept: &[usize]) -> Dropped {
+        let after_pin = self.pin_at.is_some_and(|j| j < start);
+        let from = match self.pin_at {
+            Some(j) if after_pin => j,
             _ => self.sys_end,
         };
         let mut messages = Vec::new();
@@ -594,8 +600,29 @@ impl<'a> Work<'a> {
             after_pin,
             messages,
             tokens,
-            cut_fp: self.entries[start].fp,
+            cut_id: self.cut_id(start),
         }
+    }
+
+    /// The identity of a cut at message `idx` ([`cut_id`] over this request's fingerprints).
+    fn cut_id(&self, idx: usize) -> u64 {
+        cut_id(
+            self.entries[..=idx.min(self.entries.len().saturating_sub(1))]
+                .iter()
+                .map(|e| e.fp),
+        )
+    }
+
+    /// The history position whose cut identity is `id`, if this request holds it.
+    fn find_cut(&self, id: u64) -> Option<usize> {
+        let mut h = CUT_SEED;
+        for (i, e) in self.entries.iter().enumerate() {
+            h = xxhash_rust::xxh3::xxh3_64_with_seed(&e.fp.to_le_bytes(), h);
+            if h == id && i >= self.sys_end {
+                return Some(i);
+            }
+        }
+        None
     }
 
     /// The system part's tokens, then the whole prompt's, counted newest first and exactly
@@ -704,7 +731,17 @@ impl<'a> Work<'a> {
         cap_msgs: usize,
     ) -> usize {
         let newest = self.units.len() - 1;
-        let target = self.budget.target_tokens.min(limit);
+        // With summaries on, a new cut leaves room for the summary to come.
+        let reserve = if self.want_dropped {
+            self.budget.summary.max_tokens.saturating_add(64)
+        } else {
+            0
+        };
+        let target = self
+            .budget
+            .target_tokens
+            .min(limit)
+            .min(limit.saturating_sub(reserve).max(limit / 2));
         let (mut total, mut msgs) = (pinned, pinned_msgs);
         let mut cu = newest;
         for u in (0..newest).rev() {
@@ -777,13 +814,13 @@ impl<'a> Work<'a> {
                 None => Cow::Borrowed(req.raw(i)),
             })
             .collect();
-        let cut_fp = self.cut.map(|(_, fp)| fp);
-        let stale = self.stale_pin;
+        let here = self.cut.map(|(idx, _)| self.cut_id(idx));
+        let stale = self.stale_pin && self.pin_at.zip(self.cut).is_some_and(|(j, (s, _))| j <= s);
         let mut inserted: Option<&[u8]> = None;
         let (mut pin_tokens, mut pin_chars) = (0, 0);
         if let Some(p) = self
             .pin
-            .filter(|p| dropped > 0 && (Some(p.cut_fp) == cut_fp || stale))
+            .filter(|p| dropped > 0 && (Some(p.cut_id) == here || stale))
         {
             if req.dialect() == Dialect::Anthropic {
                 let merged = texts
@@ -1009,6 +1046,18 @@ impl<'a> Work<'a> {
     }
 }
 
+/// Seed of [`cut_id`].
+const CUT_SEED: u64 = 0x6375_7469_6421;
+
+/// The identity of a cut: a hash chained over the fingerprints of every message up to and
+/// including its first kept one. Two histories share it only if they are the same up to the
+/// cut, so a summary is never pinned into another conversation's, or an edited, history.
+pub fn cut_id(fps: impl Iterator<Item = u64>) -> u64 {
+    fps.fold(CUT_SEED, |h, fp| {
+        xxhash_rust::xxh3::xxh3_64_with_seed(&fp.to_le_bytes(), h)
+    })
+}
+
 /// An Anthropic user message (`message`) with the text block `block` put at the head of its
 /// content — after any `tool_result` blocks, which the API wants first — and the tokens that
 /// added; `None` for anything but a user message.
@@ -1029,6 +1078,9 @@ fn merge_block(
     };
     let before = count(&v);
     let block: Value = serde_json::from_str(block).ok()?;
+    if block.get("type").and_then(Value::as_str) != Some("text") {
+        return None;
+    }
     let content = v.get_mut("content")?;
     match content {
         Value::String(text) if text.is_empty() => *content = Value::Array(vec![block]),

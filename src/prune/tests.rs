@@ -1640,7 +1640,7 @@ fn a_pinned_summary_rides_after_the_system_prompt_until_the_cut_moves() {
                     )
                     .0;
                 pin = Some(Pin {
-                    cut_fp: d.cut_fp,
+                    cut_id: d.cut_id,
                     raw,
                     tokens,
                 });
@@ -1704,19 +1704,19 @@ fn a_summary_that_does_not_fit_or_belongs_to_another_cut_is_left_out() {
             ..With::default()
         };
         if let (_, Some(d)) = prune_with(&req, &budget, &v, "fit", &c, with) {
-            at = Some((i, d.cut_fp));
+            at = Some((i, d.cut_id));
             break;
         }
     }
-    let (i, cut_fp) = at.unwrap();
+    let (i, cut_id) = at.unwrap();
     let next = ChatRequest::parse(Dialect::OpenAi, &reqs[i + 1]).unwrap();
     let huge = Pin {
-        cut_fp,
+        cut_id,
         raw: json!({"role":"system","content":"x"}).to_string(),
         tokens: 3000,
     };
     let other = Pin {
-        cut_fp: cut_fp ^ 1,
+        cut_id: cut_id ^ 1,
         raw: huge.raw.clone(),
         tokens: 10,
     };
@@ -1740,5 +1740,84 @@ fn a_summary_that_does_not_fit_or_belongs_to_another_cut_is_left_out() {
             name == "huge",
             "{name}: the cut moves only to make room"
         );
+    }
+}
+
+/// A summary belongs to its history: a request of the same conversation id whose history
+/// differs before the cut (another user's chat under a shared fingerprint, an edited or
+/// rewound history) never gets it, with or without a message cap; the same history does.
+#[test]
+fn a_summary_is_never_pinned_into_another_history() {
+    let c = counter();
+    for cap in [0, 9] {
+        let budget = Budget {
+            hard_token_limit: 4000,
+            target_tokens: 2400,
+            max_messages: cap,
+            min_file_lines: 10,
+            ..Budget::default()
+        };
+        let reqs: Vec<Vec<Value>> = grow_conversation(30);
+        let v = view();
+        let mut pin: Option<Pin> = None;
+        let mut at = 0;
+        for (i, msgs) in reqs.iter().enumerate() {
+            let body = json!({"model":"gpt-4o","messages": msgs})
+                .to_string()
+                .into_bytes();
+            let req = ChatRequest::parse(Dialect::OpenAi, &body).unwrap();
+            let with = With {
+                want_dropped: true,
+                ..With::default()
+            };
+            if let (_, Some(d)) = prune_with(&req, &budget, &v, "same-id", &c, with) {
+                let raw = json!({"role":"system","content":"[ctxgate summary of earlier conversation]\nA's secret"}).to_string();
+                pin = Some(Pin {
+                    cut_id: d.cut_id,
+                    raw,
+                    tokens: 20,
+                });
+                at = i;
+                break;
+            }
+        }
+        let pin = pin.unwrap();
+        // The next request as it is, and with its first history message edited.
+        let next = reqs[at + 1].clone();
+        let mut other = next.clone();
+        other[1] = json!({"role":"user","content":"Turn 0: something else entirely."});
+        for (msgs, want) in [(other, false), (next, true)] {
+            let v2 = view();
+            for m in &reqs[..=at] {
+                let body = json!({"model":"gpt-4o","messages": m})
+                    .to_string()
+                    .into_bytes();
+                prune(
+                    &ChatRequest::parse(Dialect::OpenAi, &body).unwrap(),
+                    &budget,
+                    &v2,
+                    "same-id",
+                    &c,
+                );
+            }
+            let body = json!({"model":"gpt-4o","messages": msgs})
+                .to_string()
+                .into_bytes();
+            let req = ChatRequest::parse(Dialect::OpenAi, &body).unwrap();
+            let with = With {
+                pin: Some(&pin),
+                ..With::default()
+            };
+            let (o, _) = prune_with(&req, &budget, &v2, "same-id", &c, with);
+            let out = match &o {
+                Outcome::Pruned { body, .. } => String::from_utf8(body.clone()).unwrap(),
+                _ => String::from_utf8(body.clone()).unwrap(),
+            };
+            assert_eq!(
+                out.contains("A's secret"),
+                want,
+                "cap {cap}, own history {want}"
+            );
+        }
     }
 }

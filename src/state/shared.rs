@@ -174,14 +174,21 @@ impl State {
     }
 
     /// Reads the conversation's shared summary (`[prune.summary]`; its encoding is the
-    /// summaries' own business).
-    pub async fn summary_get(self: &Arc<Self>, conversation: &str) -> Result<Option<Vec<u8>>, ()> {
+    /// summaries' own business) and keeps it `ttl` longer: a conversation in use keeps it.
+    pub async fn summary_get(
+        self: &Arc<Self>,
+        conversation: &str,
+        ttl: std::time::Duration,
+    ) -> Result<Option<Vec<u8>>, ()> {
         let key = self.key(conversation, "summary");
+        let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
         let mut c = self.conn.clone();
         let r = self
             .trip("summary_get", async move {
-                redis::cmd("GET")
+                redis::cmd("GETEX")
                     .arg(&key)
+                    .arg("PX")
+                    .arg(ms)
                     .query_async::<Option<Vec<u8>>>(&mut c)
                     .await
             })

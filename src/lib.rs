@@ -100,7 +100,7 @@ pub async fn serve_on(
     let admin_task = tokio::spawn(server::serve_admin(admin_listener, admin, async {
         let _ = admin_stop_rx.await;
     }));
-    proxy.start_background(&readiness, &loops);
+    proxy.start_background(&readiness, loops.handles());
     memory::spawn_trimmer(config.server.memory_trim_interval);
 
     tracing::info!(listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),

@@ -224,12 +224,13 @@ impl Proxy {
 
     /// Starts the background work: the gate sweeper (it holds the gates weakly and ends with
     /// the proxy) and each route's connection warm-up, reporting to `readiness`.
-    /// Each loop's client is warmed on its loop (its connections' tasks run there), the
-    /// route's `prewarm_connections` dealt out over the loops.
+    /// Each loop's client is warmed on its loop (`loops`: the event loops' runtime handles,
+    /// in index order; its connections' tasks run there), the route's `prewarm_connections`
+    /// dealt out over the loops.
     pub fn start_background(
         &self,
         readiness: &Arc<upstream::Readiness>,
-        loops: &crate::server::Loops,
+        loops: &[tokio::runtime::Handle],
     ) {
         self.gates.spawn_sweeper();
         for r in &self.routes {
@@ -237,7 +238,7 @@ impl Proxy {
                 .clients
                 .iter()
                 .cloned()
-                .zip(loops.handles().iter().cloned())
+                .zip(loops.iter().cloned())
                 .collect();
             tokio::spawn(upstream::warm_up(
                 r.config.clone(),

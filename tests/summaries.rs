@@ -539,7 +539,7 @@ async fn a_summariser_slower_than_the_turns_loses_nothing() {
     let up = mock(move |r: &Recorded| {
         let reply = answer(r);
         if is_summary_request(r) {
-            Reply::Delayed(Duration::from_millis(100), Box::new(reply))
+            Reply::Delayed(Duration::from_millis(400), Box::new(reply))
         } else {
             reply
         }
@@ -567,7 +567,7 @@ async fn a_summariser_slower_than_the_turns_loses_nothing() {
         .await;
         assert_eq!(s, 200);
         history.push(json!({"role": "assistant", "content": format!("A{i}: item {i} is fine.")}));
-        // A turn every 30 ms: a summary takes about three.
+        // A turn every 30 ms or more: a summary takes several.
         tokio::time::sleep(Duration::from_millis(30)).await;
     }
     until_sample(&gate, "ctxgate_summary_running", 0.0).await;

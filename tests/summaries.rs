@@ -30,6 +30,39 @@ fn is_summary_request(r: &Recorded) -> bool {
     serde_json::from_slice::<Value>(&r.body).unwrap_or_default()["model"] == MODEL
 }
 
+/// What the summariser was asked to fold in, summary call by summary call.
+fn summary_inputs(reqs: &[Recorded]) -> Vec<String> {
+    reqs.iter()
+        .filter(|r| is_summary_request(r))
+        .map(|r| {
+            let v: Value = serde_json::from_slice(&r.body).unwrap();
+            v["messages"][1]["content"].as_str().unwrap().to_string()
+        })
+        .collect()
+}
+
+/// In how many summary inputs question `i` appears.
+fn times_summarised(inputs: &[String], i: usize) -> usize {
+    inputs
+        .iter()
+        .filter(|t| t.contains(&format!("[user] Q{i}:")))
+        .count()
+}
+
+/// Turn `i` of the short question-and-answer conversation `conv`: the question is sent with
+/// the client's key (answered 200), then the answer joins the history.
+async fn ask(gate: &Gate, conv: &str, history: &mut Vec<Value>, i: usize) {
+    history.push(json!({"role": "user", "content": format!("Q{i}: what about item {i}? {}", "Some detail. ".repeat(5))}));
+    let body = json!({"model": "gpt-4o", "messages": history}).to_string();
+    let headers = [
+        ("x-conversation-id", conv),
+        ("authorization", "Bearer sk-client-key"),
+    ];
+    let (s, _, _) = send("POST", &gate.url("/v1/chat/completions"), &headers, &body).await;
+    assert_eq!(s, 200);
+    history.push(json!({"role": "assistant", "content": format!("A{i}: item {i} is fine.")}));
+}
+
 /// The mock: summary requests get `SUMMARY #n` (n counting from 1) with a fixed usage; every
 /// other request the usual answer.
 fn summariser(n: Arc<AtomicUsize>) -> impl Fn(&Recorded) -> Reply + Send + Sync + 'static {
@@ -379,22 +412,9 @@ async fn small_moves_are_carried_and_their_messages_folded_into_the_next_summary
         .await;
     let mut history = vec![json!({"role": "system", "content": "You answer briefly."})];
     for i in 0..24 {
-        history.push(json!({"role": "user", "content": format!("Q{i}: what about item {i}? {}", "Some detail. ".repeat(5))}));
-        let body = json!({"model": "gpt-4o", "messages": history}).to_string();
-        let (s, _, _) = send(
-            "POST",
-            &gate.url("/v1/chat/completions"),
-            &[
-                ("x-conversation-id", "carry"),
-                ("authorization", "Bearer sk-client-key"),
-            ],
-            &body,
-        )
-        .await;
-        assert_eq!(s, 200);
+        ask(&gate, "carry", &mut history, i).await;
         // A summary started by this request (counted before its answer) ends first.
         until_sample(&gate, "ctxgate_summary_running", 0.0).await;
-        history.push(json!({"role": "assistant", "content": format!("A{i}: item {i} is fine.")}));
     }
     let page = metrics(&gate).await;
     let carried = sample(
@@ -403,22 +423,10 @@ async fn small_moves_are_carried_and_their_messages_folded_into_the_next_summary
     );
     assert!(carried >= 3.0, "{carried} carries");
     let reqs = up.requests();
-    let inputs: Vec<String> = reqs
-        .iter()
-        .filter(|r| is_summary_request(r))
-        .map(|r| {
-            let v: Value = serde_json::from_slice(&r.body).unwrap();
-            v["messages"][1]["content"].as_str().unwrap().to_string()
-        })
-        .collect();
+    let inputs = summary_inputs(&reqs);
     assert!(inputs.len() >= 3, "{} summaries", inputs.len());
     // Every question up to the newest one summarised appears in exactly one summary's input.
-    let seen = |i: usize| {
-        inputs
-            .iter()
-            .filter(|t| t.contains(&format!("[user] Q{i}:")))
-            .count()
-    };
+    let seen = |i: usize| times_summarised(&inputs, i);
     let last = (0..24).rev().find(|&i| seen(i) > 0).unwrap();
     assert!(last >= 8, "summarised up to Q{last}");
     for i in 0..=last {
@@ -553,20 +561,7 @@ async fn a_summariser_slower_than_the_turns_loses_nothing() {
         .await;
     let mut history = vec![json!({"role": "system", "content": "You answer briefly."})];
     for i in 0..30 {
-        history.push(json!({"role": "user", "content": format!("Q{i}: what about item {i}? {}", "Some detail. ".repeat(5))}));
-        let body = json!({"model": "gpt-4o", "messages": history}).to_string();
-        let (s, _, _) = send(
-            "POST",
-            &gate.url("/v1/chat/completions"),
-            &[
-                ("x-conversation-id", "slow"),
-                ("authorization", "Bearer sk-client-key"),
-            ],
-            &body,
-        )
-        .await;
-        assert_eq!(s, 200);
-        history.push(json!({"role": "assistant", "content": format!("A{i}: item {i} is fine.")}));
+        ask(&gate, "slow", &mut history, i).await;
         // A turn every 30 ms or more: a summary takes several.
         tokio::time::sleep(Duration::from_millis(30)).await;
     }
@@ -577,22 +572,9 @@ async fn a_summariser_slower_than_the_turns_loses_nothing() {
         "ctxgate_summary_skipped_total{reason=\"busy\",route=\"test\"}",
     );
     assert!(busy >= 1.0, "the summariser never lagged: {busy} busy");
-    let inputs: Vec<String> = up
-        .requests()
-        .iter()
-        .filter(|r| is_summary_request(r))
-        .map(|r| {
-            let v: Value = serde_json::from_slice(&r.body).unwrap();
-            v["messages"][1]["content"].as_str().unwrap().to_string()
-        })
-        .collect();
+    let inputs = summary_inputs(&up.requests());
     assert!(inputs.len() >= 2, "{} summaries", inputs.len());
-    let seen = |i: usize| {
-        inputs
-            .iter()
-            .filter(|t| t.contains(&format!("[user] Q{i}:")))
-            .count()
-    };
+    let seen = |i: usize| times_summarised(&inputs, i);
     let last = (0..30).rev().find(|&i| seen(i) > 0).unwrap();
     assert!(last >= 10, "summarised up to Q{last}");
     for i in 0..=last {

@@ -508,31 +508,14 @@ pub fn render(report: &Report) -> String {
     s.push_str("</section>");
 
     // Tables.
-    let key = [("route", false), ("model", false), ("day", false)];
+    let key = super::text::KEY_COLUMNS;
     s.push_str("<h2>Tokens</h2>");
     let mut head = key.to_vec();
-    head.extend([
-        ("calls", true),
-        ("holdout", true),
-        ("tokens before", true),
-        ("tokens after", true),
-        ("saved", true),
-        ("input", true),
-        ("cache read", true),
-        ("cache %", true),
-    ]);
+    head.extend(super::text::TOKEN_COLUMNS);
     s.push_str(&table(&head, &keyed_rows(report, super::text::token_cells)));
     s.push_str("<h2>Cost (US dollar estimates)</h2>");
     let mut head = key.to_vec();
-    head.extend([
-        ("priced", true),
-        ("cost", true),
-        ("unpruned", true),
-        ("saved", true),
-        ("summaries", true),
-        ("summary cost", true),
-        ("net saved", true),
-    ]);
+    head.extend(super::text::COST_COLUMNS);
     s.push_str(&table(&head, &keyed_rows(report, super::text::cost_cells)));
     s.push_str("<h2>Holdout vs pruned</h2>");
     let rows: Vec<(Vec<String>, bool)> = comparison_lines(report)

@@ -3,6 +3,33 @@
 
 use std::fmt::Write;
 
+/// The key columns of a per-route, model and day table: (heading, right-aligned).
+pub(super) const KEY_COLUMNS: [(&str, bool); 3] =
+    [("route", false), ("model", false), ("day", false)];
+
+/// The figures of the tokens table ([`token_cells`]), after the key columns.
+pub(super) const TOKEN_COLUMNS: [(&str, bool); 8] = [
+    ("calls", true),
+    ("holdout", true),
+    ("tokens before", true),
+    ("tokens after", true),
+    ("saved", true),
+    ("input", true),
+    ("cache read", true),
+    ("cache %", true),
+];
+
+/// The figures of the cost table ([`cost_cells`]), after the key columns.
+pub(super) const COST_COLUMNS: [(&str, bool); 7] = [
+    ("priced", true),
+    ("cost", true),
+    ("unpruned", true),
+    ("saved", true),
+    ("summaries", true),
+    ("summary cost", true),
+    ("net saved", true),
+];
+
 use super::{Figures, Group, Report};
 
 /// `1234567` as `1,234,567`.
@@ -243,18 +270,9 @@ pub fn render(report: &Report) -> String {
         "Tokens (ctxgate's counts before/after pruning; upstream input and cache reads; \
          holdout calls are counted, not summed)"
     );
-    let key = [("route", false), ("model", false), ("day", false)];
+    let key = KEY_COLUMNS;
     let mut head = key.to_vec();
-    head.extend([
-        ("calls", true),
-        ("holdout", true),
-        ("tokens before", true),
-        ("tokens after", true),
-        ("saved", true),
-        ("input", true),
-        ("cache read", true),
-        ("cache %", true),
-    ]);
+    head.extend(TOKEN_COLUMNS);
     Table {
         head,
         rows: keyed(report, token_cells),
@@ -267,15 +285,7 @@ pub fn render(report: &Report) -> String {
          ctxgate's own calls)"
     );
     let mut head = key.to_vec();
-    head.extend([
-        ("priced", true),
-        ("cost", true),
-        ("unpruned", true),
-        ("saved", true),
-        ("summaries", true),
-        ("summary cost", true),
-        ("net saved", true),
-    ]);
+    head.extend(COST_COLUMNS);
     Table {
         head,
         rows: keyed(report, cost_cells),

@@ -19,7 +19,6 @@
 //! the registration in `acquire`, so a gate can never be forgotten while in use (which would let
 //! a second call in through a fresh semaphore).
 
-use std::collections::hash_map::RandomState;
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::hash::BuildHasher;
@@ -28,6 +27,8 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::Seeded as RandomState;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, MissedTickBehavior};
 
@@ -136,14 +137,14 @@ impl Rejected {
 pub struct Gates {
     limits: Limits,
     global: Arc<Semaphore>,
-    routes: HashMap<String, Arc<Semaphore>>,
+    routes: HashMap<String, Arc<Semaphore>, RandomState>,
     table: Arc<Table>,
     /// Requests inside `acquire` that could not be admitted at once, at any level.
     waiters: AtomicUsize,
     /// With `[state] backend = "redis"`: the shared semaphores, used while Redis answers.
     shared: Option<Arc<State>>,
     /// The route caps' sizes (for the shared semaphores).
-    route_caps: HashMap<String, usize>,
+    route_caps: HashMap<String, usize, RandomState>,
 }
 
 /// The conversation map. Shared with every [`Permit`], which must update it when dropped even
@@ -159,7 +160,7 @@ struct Table {
 /// full table finds its longest-idle gate without scanning.
 #[derive(Default)]
 struct Shard {
-    map: HashMap<Arc<str>, Entry>,
+    map: HashMap<Arc<str>, Entry, RandomState>,
     /// `(key, idle_gen)` as each gate went idle, oldest first. An item is stale once its gate
     /// was used again (its `idle_gen` moved on) or forgotten; stale items are skipped when met
     /// and dropped whenever they outnumber the gates.
@@ -167,7 +168,7 @@ struct Shard {
 }
 
 impl std::ops::Deref for Shard {
-    type Target = HashMap<Arc<str>, Entry>;
+    type Target = HashMap<Arc<str>, Entry, RandomState>;
     fn deref(&self) -> &Self::Target {
         &self.map
     }
@@ -202,7 +203,7 @@ impl Shard {
 }
 
 /// Whether `(key, generation)` still names an idle gate.
-fn is_idle(map: &HashMap<Arc<str>, Entry>, key: &str, generation: u64) -> bool {
+fn is_idle(map: &HashMap<Arc<str>, Entry, RandomState>, key: &str, generation: u64) -> bool {
     map.get(key)
         .is_some_and(|e| e.users == 0 && e.idle_gen == generation)
 }
@@ -262,7 +263,7 @@ impl Gates {
             max_inflight: permits(limits.max_inflight),
             ..limits
         };
-        let route_caps: HashMap<String, usize> = route_caps
+        let route_caps: HashMap<String, usize, RandomState> = route_caps
             .into_iter()
             .map(|(route, cap)| (route, permits(cap)))
             .collect();
@@ -275,7 +276,7 @@ impl Gates {
             routes,
             table: Arc::new(Table {
                 shards: std::array::from_fn(|_| Mutex::new(Shard::default())),
-                hasher: RandomState::new(),
+                hasher: RandomState::default(),
                 active: AtomicUsize::new(0),
             }),
             waiters: AtomicUsize::new(0),

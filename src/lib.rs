@@ -22,6 +22,11 @@ pub mod server;
 pub mod state;
 pub mod transcript;
 
+/// The hasher of the tables every request looks up (the gates, the conversation view, the
+/// count memo): foldhash, seeded per table, several times cheaper than the standard SipHash.
+/// Conversation ids come from clients; the random seed keeps them from choosing collisions.
+pub(crate) type Seeded = foldhash::fast::RandomState;
+
 use std::future::Future;
 use std::sync::Arc;
 

@@ -15,6 +15,7 @@ use moka::sync::Cache;
 
 use crate::config::Encoding;
 use crate::dialect::Dialect;
+use crate::Seeded;
 
 /// Parts shorter than this are counted, not memoised.
 pub(crate) const MIN_MEMO_BYTES: usize = 256;
@@ -38,7 +39,7 @@ struct Memoed {
 
 /// The process-wide memo (inside the [`crate::prune::Counter`]).
 pub(crate) struct Memo {
-    cache: Cache<u64, Arc<Memoed>>,
+    cache: Cache<u64, Arc<Memoed>, Seeded>,
     hits: AtomicU64,
 }
 
@@ -50,7 +51,7 @@ impl Memo {
                 .weigher(|_: &u64, v: &Arc<Memoed>| {
                     u32::try_from(v.bytes.len() + 64).unwrap_or(u32::MAX)
                 })
-                .build(),
+                .build_with_hasher(Seeded::default()),
             hits: AtomicU64::new(0),
         }
     }

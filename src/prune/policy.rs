@@ -15,6 +15,7 @@ use crate::prune::tokens::{estimate_bytes, Counter, Encoding};
 use crate::prune::view::{ConvState, Elided, Entry, StateKey, View};
 use crate::prune::{Budget, Mode, OnOverflow, Outcome, Rejection, Summary};
 use crate::state::shared::SharedConv;
+use crate::Seeded;
 
 /// Bodies from this size on leave their layout in the view, for the next request of their
 /// conversation to parse only what is new.
@@ -189,9 +190,9 @@ impl<'a> Work<'a> {
         }
         // The rest: messages the view has seen elsewhere (an edited history, a message
         // moved) keep their counts; new ones are parsed for their facts.
-        let known: HashMap<u64, &Entry> = match prev {
+        let known: HashMap<u64, &Entry, Seeded> = match prev {
             Some(p) if matched < n => p.msgs[matched..].iter().map(|e| (e.fp, e)).collect(),
-            _ => HashMap::new(),
+            _ => HashMap::default(),
         };
         let mut reused = matched;
         for (i, m) in msgs.iter().enumerate().skip(matched) {
@@ -264,7 +265,7 @@ impl<'a> Work<'a> {
         let n = self.entries.len();
         self.sys_end = self.entries.iter().take_while(|e| e.meta.system).count();
         let mut link_end: Vec<usize> = (0..n).collect();
-        let mut call_at: HashMap<&str, usize> = HashMap::new();
+        let mut call_at: HashMap<&str, usize, Seeded> = HashMap::default();
         let mut legacy_call: Option<usize> = None;
         for i in self.sys_end..n {
             let meta = &self.entries[i].meta;

@@ -17,13 +17,14 @@ use serde_json::value::RawValue;
 use crate::prune::request::{ChatRequest, Layout, Meta};
 use crate::prune::tokens::Encoding;
 use crate::state::shared::SharedConv;
+use crate::Seeded;
 
 /// The conversation view shared by all requests (cheap to share: wrap it in an `Arc`).
 pub struct View {
-    cache: Cache<String, Arc<ConvState>>,
+    cache: Cache<String, Arc<ConvState>, Seeded>,
     /// For conversations no header names: the hash of a body's first bytes (the anchor) →
     /// the conversations, newest first, whose bodies began so. Bounded in entries.
-    anchors: Cache<u64, Arc<[String]>>,
+    anchors: Cache<u64, Arc<[String]>, Seeded>,
     hits: AtomicU64,
     misses: AtomicU64,
 }
@@ -48,13 +49,13 @@ impl View {
                 u32::try_from(k.len() + v.weight()).unwrap_or(u32::MAX)
             })
             .time_to_idle(idle_ttl)
-            .build();
+            .build_with_hasher(Seeded::default());
         View {
             cache,
             anchors: Cache::builder()
                 .max_capacity(ANCHORS)
                 .time_to_idle(idle_ttl)
-                .build(),
+                .build_with_hasher(Seeded::default()),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
         }

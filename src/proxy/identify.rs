@@ -345,6 +345,9 @@ impl Frames {
     }
 }
 
+/// Bytes of a body read between two yields to the loop's other tasks.
+const YIELD_BYTES: usize = 256 << 10;
+
 /// Reads a whole request body, refusing more than `limit` bytes, with at most
 /// `server.body_idle_timeout` between chunks and `server.body_total_timeout` in all (a client
 /// whose body stalls gets 408). Without a `verifier` the frames are kept as they are, not
@@ -397,17 +400,14 @@ pub async fn read_body(
         if out.len as u64 > limit {
             return Err(Error::BodyTooLarge { limit });
         }
+        // Frames that are ready come back without a yield: give the loop's other
+        // connections a turn after each YIELD_BYTES received (and hashed and copied).
+        since_yield += data.len();
+        let turn = since_yield >= YIELD_BYTES;
         match (verifier.as_deref_mut(), joined.as_mut()) {
             (Some(v), Some(j)) if !v.failed() => {
                 v.feed(&data);
                 j.extend_from_slice(&data);
-                // Frames that are ready come back without a yield: give the worker's other
-                // tasks a turn after each MiB hashed and copied.
-                since_yield += data.len();
-                if since_yield >= 1 << 20 {
-                    since_yield = 0;
-                    tokio::task::yield_now().await;
-                }
             }
             (_, Some(j)) => {
                 // The body differs from the previous one: nothing more to check, and the rest
@@ -419,6 +419,10 @@ pub async fn read_body(
                 out.frames.push(data);
             }
             _ => out.frames.push(data),
+        }
+        if turn {
+            since_yield = 0;
+            tokio::task::yield_now().await;
         }
     }
     if let Some(j) = joined {

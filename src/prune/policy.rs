@@ -10,7 +10,7 @@ use serde_json::Value;
 use crate::dialect::Dialect;
 use crate::prune::elide::elide_message;
 use crate::prune::memo::Tag;
-use crate::prune::request::{count_chars, ChatRequest, Meta};
+use crate::prune::request::{count_chars, ChatRequest, Flat, Meta};
 use crate::prune::tokens::{estimate_bytes, Counter, Encoding};
 use crate::prune::view::{ConvState, Elided, Entry, StateKey, View};
 use crate::prune::{Budget, Mode, OnOverflow, Outcome, Rejection, Summary};
@@ -202,8 +202,15 @@ impl<'a> Work<'a> {
                 values.push(None);
                 continue;
             }
-            let v: Value = serde_json::from_slice(req.raw(i)).unwrap_or(Value::Null);
-            let meta = Meta::of(req.dialect(), &v);
+            // A flat message (strings only, most of them) needs no tree: its count reads it
+            // again from the body.
+            let (meta, v) = match Flat::parse(req.raw(i)) {
+                Some(f) => (Meta::of_flat(req.dialect(), &f), None),
+                None => {
+                    let v: Value = serde_json::from_slice(req.raw(i)).unwrap_or(Value::Null);
+                    (Meta::of(req.dialect(), &v), Some(v))
+                }
+            };
             crate::pace::pace_by(16);
             entries.push(Entry {
                 fp: m.fp,
@@ -211,7 +218,7 @@ impl<'a> Work<'a> {
                 tokens: None,
                 elided: None,
             });
-            values.push(Some(v));
+            values.push(v);
         }
         let fixed_fp = req.fixed_fp();
         let fixed_extra = match prev.and_then(|p| p.fixed) {
@@ -363,7 +370,14 @@ impl<'a> Work<'a> {
         let req = self.req;
         let fp = req.messages()[i].fp;
         let (t, exact) = counter.memoised(fp, tag, req.raw(i), || {
-            counter.count_message(enc, dialect, self.value(i), cap)
+            let flat = match self.values[i] {
+                None => Flat::parse(req.raw(i)),
+                Some(_) => None,
+            };
+            match flat {
+                Some(f) => counter.count_flat(enc, dialect, &f, cap),
+                None => counter.count_message(enc, dialect, self.value(i), cap),
+            }
         });
         if exact {
             self.entries[i].tokens = Some(t);

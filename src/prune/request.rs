@@ -10,6 +10,7 @@
 //! pass over the unchanged part, no parse) and parses only what follows, so a warm request
 //! costs what its new turn costs, not what the whole conversation does.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::sync::Arc;
 
@@ -993,9 +994,132 @@ pub(crate) struct Meta {
     pub(crate) joins_next: bool,
 }
 
+/// A message read for its facts: a parsed [`Value`], or a [`Flat`] one (every field a string).
+trait Fields {
+    fn str_at(&self, key: &str) -> Option<&str>;
+    /// The array under `key` (never for a flat message).
+    fn array_at(&self, key: &str) -> Option<&Vec<Value>>;
+    /// Whether `key` is there and not `null`.
+    fn present(&self, key: &str) -> bool;
+}
+
+impl Fields for Value {
+    fn str_at(&self, key: &str) -> Option<&str> {
+        self.get(key).and_then(Value::as_str)
+    }
+    fn array_at(&self, key: &str) -> Option<&Vec<Value>> {
+        self.get(key).and_then(Value::as_array)
+    }
+    fn present(&self, key: &str) -> bool {
+        self.get(key).is_some_and(|f| !f.is_null())
+    }
+}
+
+impl Fields for Flat<'_> {
+    fn str_at(&self, key: &str) -> Option<&str> {
+        self.get(key)
+    }
+    fn array_at(&self, _: &str) -> Option<&Vec<Value>> {
+        None
+    }
+    fn present(&self, key: &str) -> bool {
+        self.get(key).is_some()
+    }
+}
+
+/// A message object whose every field is a string — a plain text message, a tool result
+/// with text content —, its fields borrowed from the body in their order. Its facts and its
+/// count need no [`Value`]: a new message of this shape (most of them) costs no tree of
+/// allocations, which a body of thousands of small messages paid mostly to `malloc`.
+#[derive(Debug)]
+pub(crate) struct Flat<'a> {
+    fields: Vec<(Cow<'a, str>, Cow<'a, str>)>,
+}
+
+impl<'a> Flat<'a> {
+    /// The message's fields, if it is an object of strings only with no key twice (`None`
+    /// for anything else: the caller parses a [`Value`]).
+    pub(crate) fn parse(raw: &'a [u8]) -> Option<Flat<'a>> {
+        let flat: Flat<'a> = serde_json::from_slice(raw).ok()?;
+        let f = &flat.fields;
+        let unique = f
+            .iter()
+            .enumerate()
+            .all(|(i, (k, _))| f[..i].iter().all(|(j, _)| j != k));
+        unique.then_some(flat)
+    }
+
+    pub(crate) fn get(&self, key: &str) -> Option<&str> {
+        self.fields
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_ref())
+    }
+
+    /// The fields in the body's order.
+    pub(crate) fn fields(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.fields.iter().map(|(k, v)| (k.as_ref(), v.as_ref()))
+    }
+}
+
+/// A string borrowed from the body when it has no escapes.
+struct Str<'a>(Cow<'a, str>);
+
+impl<'de> Deserialize<'de> for Str<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Str<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, s: &'de str) -> Result<Str<'de>, E> {
+                Ok(Str(Cow::Borrowed(s)))
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<Str<'de>, E> {
+                Ok(Str(Cow::Owned(s.to_owned())))
+            }
+            fn visit_string<E: de::Error>(self, s: String) -> Result<Str<'de>, E> {
+                Ok(Str(Cow::Owned(s)))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+impl<'de> Deserialize<'de> for Flat<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Flat<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an object of strings")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Flat<'de>, A::Error> {
+                let mut fields = Vec::with_capacity(map.size_hint().unwrap_or(4));
+                // A value that is not a string ends the parse with an error: not flat.
+                while let Some((Str(k), Str(v))) = map.next_entry::<Str<'de>, Str<'de>>()? {
+                    fields.push((k, v));
+                }
+                Ok(Flat { fields })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 impl Meta {
     pub(crate) fn of(dialect: Dialect, v: &Value) -> Meta {
-        let role = v.get("role").and_then(Value::as_str).unwrap_or("");
+        Meta::of_fields(dialect, v)
+    }
+
+    /// The facts of a flat message: the same as [`Meta::of`] its parsed [`Value`].
+    pub(crate) fn of_flat(dialect: Dialect, f: &Flat<'_>) -> Meta {
+        Meta::of_fields(dialect, f)
+    }
+
+    fn of_fields(dialect: Dialect, v: &impl Fields) -> Meta {
+        let role = v.str_at("role").unwrap_or("");
         let mut m = Meta {
             system: matches!(role, "system" | "developer"),
             user: role == "user",
@@ -1010,21 +1134,21 @@ impl Meta {
             Dialect::Responses => m.responses_item(v),
             Dialect::OpenAi => {
                 m.genuine_user = m.user;
-                if let Some(calls) = v.get("tool_calls").and_then(Value::as_array) {
+                if let Some(calls) = v.array_at("tool_calls") {
                     for c in calls {
                         if let Some(id) = c.get("id").and_then(Value::as_str) {
                             m.calls.push(id.to_string());
                         }
                     }
                 }
-                if let Some(id) = v.get("tool_call_id").and_then(Value::as_str) {
+                if let Some(id) = v.str_at("tool_call_id") {
                     m.answers.push(id.to_string());
                 }
-                m.legacy_call = v.get("function_call").is_some_and(|f| !f.is_null());
+                m.legacy_call = v.present("function_call");
                 m.legacy_result = role == "function";
             }
             Dialect::Anthropic => {
-                if let Some(blocks) = v.get("content").and_then(Value::as_array) {
+                if let Some(blocks) = v.array_at("content") {
                     for b in blocks {
                         match b.get("type").and_then(Value::as_str) {
                             Some("tool_use") | Some("server_tool_use") => {
@@ -1055,9 +1179,9 @@ impl Meta {
     /// `computer_call`, `shell_call`, `apply_patch_call`, …), the output answering it (the same
     /// type with `_output`), an MCP approval request and its response, a `reasoning` item, or
     /// something self-contained (`mcp_call`, `web_search_call`, `compaction`, …).
-    fn responses_item(&mut self, v: &Value) {
-        let ty = v.get("type").and_then(Value::as_str).unwrap_or("message");
-        let str_at = |k: &str| v.get(k).and_then(Value::as_str).map(str::to_string);
+    fn responses_item(&mut self, v: &impl Fields) {
+        let ty = v.str_at("type").unwrap_or("message");
+        let str_at = |k: &str| v.str_at(k).map(str::to_string);
         match ty {
             "message" => self.genuine_user = self.user,
             "reasoning" => self.joins_next = true,

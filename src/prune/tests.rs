@@ -1821,3 +1821,53 @@ fn a_summary_is_never_pinned_into_another_history() {
         }
     }
 }
+
+/// A message of strings only is read without a `Value` (`Flat`): its facts and its count,
+/// capped or not, are exactly those of its `Value`; anything else is not flat.
+#[test]
+fn a_flat_message_reads_as_its_value() {
+    use crate::prune::request::{Flat, Meta};
+    let c = counter();
+    let flat = [
+        r#"{"role":"user","content":"hello \"quoted\" \u00e9 world\nnext line"}"#,
+        r#"{"role":"system","content":"You are a careful assistant."}"#,
+        r#"{"role":"developer","content":"x"}"#,
+        r#"{"role":"tool","tool_call_id":"call_1","content":"result text"}"#,
+        r#"{"role":"assistant","content":"a","name":"bob"}"#,
+        r#"{"role":"function","name":"f","content":"{}"}"#,
+        r#"{"role":"assistant","function_call":"odd","content":""}"#,
+        r#"{"type":"function_call_output","call_id":"c1","output":"done"}"#,
+        r#"{"type":"function_call","call_id":"c1","name":"ls","arguments":"{}"}"#,
+        r#"{"type":"reasoning","id":"rs_1","encrypted_content":"QUFBQUFBQUFBQUFB"}"#,
+        r#"{"type":"mcp_approval_request","id":"m1","name":"x","server_label":"s"}"#,
+        r#"{"type":"mcp_approval_response","approval_request_id":"m1","reason":"ok"}"#,
+        r#"{"role":"user","content":"see","url":"data:image/png;base64,AAAA"}"#,
+        r#"{"type":"message","role":"user","content":"hi","status":"completed","id":"m"}"#,
+        r#"{}"#,
+    ];
+    let not_flat = [
+        r#"{"role":"assistant","content":null,"tool_calls":[{"id":"c","type":"function","function":{"name":"f","arguments":"{}"}}]}"#,
+        r#"{"role":"user","content":[{"type":"text","text":"hi"}]}"#,
+        r#"{"role":"user","content":"a","content":"b"}"#,
+        r#"{"role":"user","n":1}"#,
+        r#"["user"]"#,
+        r#""user""#,
+    ];
+    for raw in not_flat {
+        assert!(Flat::parse(raw.as_bytes()).is_none(), "{raw}");
+    }
+    for dialect in [Dialect::OpenAi, Dialect::Anthropic, Dialect::Responses] {
+        for raw in flat {
+            let v: Value = serde_json::from_str(raw).unwrap();
+            let f = Flat::parse(raw.as_bytes()).expect(raw);
+            assert_eq!(Meta::of_flat(dialect, &f), Meta::of(dialect, &v), "{raw}");
+            for cap in [u64::MAX, 40, 6, 1] {
+                assert_eq!(
+                    c.count_flat(Encoding::O200kBase, dialect, &f, cap),
+                    c.count_message(Encoding::O200kBase, dialect, &v, cap),
+                    "{dialect:?} {raw} cap {cap}"
+                );
+            }
+        }
+    }
+}

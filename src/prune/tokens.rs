@@ -30,6 +30,7 @@ use serde_json::Value;
 
 use super::bpe::{self, Bpe};
 use super::memo::{Memo, Tag, MEMO_BYTES};
+use super::request::Flat;
 use crate::dialect::Dialect;
 
 /// Tokens per message (the guide's `tokens_per_message`).
@@ -190,23 +191,12 @@ impl Counter {
             cap,
             exact: true,
         };
-        let responses = dialect == Dialect::Responses;
         if let Value::Object(map) = msg {
             for (k, v) in map {
-                // A Responses item's type, ids and status are bookkeeping, not model text.
-                if responses && matches!(k.as_str(), "type" | "id" | "call_id" | "status") {
-                    continue;
-                }
                 match v {
-                    Value::String(s) if is_payload_key(k, s) => {
-                        t.total += estimate_bytes(s.len());
-                    }
-                    Value::String(s) => {
-                        t.text(s);
-                        if k == "name" && !responses {
-                            t.total += TOKENS_PER_NAME;
-                        }
-                    }
+                    Value::String(s) => t.field(k, s),
+                    // A Responses item's type, ids and status are bookkeeping, not model text.
+                    _ if t.bookkeeping(k) => {}
                     other => t.value(k, other),
                 }
                 if !t.exact {
@@ -215,6 +205,32 @@ impl Counter {
             }
         } else {
             t.value("", msg);
+        }
+        (t.total, t.exact)
+    }
+
+    /// [`Counter::count_message`] of a flat message (every field a string), without its
+    /// [`Value`]: the same count.
+    pub(crate) fn count_flat(
+        &self,
+        enc: Encoding,
+        dialect: Dialect,
+        msg: &Flat<'_>,
+        cap: u64,
+    ) -> (u64, bool) {
+        let mut t = Tally {
+            counter: self,
+            enc,
+            dialect,
+            total: TOKENS_PER_MESSAGE,
+            cap,
+            exact: true,
+        };
+        for (k, s) in msg.fields() {
+            t.field(k, s);
+            if !t.exact {
+                break;
+            }
         }
         (t.total, t.exact)
     }
@@ -404,6 +420,24 @@ struct Tally<'a> {
 }
 
 impl Tally<'_> {
+    /// A Responses item's `type`, ids and `status`: bookkeeping, not model text.
+    fn bookkeeping(&self, key: &str) -> bool {
+        self.dialect == Dialect::Responses && matches!(key, "type" | "id" | "call_id" | "status")
+    }
+
+    /// A message's top-level string field.
+    fn field(&mut self, key: &str, s: &str) {
+        if self.bookkeeping(key) {
+        } else if is_payload_key(key, s) {
+            self.total += estimate_bytes(s.len());
+        } else {
+            self.text(s);
+            if key == "name" && self.dialect != Dialect::Responses {
+                self.total += TOKENS_PER_NAME;
+            }
+        }
+    }
+
     fn text(&mut self, s: &str) {
         if !self.exact {
             return;

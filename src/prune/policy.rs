@@ -8,6 +8,7 @@ use serde_json::value::RawValue;
 use serde_json::Value;
 
 use crate::dialect::Dialect;
+use crate::hash::Seeded;
 use crate::prune::elide::elide_message;
 use crate::prune::memo::Tag;
 use crate::prune::request::{count_chars, ChatRequest, Flat, Meta};
@@ -15,7 +16,6 @@ use crate::prune::tokens::{estimate_bytes, Counter, Encoding};
 use crate::prune::view::{ConvState, Elided, Entry, StateKey, View};
 use crate::prune::{Budget, Mode, OnOverflow, Outcome, Rejection, Summary};
 use crate::state::shared::SharedConv;
-use crate::Seeded;
 
 /// Bodies from this size on leave their layout in the view, for the next request of their
 /// conversation to parse only what is new.

@@ -14,10 +14,10 @@ use std::time::Duration;
 use moka::sync::Cache;
 use serde_json::value::RawValue;
 
+use crate::hash::Seeded;
 use crate::prune::request::{ChatRequest, Layout, Meta};
 use crate::prune::tokens::Encoding;
 use crate::state::shared::SharedConv;
-use crate::Seeded;
 
 /// The conversation view shared by all requests (cheap to share: wrap it in an `Arc`).
 pub struct View {

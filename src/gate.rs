@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::hash::Seeded as RandomState;
+use crate::hash::Seeded;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, MissedTickBehavior};
 
@@ -137,21 +137,21 @@ impl Rejected {
 pub struct Gates {
     limits: Limits,
     global: Arc<Semaphore>,
-    routes: HashMap<String, Arc<Semaphore>, RandomState>,
+    routes: HashMap<String, Arc<Semaphore>, Seeded>,
     table: Arc<Table>,
     /// Requests inside `acquire` that could not be admitted at once, at any level.
     waiters: AtomicUsize,
     /// With `[state] backend = "redis"`: the shared semaphores, used while Redis answers.
     shared: Option<Arc<State>>,
     /// The route caps' sizes (for the shared semaphores).
-    route_caps: HashMap<String, usize, RandomState>,
+    route_caps: HashMap<String, usize, Seeded>,
 }
 
 /// The conversation map. Shared with every [`Permit`], which must update it when dropped even
 /// after [`Gates`] itself is gone.
 struct Table {
     shards: [Mutex<Shard>; SHARDS],
-    hasher: RandomState,
+    hasher: Seeded,
     /// Conversations with at least one granted permit.
     active: AtomicUsize,
 }
@@ -160,7 +160,7 @@ struct Table {
 /// full table finds its longest-idle gate without scanning.
 #[derive(Default)]
 struct Shard {
-    map: HashMap<Arc<str>, Entry, RandomState>,
+    map: HashMap<Arc<str>, Entry, Seeded>,
     /// `(key, idle_gen)` as each gate went idle, oldest first. An item is stale once its gate
     /// was used again (its `idle_gen` moved on) or forgotten; stale items are skipped when met
     /// and dropped whenever they outnumber the gates.
@@ -168,7 +168,7 @@ struct Shard {
 }
 
 impl std::ops::Deref for Shard {
-    type Target = HashMap<Arc<str>, Entry, RandomState>;
+    type Target = HashMap<Arc<str>, Entry, Seeded>;
     fn deref(&self) -> &Self::Target {
         &self.map
     }
@@ -203,7 +203,7 @@ impl Shard {
 }
 
 /// Whether `(key, generation)` still names an idle gate.
-fn is_idle(map: &HashMap<Arc<str>, Entry, RandomState>, key: &str, generation: u64) -> bool {
+fn is_idle(map: &HashMap<Arc<str>, Entry, Seeded>, key: &str, generation: u64) -> bool {
     map.get(key)
         .is_some_and(|e| e.users == 0 && e.idle_gen == generation)
 }
@@ -263,7 +263,7 @@ impl Gates {
             max_inflight: permits(limits.max_inflight),
             ..limits
         };
-        let route_caps: HashMap<String, usize, RandomState> = route_caps
+        let route_caps: HashMap<String, usize, Seeded> = route_caps
             .into_iter()
             .map(|(route, cap)| (route, permits(cap)))
             .collect();
@@ -276,7 +276,7 @@ impl Gates {
             routes,
             table: Arc::new(Table {
                 shards: std::array::from_fn(|_| Mutex::new(Shard::default())),
-                hasher: RandomState::default(),
+                hasher: Seeded::default(),
                 active: AtomicUsize::new(0),
             }),
             waiters: AtomicUsize::new(0),

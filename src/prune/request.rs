@@ -1037,8 +1037,8 @@ pub(crate) struct Flat<'a> {
 }
 
 impl<'a> Flat<'a> {
-    /// The message's fields, if it is an object of strings only with no key twice (`None`
-    /// for anything else: the caller parses a [`Value`]).
+    /// The message's fields, if it is an object of at most [`MAX_FLAT_FIELDS`] strings with
+    /// no key twice (`None` for anything else: the caller parses a [`Value`]).
     pub(crate) fn parse(raw: &'a [u8]) -> Option<Flat<'a>> {
         let flat: Flat<'a> = serde_json::from_slice(raw).ok()?;
         let f = &flat.fields;
@@ -1061,6 +1061,10 @@ impl<'a> Flat<'a> {
         self.fields.iter().map(|(k, v)| (k.as_ref(), v.as_ref()))
     }
 }
+
+/// Most fields a flat message has (a message has a handful; more go through a `Value`, so
+/// that the check for a repeated key, quadratic in the fields, stays bounded).
+const MAX_FLAT_FIELDS: usize = 16;
 
 /// A string borrowed from the body when it has no escapes.
 struct Str<'a>(Cow<'a, str>);
@@ -1096,9 +1100,12 @@ impl<'de> Deserialize<'de> for Flat<'de> {
                 f.write_str("an object of strings")
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Flat<'de>, A::Error> {
-                let mut fields = Vec::with_capacity(map.size_hint().unwrap_or(4));
+                let mut fields = Vec::with_capacity(4);
                 // A value that is not a string ends the parse with an error: not flat.
                 while let Some((Str(k), Str(v))) = map.next_entry::<Str<'de>, Str<'de>>()? {
+                    if fields.len() == MAX_FLAT_FIELDS {
+                        return Err(de::Error::custom("too many fields for a flat message"));
+                    }
                     fields.push((k, v));
                 }
                 Ok(Flat { fields })

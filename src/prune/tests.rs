@@ -1845,7 +1845,21 @@ fn a_flat_message_reads_as_its_value() {
         r#"{"type":"message","role":"user","content":"hi","status":"completed","id":"m"}"#,
         r#"{}"#,
     ];
+    // Long enough that the capped counts stop early (past the probe of 8 × cap + 4096 bytes).
+    let long = format!(
+        r#"{{"role":"tool","tool_call_id":"c9","name":"read","content":"{}"}}"#,
+        "fn main() { let x = 1; }\\n".repeat(600)
+    );
+    let many = format!(
+        "{{{}}}",
+        (0..17)
+            .map(|i| format!(r#""k{i}":"v""#))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    let flat: Vec<&str> = flat.into_iter().chain([long.as_str()]).collect();
     let not_flat = [
+        many.as_str(),
         r#"{"role":"assistant","content":null,"tool_calls":[{"id":"c","type":"function","function":{"name":"f","arguments":"{}"}}]}"#,
         r#"{"role":"user","content":[{"type":"text","text":"hi"}]}"#,
         r#"{"role":"user","content":"a","content":"b"}"#,
@@ -1857,7 +1871,7 @@ fn a_flat_message_reads_as_its_value() {
         assert!(Flat::parse(raw.as_bytes()).is_none(), "{raw}");
     }
     for dialect in [Dialect::OpenAi, Dialect::Anthropic, Dialect::Responses] {
-        for raw in flat {
+        for &raw in &flat {
             let v: Value = serde_json::from_str(raw).unwrap();
             let f = Flat::parse(raw.as_bytes()).expect(raw);
             assert_eq!(Meta::of_flat(dialect, &f), Meta::of(dialect, &v), "{raw}");

@@ -1040,13 +1040,7 @@ impl<'a> Flat<'a> {
     /// The message's fields, if it is an object of at most [`MAX_FLAT_FIELDS`] strings with
     /// no key twice (`None` for anything else: the caller parses a [`Value`]).
     pub(crate) fn parse(raw: &'a [u8]) -> Option<Flat<'a>> {
-        let flat: Flat<'a> = serde_json::from_slice(raw).ok()?;
-        let f = &flat.fields;
-        let unique = f
-            .iter()
-            .enumerate()
-            .all(|(i, (k, _))| f[..i].iter().all(|(j, _)| j != k));
-        unique.then_some(flat)
+        serde_json::from_slice(raw).ok()
     }
 
     pub(crate) fn get(&self, key: &str) -> Option<&str> {
@@ -1105,6 +1099,10 @@ impl<'de> Deserialize<'de> for Flat<'de> {
                 while let Some((Str(k), Str(v))) = map.next_entry::<Str<'de>, Str<'de>>()? {
                     if fields.len() == MAX_FLAT_FIELDS {
                         return Err(de::Error::custom("too many fields for a flat message"));
+                    }
+                    // A key twice: a `Value` keeps the last one, in the first one's place.
+                    if fields.iter().any(|(j, _)| *j == k) {
+                        return Err(de::Error::custom("a key twice"));
                     }
                     fields.push((k, v));
                 }

@@ -180,6 +180,18 @@ impl Counter {
         total
     }
 
+    /// A tally for one message: its fixed overhead counted, stopping early past `cap`.
+    fn message_tally(&self, enc: Encoding, dialect: Dialect, cap: u64) -> Tally<'_> {
+        Tally {
+            counter: self,
+            enc,
+            dialect,
+            total: TOKENS_PER_MESSAGE,
+            cap,
+            exact: true,
+        }
+    }
+
     /// Tokens of one message (OpenAI shape; Anthropic messages are counted alike).
     /// Stops early past `cap` (then `exact` is false).
     pub(crate) fn count_message(
@@ -189,14 +201,7 @@ impl Counter {
         msg: &Value,
         cap: u64,
     ) -> (u64, bool) {
-        let mut t = Tally {
-            counter: self,
-            enc,
-            dialect,
-            total: TOKENS_PER_MESSAGE,
-            cap,
-            exact: true,
-        };
+        let mut t = self.message_tally(enc, dialect, cap);
         if let Value::Object(map) = msg {
             for (k, v) in map {
                 match v {
@@ -224,14 +229,7 @@ impl Counter {
         msg: &Flat<'_>,
         cap: u64,
     ) -> (u64, bool) {
-        let mut t = Tally {
-            counter: self,
-            enc,
-            dialect,
-            total: TOKENS_PER_MESSAGE,
-            cap,
-            exact: true,
-        };
+        let mut t = self.message_tally(enc, dialect, cap);
         for (k, s) in msg.fields() {
             t.field(k, s);
             if !t.exact {
@@ -434,13 +432,15 @@ impl Tally<'_> {
     /// A message's top-level string field.
     fn field(&mut self, key: &str, s: &str) {
         if self.bookkeeping(key) {
-        } else if is_payload_key(key, s) {
+            return;
+        }
+        if is_payload_key(key, s) {
             self.total += estimate_bytes(s.len());
-        } else {
-            self.text(s);
-            if key == "name" && self.dialect != Dialect::Responses {
-                self.total += TOKENS_PER_NAME;
-            }
+            return;
+        }
+        self.text(s);
+        if key == "name" && self.dialect != Dialect::Responses {
+            self.total += TOKENS_PER_NAME;
         }
     }
 

@@ -77,6 +77,11 @@ fn pruning(c: &mut Criterion) {
     g.bench_function("parse_fixture", |b| {
         b.iter(|| ChatRequest::parse(Dialect::OpenAi, black_box(&grown)))
     });
+    // What every pass-through call parses: a two-message chat request.
+    let small = br#"{"model":"gpt-4o","max_tokens":32,"messages":[{"role":"system","content":"You are a helpful assistant."},{"role":"user","content":"Say hello in one short sentence."}]}"#;
+    g.bench_function("parse_small", |b| {
+        b.iter(|| ChatRequest::parse(Dialect::OpenAi, black_box(small)))
+    });
     // Cold: neither the view nor the counter's memo has seen any of it.
     g.bench_function("fixture_cold", |b| {
         b.iter_batched_ref(

@@ -86,8 +86,69 @@ pub(crate) struct RawMessage {
 /// key, whose value is re-emitted from the messages).
 #[derive(Debug, Clone)]
 pub(crate) struct Field {
-    key: String,
+    key: Key,
     span: Span,
+}
+
+/// A top-level key: one of the names the three APIs define is held without an allocation (a
+/// body's keys are read on every request, and a layout's are cloned into every warm one).
+type Key = Cow<'static, str>;
+
+/// Top-level request fields of the chat, Messages and Responses APIs, the names a body is
+/// made of in practice.
+const KNOWN_KEYS: [&str; 44] = [
+    "model",
+    "messages",
+    "input",
+    "stream",
+    "max_tokens",
+    "max_completion_tokens",
+    "max_output_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "n",
+    "stop",
+    "stop_sequences",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+    "functions",
+    "function_call",
+    "system",
+    "instructions",
+    "metadata",
+    "user",
+    "store",
+    "stream_options",
+    "response_format",
+    "reasoning",
+    "reasoning_effort",
+    "thinking",
+    "text",
+    "include",
+    "previous_response_id",
+    "seed",
+    "logprobs",
+    "top_logprobs",
+    "logit_bias",
+    "presence_penalty",
+    "frequency_penalty",
+    "service_tier",
+    "prompt_cache_key",
+    "safety_identifier",
+    "truncation",
+    "modalities",
+    "context_management",
+    "mcp_servers",
+];
+
+/// `k` as a [`Key`]: borrowed from [`KNOWN_KEYS`] when it is one of them.
+fn intern(k: Cow<'_, str>) -> Key {
+    match KNOWN_KEYS.iter().find(|&&known| known == k) {
+        Some(&known) => Cow::Borrowed(known),
+        None => Cow::Owned(k.into_owned()),
+    }
 }
 
 /// Where a body's parts lie: the top-level fields before the items array, the messages, and
@@ -453,16 +514,12 @@ impl ChatRequest {
             input_text,
             reused,
         };
-        req.model = req
-            .field_value("model")
-            .and_then(|v| v.as_str().map(str::to_string));
+        // Read as their types, not through a `Value`: these are read on every request.
+        req.model = req.field_as::<Str>("model").map(|Str(m)| m.into_owned());
         req.max_output = ["max_completion_tokens", "max_tokens", "max_output_tokens"]
             .iter()
-            .find_map(|k| req.field_value(k).and_then(|v| v.as_u64()));
-        req.stream = req
-            .field_value("stream")
-            .and_then(|v| v.as_bool())
-            .unwrap_or(false);
+            .find_map(|k| req.field_as::<u64>(k));
+        req.stream = req.field_as::<bool>("stream").unwrap_or(false);
         if dialect == Dialect::Responses
             && req
                 .raw_field("previous_response_id")
@@ -490,7 +547,7 @@ impl ChatRequest {
         let fields = self
             .fields
             .iter()
-            .map(|f| (f.key.clone(), self.body[f.span.clone()].to_vec()))
+            .map(|f| (f.key.to_string(), self.body[f.span.clone()].to_vec()))
             .collect();
         let msgs = (0..self.message_count())
             .map(|i| {
@@ -665,6 +722,12 @@ impl ChatRequest {
             .rev()
             .find(|f| f.key == key)
             .map(|f| &self.body[f.span.clone()])
+    }
+
+    /// The last top-level field named `key`, when it is a `T`.
+    fn field_as<'a, T: Deserialize<'a>>(&'a self, key: &str) -> Option<T> {
+        self.raw_field(key)
+            .and_then(|r| serde_json::from_slice(r).ok())
     }
 
     fn field_value(&self, key: &str) -> Option<Value> {
@@ -845,7 +908,7 @@ fn write_json_string(out: &mut Vec<u8>, s: &str) {
 /// comes split into its elements (its raw value in `fields` is then `None`: the items are
 /// re-emitted from the elements). Values borrow from the body: nothing is copied.
 struct TopLevel<'de> {
-    fields: Option<Vec<(String, Option<&'de RawValue>)>>,
+    fields: Option<Vec<(Key, Option<&'de RawValue>)>>,
     items: Items<'de>,
 }
 
@@ -885,7 +948,8 @@ impl<'de> Visitor<'de> for TopSeed {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<TopLevel<'de>, A::Error> {
         let mut fields = Vec::new();
         let mut items = Items::Other;
-        while let Some(k) = map.next_key::<String>()? {
+        while let Some(Str(k)) = map.next_key::<Str<'de>>()? {
+            let k = intern(k);
             if k == self.0 {
                 items = map.next_value::<Items<'de>>()?;
                 fields.push((k, None));

@@ -115,6 +115,10 @@ struct RateArgs {
     side_body: Option<PathBuf>,
     #[arg(long, default_value_t = 500)]
     side_interval_ms: u64,
+    /// Where the side connection sends (default: --url), to tell the host's cost of a
+    /// transfer from the target's.
+    #[arg(long)]
+    side_url: Option<String>,
 }
 
 #[derive(Args, Clone)]
@@ -526,8 +530,16 @@ async fn rate(a: RateArgs) -> Result<Value, String> {
         }));
     }
     // The side connection: a (pathological) request every side_interval_ms during the run.
+    let side_target = match &a.side_url {
+        Some(u) => {
+            let mut c = a.c.clone();
+            c.url = u.clone();
+            Arc::new(Target::new(&c)?)
+        }
+        None => target.clone(),
+    };
     let side = a.side_body.clone().map(|p| {
-        let (a, target) = (a.clone(), target.clone());
+        let (a, target) = (a.clone(), side_target.clone());
         let mut start_rx = start_rx.clone();
         tokio::spawn(async move {
             let body = Bytes::from(std::fs::read(&p).unwrap_or_default());

@@ -212,6 +212,38 @@ fn accessors() {
     );
 }
 
+#[test]
+fn keys_known_unknown_and_escaped_are_kept_and_scalars_read_only_as_their_types() {
+    // A known key, an unknown one, a known one spelt with an escape (JSON's same name), and
+    // scalars of the wrong type: read as absent, as the `Value` reading did.
+    let body = br#"{"mod\u0065l":"gpt-\u0034o","x_vendor_flag":{"a":[1]},"max_tokens":32.5,"max_completion_tokens":-1,"max_output_tokens":7,"stream":"yes","messages":[{"role":"user","content":"hi"}],"temperature":0}"#;
+    let req = ChatRequest::parse(Dialect::OpenAi, body).unwrap();
+    assert_eq!(req.model(), Some("gpt-4o"));
+    assert_eq!(req.max_output_tokens(), Some(7));
+    assert!(!req.is_stream());
+    let m = req.raw(0).to_vec();
+    let out = req.serialise(std::iter::once(&m[..]), None);
+    assert_eq!(
+        String::from_utf8(out).unwrap(),
+        r#"{"model":"gpt-\u0034o","x_vendor_flag":{"a":[1]},"max_tokens":32.5,"max_completion_tokens":-1,"max_output_tokens":7,"stream":"yes","messages":[{"role":"user","content":"hi"}],"temperature":0}"#
+    );
+    let (fields, ..) = req.parts();
+    let keys: Vec<&str> = fields.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(
+        keys,
+        [
+            "model",
+            "x_vendor_flag",
+            "max_tokens",
+            "max_completion_tokens",
+            "max_output_tokens",
+            "stream",
+            "messages",
+            "temperature"
+        ]
+    );
+}
+
 // ---------------------------------------------------------------- fixtures
 
 #[test]

@@ -242,6 +242,82 @@ fn keys_known_unknown_and_escaped_are_kept_and_scalars_read_only_as_their_types(
             "temperature"
         ]
     );
+    // (head before the messages, expected model, max output tokens, stream, keys)
+    let cases: [(&str, Option<&str>, Option<u64>, bool, &[&str]); 8] = [
+        (
+            r#""model":"m","max_tokens":1e3,"stream":true"#,
+            Some("m"),
+            None,
+            true,
+            &["model", "max_tokens", "stream"],
+        ),
+        (
+            r#""model":"m","max_tokens":32.0"#,
+            Some("m"),
+            None,
+            false,
+            &["model", "max_tokens"],
+        ),
+        (
+            r#""model":5,"max_tokens":18446744073709551615"#,
+            None,
+            Some(u64::MAX),
+            false,
+            &["model", "max_tokens"],
+        ),
+        (
+            r#""model":null,"max_tokens":"9","stream":1"#,
+            None,
+            None,
+            false,
+            &["model", "max_tokens", "stream"],
+        ),
+        // A prefix of a known key is its own key; the last of a repeated key counts.
+        (
+            r#""max_token":5,"model":"a","model":"b","max_tokens":3,"max_tokens":4"#,
+            Some("b"),
+            Some(4),
+            false,
+            &["max_token", "model", "model", "max_tokens", "max_tokens"],
+        ),
+        (
+            r#""x_\u00e9t\u00e9":1,"stream":false,"stream":true"#,
+            None,
+            None,
+            true,
+            &["x_\u{e9}t\u{e9}", "stream", "stream"],
+        ),
+        (
+            r#""max_completion_tokens":12,"max_tokens":99"#,
+            None,
+            Some(12),
+            false,
+            &["max_completion_tokens", "max_tokens"],
+        ),
+        (
+            r#""model":{"id":"m"},"stream":"true""#,
+            None,
+            None,
+            false,
+            &["model", "stream"],
+        ),
+    ];
+    for (head, model, max, stream, keys) in cases {
+        let body = format!(r#"{{{head},"messages":[{{"role":"user","content":"hi"}}]}}"#);
+        let req = ChatRequest::parse(Dialect::OpenAi, body.as_bytes()).unwrap();
+        assert_eq!(req.model(), model, "{head}");
+        assert_eq!(req.max_output_tokens(), max, "{head}");
+        assert_eq!(req.is_stream(), stream, "{head}");
+        let (fields, ..) = req.parts();
+        let got: Vec<&str> = fields.iter().map(|(k, _)| k.as_str()).collect();
+        let want: Vec<&str> = keys.iter().copied().chain(["messages"]).collect();
+        assert_eq!(got, want, "{head}");
+        let m = req.raw(0).to_vec();
+        let out = req.serialise(std::iter::once(&m[..]), None);
+        let reparsed: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        let original: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(reparsed, original, "{head}");
+    }
 }
 
 // ---------------------------------------------------------------- fixtures

@@ -431,6 +431,14 @@ async fn rate(a: RateArgs) -> Result<Value, String> {
     let conns = a.connections.clamp(1, count.max(1));
     let bodies = Arc::new(Bodies::load(&a.c, a.grow.then_some(a.warmup + count))?);
     let target = Arc::new(Target::new(&a.c)?);
+    let side_target = match &a.side_url {
+        Some(u) => {
+            let mut c = a.c.clone();
+            c.url = u.clone();
+            Arc::new(Target::new(&c).map_err(|e| e.replacen("--url", "--side-url", 1))?)
+        }
+        None => target.clone(),
+    };
     let per_req = Duration::from_secs_f64(a.c.timeout);
     let period = Duration::from_secs_f64(1.0 / a.rate);
     let barrier = Arc::new(tokio::sync::Barrier::new(conns + 1));
@@ -530,14 +538,6 @@ async fn rate(a: RateArgs) -> Result<Value, String> {
         }));
     }
     // The side connection: a (pathological) request every side_interval_ms during the run.
-    let side_target = match &a.side_url {
-        Some(u) => {
-            let mut c = a.c.clone();
-            c.url = u.clone();
-            Arc::new(Target::new(&c)?)
-        }
-        None => target.clone(),
-    };
     let side = a.side_body.clone().map(|p| {
         let (a, target) = (a.clone(), side_target.clone());
         let mut start_rx = start_rx.clone();

@@ -1192,6 +1192,65 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
+    /// The units of a chat body's messages.
+    fn units_of(msgs: Vec<Value>) -> Vec<(usize, usize)> {
+        let body = serde_json::json!({"model": "gpt-4o", "messages": msgs}).to_string();
+        let req = ChatRequest::parse(Dialect::OpenAi, body.as_bytes()).unwrap();
+        let c = Counter::new(Encoding::O200kBase).unwrap();
+        let budget = Budget::default();
+        Work::new(&req, &budget, &c, Encoding::O200kBase, None).units
+    }
+
+    fn calls(ids: &[String]) -> Value {
+        let calls: Vec<Value> = ids
+            .iter()
+            .map(|id| serde_json::json!({"id": id, "type": "function", "function": {"name": "f", "arguments": "{}"}}))
+            .collect();
+        serde_json::json!({"role": "assistant", "content": null, "tool_calls": calls})
+    }
+
+    fn result(id: &str) -> Value {
+        serde_json::json!({"role": "tool", "tool_call_id": id, "content": "ok"})
+    }
+
+    #[test]
+    fn a_result_joins_the_unit_of_the_newest_call_that_made_its_id() {
+        // 40 parallel calls; the first one's result comes last, 40 calls back: the whole
+        // exchange is one unit.
+        let ids: Vec<String> = (0..40).map(|i| format!("c{i}")).collect();
+        let mut msgs = vec![
+            serde_json::json!({"role": "user", "content": "go"}),
+            calls(&ids),
+        ];
+        msgs.extend(ids[1..].iter().map(|id| result(id)));
+        msgs.push(result("c0"));
+        assert_eq!(units_of(msgs), [(0, 1), (1, 42)]);
+        // A call id made twice: a result links to the newest call that made it.
+        let ys: Vec<String> = std::iter::once("x".to_string())
+            .chain((0..40).map(|i| format!("y{i}")))
+            .collect();
+        let mut msgs = vec![
+            serde_json::json!({"role": "user", "content": "go"}),
+            calls(&["x".to_string()]),
+            result("x"),
+            serde_json::json!({"role": "user", "content": "again"}),
+            calls(&ys),
+        ];
+        msgs.extend(ys[1..].iter().map(|id| result(id)));
+        msgs.push(result("x"));
+        assert_eq!(units_of(msgs), [(0, 1), (1, 3), (3, 4), (4, 46)]);
+        // Also when a message of the user stands between them.
+        let msgs = vec![
+            serde_json::json!({"role": "user", "content": "go"}),
+            calls(&["x".to_string()]),
+            result("x"),
+            calls(&["x".to_string()]),
+            serde_json::json!({"role": "user", "content": "between"}),
+            result("x"),
+        ];
+        assert_eq!(units_of(msgs), [(0, 1), (1, 3), (3, 6)]);
+    }
+
     #[test]
     fn an_anthropic_summary_block_joins_the_first_user_turn_after_its_tool_results() {
         let c = Counter::new(Encoding::O200kBase).unwrap();

@@ -242,8 +242,9 @@ fn keys_known_unknown_and_escaped_are_kept_and_scalars_read_only_as_their_types(
             "temperature"
         ]
     );
-    // (head before the messages, expected model, max output tokens, stream, keys)
-    let cases: [(&str, Option<&str>, Option<u64>, bool, &[&str]); 8] = [
+    /// The head before the messages; then the model, max output tokens, stream and keys.
+    type Case<'a> = (&'a str, Option<&'a str>, Option<u64>, bool, &'a [&'a str]);
+    let cases: [Case; 8] = [
         (
             r#""model":"m","max_tokens":1e3,"stream":true"#,
             Some("m"),

@@ -27,12 +27,11 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-
-use crate::hash::Seeded;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, MissedTickBehavior};
 
 use crate::config::OnStateError;
+use crate::hash::Seeded;
 use crate::state::{Denied, Lease, State};
 
 /// The conversation map is split in this many independently locked shards, so that concurrent

@@ -731,8 +731,7 @@ impl ChatRequest {
     }
 
     fn field_value(&self, key: &str) -> Option<Value> {
-        self.raw_field(key)
-            .and_then(|r| serde_json::from_slice(r).ok())
+        self.field_as(key)
     }
 
     /// A hash of what [`ChatRequest::fixed_tokens`] counts besides leading system messages:
